@@ -1,0 +1,78 @@
+"""Values of the snapshot contract: Kind, Info, Usage, Mount."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+__all__ = ["EPOCH", "Info", "Kind", "Mount", "Reclaimed", "Usage"]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Kind(enum.StrEnum):
+    """What a snapshot is: writable, a read-only view, or an immutable layer."""
+
+    ACTIVE = "active"
+    VIEW = "view"
+    COMMITTED = "committed"
+
+
+@dataclass(frozen=True)
+class Info:
+    """What is known about one snapshot.
+
+    ``parent`` is ``""`` for a snapshot without one. ``created`` and
+    ``updated`` are timezone-aware UTC datetimes.
+    """
+
+    name: str
+    kind: Kind
+    parent: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created: datetime = EPOCH
+    updated: datetime = EPOCH
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources a snapshot uses on its own, parents excluded.
+
+    ``size`` is allocated bytes (``st_blocks * 512``, like containerd), and
+    ``inodes`` counts each inode once, directories included.
+    """
+
+    size: int = 0
+    inodes: int = 0
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount that, applied in order, assembles a snapshot's filesystem.
+
+    ``target`` is empty for the root mount; a non-empty target is a sub-mount
+    relative to the root (containerd's ``Mount.target``).
+    """
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+    target: str = ""
+
+    def command_line(self, target: str) -> str:
+        """The ``mount`` command that applies this mount at ``target`` (like ``ctr``)."""
+        import shlex
+
+        where = f"{target.rstrip('/')}/{self.target.lstrip('/')}" if self.target else target
+        opts = f" -o {shlex.quote(','.join(self.options))}" if self.options else ""
+        return f"mount -t {shlex.quote(self.type)} {shlex.quote(self.source)} {shlex.quote(where)}{opts}"
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """What a cleanup removed: the paths it deleted and the bytes they held."""
+
+    paths: tuple[str, ...] = ()
+    size: int = 0
