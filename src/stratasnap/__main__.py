@@ -1,0 +1,5 @@
+"""``python -m stratasnap``: the ``stratasnap`` command."""
+
+from stratasnap.cli import main
+
+main()

@@ -1,0 +1,24 @@
+"""The ``stratasnap`` command: a snapshot store on the command line, like ``ctr snapshots``.
+
+``stratasnap [--root DIR] [--backend NAME] [-o KEY=VALUE]... VERB ...``; every
+verb has ``--help``. An expected error (:class:`~stratasnap.errors.SnapshotError`)
+prints one line on stderr and exits with that error's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+from ._app import cli, default_root
+from .edit import commit, label, mounts, prepare, rm, view
+from .query import cleanup, info, ls, tree, usage
+
+__all__ = ["cli", "default_root", "main"]
+
+for _verb in (prepare, view, commit, rm, mounts, label, ls, info, usage, tree, cleanup):
+    cli.add_command(_verb)
+
+# serve, config: provided by stratasnap.server (to be wired here with cli.add_command).
+
+
+def main() -> None:
+    """Console-script entry point (``stratasnap``, ``python -m stratasnap``)."""
+    cli.main(prog_name="stratasnap")
