@@ -1,0 +1,481 @@
+"""The servicer of ``containerd.services.snapshots.v1.Snapshots``: gRPC in, library calls out.
+
+Each RPC resolves the request's ``snapshotter`` field to one of the served
+snapshotters (:class:`Snapshotters`), calls the matching method and converts
+the result. Errors become gRPC statuses once, here: a
+:class:`~stratasnap.errors.SnapshotError` travels as its ``grpc_code`` with its
+message (already shaped ``snapshot "k": not found`` for containerd's
+``errgrpc.ToNative``); anything else is ``UNKNOWN`` and is logged with its
+traceback.
+
+``List`` reads the whole walk before it sends anything, then streams it in
+batches of 100 ``Info`` (as containerd's own service does): no store lock or
+read transaction stays open while a slow client drains the stream, so a Stat
+(or a Remove) during a List never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from time import perf_counter
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from ..errors import NotFound, SnapshotError, Unavailable, Unimplemented
+from ..snapshotter import Snapshotter
+from ..types import EPOCH, Info, Kind, Mount
+from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from .api.containerd.types import mount_pb2
+from .metrics import Metrics
+
+__all__ = [
+    "LIST_BATCH",
+    "NAMESPACE_HEADER",
+    "SERVICE",
+    "SnapshotsService",
+    "Snapshotters",
+    "from_timestamp",
+    "info_from_proto",
+    "info_to_proto",
+    "mounts_to_proto",
+    "to_timestamp",
+]
+
+log = logging.getLogger("stratasnap.server")
+
+SERVICE = "containerd.services.snapshots.v1.Snapshots"
+#: Infos per ListSnapshotsResponse, like containerd's snapshots service.
+LIST_BATCH = 100
+#: gRPC metadata containerd puts the namespace of the call in.
+NAMESPACE_HEADER = "containerd-namespace"
+
+_STATUS = {c.value[0]: c for c in grpc.StatusCode}
+_UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
+_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+_EMPTY = empty_pb2.Empty()
+
+# Kind on the wire. UNKNOWN (0) is never sent: containerd reads it as COMMITTED.
+_KIND_TO_PROTO = {Kind.ACTIVE: pb.ACTIVE, Kind.VIEW: pb.VIEW, Kind.COMMITTED: pb.COMMITTED}
+_KIND_FROM_PROTO = {pb.ACTIVE: Kind.ACTIVE, pb.VIEW: Kind.VIEW}
+
+
+# -- conversions -------------------------------------------------------------------------
+
+
+def to_timestamp(when: datetime) -> timestamp_pb2.Timestamp:
+    """A datetime as a protobuf Timestamp, to the microsecond (naive means UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    d = when - EPOCH
+    return timestamp_pb2.Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
+
+
+def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
+    """A protobuf Timestamp as an aware UTC datetime (nanoseconds cut to microseconds)."""
+    try:
+        return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+    except (OverflowError, ValueError):
+        return EPOCH
+
+
+def info_to_proto(info: Info) -> pb.Info:
+    return pb.Info(
+        name=info.name,
+        parent=info.parent,
+        kind=_KIND_TO_PROTO.get(info.kind, pb.COMMITTED),
+        created_at=to_timestamp(info.created),
+        updated_at=to_timestamp(info.updated),
+        labels=info.labels,
+    )
+
+
+def info_from_proto(msg: pb.Info) -> Info:
+    """What the client sent (containerd's KindFromProto: anything else is COMMITTED)."""
+    return Info(
+        name=msg.name,
+        kind=_KIND_FROM_PROTO.get(msg.kind, Kind.COMMITTED),
+        parent=msg.parent,
+        labels=dict(msg.labels),
+        created=from_timestamp(msg.created_at),
+        updated=from_timestamp(msg.updated_at),
+    )
+
+
+def mounts_to_proto(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
+    return [
+        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options)
+        for m in mounts
+    ]
+
+
+# -- which snapshotter -------------------------------------------------------------------
+
+
+class Snapshotters:
+    """The snapshotters a server hands out, by name.
+
+    With a single one, every name (the ``snapshotter`` field containerd fills
+    with its proxy plugin's name) maps to it. With several, the name must be
+    one of them; an empty name picks the first.
+    """
+
+    def __init__(self, snapshotters: Mapping[str, Snapshotter]) -> None:
+        if not snapshotters:
+            raise ValueError("no snapshotters to serve")
+        self._by_name = dict(snapshotters)
+        self._only = next(iter(self._by_name.items())) if len(self._by_name) == 1 else None
+        self._first = next(iter(self._by_name.items()))
+
+    def resolve(self, name: str) -> tuple[str, Snapshotter]:
+        """The (name, snapshotter) serving a request for ``name``; NotFound if none."""
+        if self._only is not None:
+            return self._only
+        if not name:
+            return self._first
+        sn = self._by_name.get(name)
+        if sn is None:
+            known = ", ".join(repr(n) for n in self._by_name)
+            raise NotFound(f"snapshotter {name!r} (serving {known})")
+        return name, sn
+
+    def items(self) -> Iterable[tuple[str, Snapshotter]]:
+        return self._by_name.items()
+
+    def as_dict(self) -> dict[str, Snapshotter]:
+        return dict(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+# -- the servicer ------------------------------------------------------------------------
+
+
+class _Request(Protocol):
+    snapshotter: str
+
+
+Req = TypeVar("Req", bound=_Request)
+Resp = TypeVar("Resp")
+
+
+class SnapshotsService:
+    """All 10 RPCs of the snapshots service over ``snapshotters``.
+
+    :meth:`register` adds it to a ``grpc.Server``. :meth:`shut` refuses new
+    calls (UNAVAILABLE) and :meth:`drain` waits for the running ones, so the
+    stores can be closed without a call still inside them.
+    """
+
+    def __init__(
+        self,
+        snapshotters: Snapshotters | Mapping[str, Snapshotter],
+        metrics: Metrics | None = None,
+        *,
+        list_batch: int = LIST_BATCH,
+    ) -> None:
+        if not isinstance(snapshotters, Snapshotters):
+            snapshotters = Snapshotters(snapshotters)
+        self.snapshotters = snapshotters
+        self.metrics = metrics
+        self._batch = max(1, list_batch)
+        self._lock = threading.Condition()
+        self._running = 0
+        self._shut = False
+
+    # -- registration ----------------------------------------------------------------
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        unary = grpc.unary_unary_rpc_method_handler
+        empty = empty_pb2.Empty.SerializeToString
+        return {
+            "Prepare": unary(
+                self._unary("Prepare", self._prepare),
+                request_deserializer=pb.PrepareSnapshotRequest.FromString,
+                response_serializer=pb.PrepareSnapshotResponse.SerializeToString,
+            ),
+            "View": unary(
+                self._unary("View", self._view),
+                request_deserializer=pb.ViewSnapshotRequest.FromString,
+                response_serializer=pb.ViewSnapshotResponse.SerializeToString,
+            ),
+            "Mounts": unary(
+                self._unary("Mounts", self._mounts),
+                request_deserializer=pb.MountsRequest.FromString,
+                response_serializer=pb.MountsResponse.SerializeToString,
+            ),
+            "Commit": unary(
+                self._unary("Commit", self._commit),
+                request_deserializer=pb.CommitSnapshotRequest.FromString,
+                response_serializer=empty,
+            ),
+            "Remove": unary(
+                self._unary("Remove", self._remove),
+                request_deserializer=pb.RemoveSnapshotRequest.FromString,
+                response_serializer=empty,
+            ),
+            "Stat": unary(
+                self._unary("Stat", self._stat),
+                request_deserializer=pb.StatSnapshotRequest.FromString,
+                response_serializer=pb.StatSnapshotResponse.SerializeToString,
+            ),
+            "Update": unary(
+                self._unary("Update", self._update),
+                request_deserializer=pb.UpdateSnapshotRequest.FromString,
+                response_serializer=pb.UpdateSnapshotResponse.SerializeToString,
+            ),
+            "List": grpc.unary_stream_rpc_method_handler(
+                self._list,
+                request_deserializer=pb.ListSnapshotsRequest.FromString,
+                response_serializer=pb.ListSnapshotsResponse.SerializeToString,
+            ),
+            "Usage": unary(
+                self._unary("Usage", self._usage),
+                request_deserializer=pb.UsageRequest.FromString,
+                response_serializer=pb.UsageResponse.SerializeToString,
+            ),
+            "Cleanup": unary(
+                self._unary("Cleanup", self._cleanup),
+                request_deserializer=pb.CleanupRequest.FromString,
+                response_serializer=empty,
+            ),
+        }
+
+    def register(self, server: grpc.Server) -> None:
+        """Serve this service on ``server`` (before it starts)."""
+        handlers = self.method_handlers()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        # grpcio >= 1.62 dispatches registered methods without a generic-handler lookup.
+        add_registered = getattr(server, "add_registered_method_handlers", None)
+        if add_registered is not None:
+            add_registered(SERVICE, handlers)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def shut(self) -> None:
+        """Refuse every new call with UNAVAILABLE from now on."""
+        with self._lock:
+            self._shut = True
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` s for running calls to finish; return how many remain."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._running == 0, timeout)
+            return self._running
+
+    @property
+    def running(self) -> int:
+        """Calls currently inside a snapshotter."""
+        return self._running
+
+    def _enter(self) -> None:
+        with self._lock:
+            if self._shut:
+                raise Unavailable("stratasnap is shutting down")
+            self._running += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._lock.notify_all()
+
+    # -- the call wrapper ------------------------------------------------------------
+
+    def _unary(
+        self, method: str, body: Callable[[Req, str, Snapshotter], Resp]
+    ) -> Callable[[Req, grpc.ServicerContext], Resp]:
+        def handle(request: Req, context: grpc.ServicerContext) -> Resp:
+            start = perf_counter()
+            code, message = 0, ""
+            try:
+                self._enter()
+                try:
+                    name, sn = self.snapshotters.resolve(request.snapshotter)
+                    return body(request, name, sn)
+                finally:
+                    self._leave()
+            except SnapshotError as e:
+                code, message = _code_of(e), str(e)
+            except Exception as e:
+                code, message = _UNKNOWN, _describe(e)
+                self._log_crash(method, request, context, e)
+            finally:
+                self._done(method, request, context, code, message, start)
+            context.abort(_STATUS[code], message)
+
+        handle.__name__ = method
+        return handle
+
+    def _done(
+        self,
+        method: str,
+        request: _Request,
+        context: grpc.ServicerContext,
+        code: int,
+        message: str,
+        start: float,
+    ) -> None:
+        elapsed = perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.observe(method, code, elapsed)
+        if code == _UNKNOWN:
+            return  # already logged, with the traceback
+        level = logging.DEBUG if code in (0, _CANCELLED) or code in _EXPECTED else logging.WARNING
+        if log.isEnabledFor(level):
+            fields = _fields(method, request, context)
+            fields["duration_ms"] = round(elapsed * 1000, 3)
+            if code:
+                fields["code"] = _STATUS[code].name
+                fields["error"] = message
+            log.log(level, "rpc failed" if code else "rpc", extra=fields)
+
+    def _log_crash(
+        self, method: str, request: _Request, context: grpc.ServicerContext, e: Exception
+    ) -> None:
+        fields = _fields(method, request, context)
+        fields["error"] = _describe(e)
+        log.error("rpc crashed", exc_info=e, extra=fields)
+
+    # -- the RPCs --------------------------------------------------------------------
+
+    def _prepare(
+        self, req: pb.PrepareSnapshotRequest, name: str, sn: Snapshotter
+    ) -> pb.PrepareSnapshotResponse:
+        mounts = sn.prepare(req.key, req.parent, labels=dict(req.labels))
+        return pb.PrepareSnapshotResponse(mounts=mounts_to_proto(mounts))
+
+    def _view(
+        self, req: pb.ViewSnapshotRequest, name: str, sn: Snapshotter
+    ) -> pb.ViewSnapshotResponse:
+        mounts = sn.view(req.key, req.parent, labels=dict(req.labels))
+        return pb.ViewSnapshotResponse(mounts=mounts_to_proto(mounts))
+
+    def _mounts(self, req: pb.MountsRequest, name: str, sn: Snapshotter) -> pb.MountsResponse:
+        return pb.MountsResponse(mounts=mounts_to_proto(sn.mounts(req.key)))
+
+    def _commit(self, req: pb.CommitSnapshotRequest, name: str, sn: Snapshotter) -> empty_pb2.Empty:
+        sn.commit(req.name, req.key, labels=dict(req.labels), parent=req.parent)
+        return _EMPTY
+
+    def _remove(self, req: pb.RemoveSnapshotRequest, name: str, sn: Snapshotter) -> empty_pb2.Empty:
+        sn.remove(req.key)
+        return _EMPTY
+
+    def _stat(
+        self, req: pb.StatSnapshotRequest, name: str, sn: Snapshotter
+    ) -> pb.StatSnapshotResponse:
+        return pb.StatSnapshotResponse(info=info_to_proto(sn.stat(req.key)))
+
+    def _update(
+        self, req: pb.UpdateSnapshotRequest, name: str, sn: Snapshotter
+    ) -> pb.UpdateSnapshotResponse:
+        paths = tuple(req.update_mask.paths) if req.HasField("update_mask") else ()
+        info = sn.update(info_from_proto(req.info), paths)
+        return pb.UpdateSnapshotResponse(info=info_to_proto(info))
+
+    def _usage(self, req: pb.UsageRequest, name: str, sn: Snapshotter) -> pb.UsageResponse:
+        usage = sn.usage(req.key)
+        return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    def _cleanup(self, req: pb.CleanupRequest, name: str, sn: Snapshotter) -> empty_pb2.Empty:
+        cleanup = getattr(sn, "cleanup", None)
+        if cleanup is None:
+            raise Unimplemented("snapshotter does not implement Cleanup method")
+        reclaimed = sn.cleanup()
+        if self.metrics is not None:
+            self.metrics.reclaimed(name, reclaimed.size)
+        if reclaimed.paths:
+            log.info(
+                "cleanup reclaimed storage",
+                extra={
+                    "snapshotter": name,
+                    "paths": len(reclaimed.paths),
+                    "bytes": reclaimed.size,
+                },
+            )
+        return _EMPTY
+
+    def _list(
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ListSnapshotsResponse]:
+        start = perf_counter()
+        code, message = 0, ""
+        infos: list[Info] = []
+        try:
+            self._enter()
+            try:
+                _, sn = self.snapshotters.resolve(request.snapshotter)
+                # The whole walk first: nothing of the store stays held while streaming.
+                infos = list(sn.walk(*request.filters))
+            finally:
+                self._leave()
+        except SnapshotError as e:
+            code, message = _code_of(e), str(e)
+        except Exception as e:
+            code, message = _UNKNOWN, _describe(e)
+            self._log_crash("List", request, context, e)
+        if code:
+            self._done("List", request, context, code, message, start)
+            context.abort(_STATUS[code], message)
+        batch = self._batch
+        try:
+            for i in range(0, len(infos), batch):
+                chunk = infos[i : i + batch]
+                yield pb.ListSnapshotsResponse(info=[info_to_proto(x) for x in chunk])
+        except GeneratorExit:  # the client went away (or the server is stopping)
+            code = _CANCELLED
+            raise
+        finally:
+            self._done("List", request, context, code, message, start)
+
+
+# Errors that are part of the protocol's normal flow (containerd probes with
+# Stat, GC meets busy snapshots): logged at debug, not as warnings.
+_EXPECTED = frozenset(
+    c.value[0]
+    for c in (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNAVAILABLE,
+    )
+)
+
+
+def _code_of(e: SnapshotError) -> int:
+    code = int(getattr(e, "grpc_code", _UNKNOWN))
+    return code if code in _STATUS and code != 0 else _UNKNOWN
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _namespace(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == NAMESPACE_HEADER:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
+
+
+def _fields(method: str, request: Any, context: grpc.ServicerContext) -> dict[str, Any]:
+    fields: dict[str, Any] = {"method": method, "snapshotter": request.snapshotter}
+    namespace = _namespace(context)
+    if namespace:
+        fields["namespace"] = namespace
+    for attr in ("key", "name", "parent"):
+        value = getattr(request, attr, "")
+        if value:
+            fields[attr] = value
+    if method == "Update":
+        fields["key"] = request.info.name
+    return fields
