@@ -87,7 +87,11 @@ class _SnapshotsByKind(Collector):
         )
         for name, sn in self._snapshotters().items():
             try:
-                counts = Tally(info.kind for info in sn.walk())
+                count_by_kind = getattr(sn, "count_by_kind", None)
+                if callable(count_by_kind):  # BaseSnapshotter counts in SQL
+                    counts = Tally(count_by_kind())
+                else:
+                    counts = Tally(info.kind for info in sn.walk())
             except Exception as e:  # a closed store while shutting down, a broken one
                 log.warning("cannot count snapshots", extra={"snapshotter": name, "error": e})
                 continue
