@@ -21,9 +21,8 @@ def test_flags_apply_in_order() -> None:
 
 
 def test_data_propagation_loop_and_userspace_words() -> None:
-    o = mo.parse_options(
-        ["loop", "rprivate", "lowerdir=/a:/b", "userxattr", "X-containerd.mkfs.fs=ext4", "x-y", "ro"]
-    )
+    words = ["loop", "rprivate", "lowerdir=/a:/b", "userxattr", "X-containerd.mkfs.fs=ext4"]
+    o = mo.parse_options([*words, "x-y", "ro"])
     assert o.loop
     assert o.propagation == mo.MS_PRIVATE | mo.MS_REC
     assert o.data == ("lowerdir=/a:/b", "userxattr")
@@ -41,7 +40,8 @@ def test_split_escaped_and_unescape() -> None:
 
 SAMPLE = (
     b"22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
-    b"36 22 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
+    b"36 22 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - "
+    b"ext3 /dev/root rw,errors=continue\n"
     b"37 36 0:30 / /mnt/tab\\011and\\134backslash ro - overlay overlay rw,lowerdir=/a:/b\n"
     b"38 22 0:31 / /odd\\377name rw - tmpfs tmpfs rw\n"
     b"garbage line\n"
