@@ -472,10 +472,11 @@ def _fields(method: str, request: Any, context: grpc.ServicerContext) -> dict[st
     namespace = _namespace(context)
     if namespace:
         fields["namespace"] = namespace
-    for attr in ("key", "name", "parent"):
+    # ("name" would clash with LogRecord.name: a Commit's name is logged as "commit_name".)
+    for attr, field in (("key", "key"), ("name", "commit_name"), ("parent", "parent")):
         value = getattr(request, attr, "")
         if value:
-            fields[attr] = value
+            fields[field] = value
     if method == "Update":
         fields["key"] = request.info.name
     return fields
