@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stratasnap.fs import _data, _meta
+from stratasnap.fs import _data
 from stratasnap.fs.copy import (
     copy_file,
     copy_file_atomic,
@@ -189,7 +190,7 @@ def test_reflink_failure_is_remembered_per_copy(
     for i in range(20):
         (src / f"f{i}").write_bytes(b"data %d" % i)
     calls = []
-    real_ioctl = _data.fcntl.ioctl
+    real_ioctl = fcntl.ioctl
 
     def counting_ioctl(fd: int, req: int, arg: int = 0) -> object:
         calls.append(req)
@@ -197,7 +198,7 @@ def test_reflink_failure_is_remembered_per_copy(
             raise OSError(errno.EOPNOTSUPP, "no reflink")
         return real_ioctl(fd, req, arg)
 
-    monkeypatch.setattr(_data.fcntl, "ioctl", counting_ioctl)
+    monkeypatch.setattr(fcntl, "ioctl", counting_ioctl)
     stats = copy_tree(src, scratch / "dst")
     assert calls.count(_data.FICLONE) == 1
     assert stats.reflinked == 0 and stats.files == 20
@@ -216,7 +217,7 @@ def test_read_write_fallback(scratch: Path, monkeypatch: pytest.MonkeyPatch, err
         calls.append(args)
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(_data.os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "copy_file_range", refuse)
     stats = copy_tree(src, scratch / "dst")
     assert len(calls) == 1  # remembered, not retried per extent
     assert manifest(scratch / "dst") == manifest(src)
@@ -231,7 +232,7 @@ def test_other_copy_errors_propagate(scratch: Path, monkeypatch: pytest.MonkeyPa
     def broken(*args: object) -> int:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(_data.os, "copy_file_range", broken)
+    monkeypatch.setattr(os, "copy_file_range", broken)
     with pytest.raises(OSError) as e:
         copy_tree(src, scratch / "dst")
     assert e.value.errno == errno.EIO
@@ -244,8 +245,8 @@ def test_xattr_enotsup_and_eperm_are_skipped_others_raise(
     src.mkdir()
     (src / "f").write_bytes(b"x")
     fake = {"user.a": b"1", "security.refused": b"2", "trusted.nope": b"3"}
-    monkeypatch.setattr(_meta.os, "listxattr", lambda *a, **k: list(fake))
-    monkeypatch.setattr(_meta.os, "getxattr", lambda t, n, **k: fake[n])
+    monkeypatch.setattr(os, "listxattr", lambda *a, **k: list(fake))
+    monkeypatch.setattr(os, "getxattr", lambda t, n, **k: fake[n])
     written: list[str] = []
 
     def setxattr(target: object, name: str, value: bytes, *a: object, **k: object) -> None:
@@ -255,7 +256,7 @@ def test_xattr_enotsup_and_eperm_are_skipped_others_raise(
             raise OSError(errno.ENOTSUP, "not supported")
         written.append(name)
 
-    monkeypatch.setattr(_meta.os, "setxattr", setxattr)
+    monkeypatch.setattr(os, "setxattr", setxattr)
     stats = copy_tree(src, scratch / "dst")
     assert stats.xattrs_skipped == 4  # two refused, on the root dir and on f
     assert written == ["user.a", "user.a"]
@@ -263,7 +264,7 @@ def test_xattr_enotsup_and_eperm_are_skipped_others_raise(
     def failing(target: object, name: str, value: bytes, *a: object, **k: object) -> None:
         raise OSError(errno.ENOSPC, "no space")
 
-    monkeypatch.setattr(_meta.os, "setxattr", failing)
+    monkeypatch.setattr(os, "setxattr", failing)
     with pytest.raises(OSError) as e:
         copy_tree(src, scratch / "dst2")
     assert e.value.errno == errno.ENOSPC

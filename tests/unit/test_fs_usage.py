@@ -108,7 +108,12 @@ def test_flush_tree_small_fsyncs_each(scratch: Path, monkeypatch: pytest.MonkeyP
     os.mkfifo(root / "fifo")  # opening it would block: must be skipped
     synced: list[str] = []
     real = usage._fsync
-    monkeypatch.setattr(usage, "_fsync", lambda p: (synced.append(p), real(p)))
+
+    def spy(path: str) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(usage, "_fsync", spy)
     monkeypatch.setattr(usage, "syncfs", lambda p: pytest.fail("syncfs on a small tree"))
     flush_tree(root)
     rel = [os.path.relpath(p, root) for p in synced]

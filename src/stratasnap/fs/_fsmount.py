@@ -84,7 +84,9 @@ class _Context:
                 break
             if not msg:
                 break
-            lines.append(msg.decode(errors="replace").strip())
+            line = msg.decode(errors="replace").strip()
+            # Each message starts with its level: "e " error, "w " warning, "i " info.
+            lines.append(line[2:] if line[1:2] == " " and line[:1] in "ewi" else line)
         return "; ".join(lines)
 
     def config(self, cmd: int, key: str | None, value: bytes | None = None, aux: int = 0) -> None:
