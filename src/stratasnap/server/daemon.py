@@ -101,7 +101,7 @@ class LogfmtFormatter(logging.Formatter):
             f"level={record.levelname.lower()}",
             f"msg={_logfmt_value(record.getMessage())}",
         ]
-        if not record.name.startswith("stratasnap"):
+        if record.name and not record.name.startswith("stratasnap"):
             parts.append(f"logger={_logfmt_value(record.name)}")
         for key, value in record.__dict__.items():
             if key not in _RECORD_FIELDS and not key.startswith("_"):
