@@ -298,7 +298,10 @@ def test_copy_file_atomic(scratch: Path) -> None:
     assert dst.read_bytes() == b"first"
     copy_file_atomic(src, dst, replace=True)
     assert dst.read_bytes() == b"second"
-    assert sorted(p.name for p in scratch.iterdir()) == ["a", "b"]
+    long_name = scratch / ("n" * 255)
+    copy_file_atomic(src, long_name)
+    assert long_name.read_bytes() == b"second"
+    assert sorted(p.name for p in scratch.iterdir()) == ["a", "b", "n" * 255]
 
 
 def test_interrupted_copy_file_atomic_leaves_nothing(

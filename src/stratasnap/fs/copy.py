@@ -217,7 +217,8 @@ def copy_file_atomic(src: StrPath, dst: StrPath, replace: bool = False) -> CopyS
     process can leave one, under that recognisable name.
     """
     dst_p = Path(dst)
-    tmp = str(dst_p.with_name(f".{dst_p.name}.tmp-{secrets.token_hex(6)}"))
+    # Cut the name so that the temporary one stays within NAME_MAX (255).
+    tmp = str(dst_p.with_name(f".{dst_p.name[:200]}.tmp-{secrets.token_hex(6)}"))
     stats = _copy_file(src, tmp, sync=True)
     try:
         if replace:

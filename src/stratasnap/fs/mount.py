@@ -55,7 +55,15 @@ _statx.restype = ctypes.c_int
 # mount(2) copies one page of data, NUL included, and silently drops the rest.
 _DATA_MAX = os.sysconf("SC_PAGE_SIZE") - 1
 # Flags that act on an existing mount: only mount(2) does these.
-_LEGACY_ONLY = mo.MS_BIND | mo.MS_REMOUNT | mo.MS_MOVE
+_LEGACY_ONLY = (
+    mo.MS_BIND
+    | mo.MS_REMOUNT
+    | mo.MS_MOVE
+    | mo.MS_SHARED
+    | mo.MS_PRIVATE
+    | mo.MS_SLAVE
+    | mo.MS_UNBINDABLE
+)
 # statvfs() flag bits of the per-mount flags a bind remount must keep:
 # dropping one that is locked (e.g. inherited nodev in a user namespace)
 # fails with EPERM. ST_* values are not the MS_* values for all of them.
