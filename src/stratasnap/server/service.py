@@ -69,10 +69,9 @@ _KIND_FROM_PROTO = {pb.ACTIVE: Kind.ACTIVE, pb.VIEW: Kind.VIEW}
 
 def to_timestamp(when: datetime) -> timestamp_pb2.Timestamp:
     """A datetime as a protobuf Timestamp, to the microsecond (naive means UTC)."""
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    d = when - EPOCH
-    return timestamp_pb2.Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
+    ts = timestamp_pb2.Timestamp()
+    _set_timestamp(ts, when)
+    return ts
 
 
 def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
@@ -84,14 +83,27 @@ def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
 
 
 def info_to_proto(info: Info) -> pb.Info:
-    return pb.Info(
+    msg = pb.Info(
         name=info.name,
         parent=info.parent,
         kind=_KIND_TO_PROTO.get(info.kind, pb.COMMITTED),
-        created_at=to_timestamp(info.created),
-        updated_at=to_timestamp(info.updated),
         labels=info.labels,
     )
+    # Filled in place (no temporary Timestamps): this runs 10,000 times per big List.
+    _set_timestamp(msg.created_at, info.created)
+    if info.updated == info.created:
+        msg.updated_at.CopyFrom(msg.created_at)
+    else:
+        _set_timestamp(msg.updated_at, info.updated)
+    return msg
+
+
+def _set_timestamp(ts: timestamp_pb2.Timestamp, when: datetime) -> None:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    d = when - EPOCH
+    ts.seconds = d.days * 86400 + d.seconds
+    ts.nanos = d.microseconds * 1000
 
 
 def info_from_proto(msg: pb.Info) -> Info:
