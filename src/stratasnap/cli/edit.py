@@ -43,15 +43,18 @@ def _finish(sn: Snapshotter, key: str, mounts: list[Mount], target: Path | None)
         return
     try:
         mount_at(mounts, target)
-    except (SnapshotError, OSError) as exc:
+    except (SnapshotError, OSError, ValueError) as exc:
         code = exc.exit_code if isinstance(exc, SnapshotError) else 1
-        reason = error_line(exc).removeprefix(f"{PROG}: ")
+        if isinstance(exc, OSError) and exc.strerror and exc.filename in (target, str(target)):
+            reason = exc.strerror  # the target is named already
+        else:
+            reason = error_line(exc).removeprefix(f"{PROG}: ")
         try:
             sn.remove(key)
             undone = "the snapshot was removed again"
         except (SnapshotError, OSError):
-            undone = f"the snapshot is still there (stratasnap rm {key!r})"
-        click.echo(f"{PROG}: mounting {key!r} at {target}: {reason}; {undone}", err=True)
+            undone = "the snapshot is still there (remove it with stratasnap rm)"
+        click.echo(f'{PROG}: mounting snapshot "{key}" at {target}: {reason}; {undone}', err=True)
         click.get_current_context().exit(code)
 
 
