@@ -378,3 +378,12 @@ def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert default_root() == tmp_path / ".local" / "share" / "stratasnap"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_root() == tmp_path / ".local" / "share" / "stratasnap"
+
+
+def test_storage_and_option_problems_are_one_line_too(scratch: Path) -> None:
+    afile = scratch / "afile"
+    afile.write_text("")
+    line = fails(afile / "store", 1, "ls")
+    assert "Not a directory" in line and str(afile) in line
+    line = fails(scratch / "store", 3, "--option", "no-such-option=1", "ls")
+    assert "no-such-option" in line and line.endswith("invalid argument")
