@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from stratasnap.errors import InvalidArgument
 from stratasnap.types import Info
 
-__all__ = ["Filter", "Operator", "Selector", "field_value", "parse"]
+__all__ = ["Filter", "Operator", "Selector", "compile_pattern", "field_value", "parse"]
 
 
 class Operator(enum.Enum):
@@ -113,7 +113,7 @@ class Selector:
             )
         if self.op is Operator.MATCHES:
             try:
-                regex = _compile_regex(self.value)
+                regex = compile_pattern(self.value)
             except (re.error, ValueError) as exc:
                 raise InvalidArgument(
                     f"filters: invalid regular expression {_go_quote(self.value)}: {exc}"
@@ -255,7 +255,7 @@ class _Parser:
             # Compiled (and cached) here only to point at the pattern when it
             # is bad; Selector.__post_init__ then gets it from the cache.
             try:
-                _compile_regex(value)
+                compile_pattern(value)
             except (re.error, ValueError) as exc:
                 raise self.error(
                     value_pos, f"invalid regular expression {_go_quote(value)}: {exc}"
@@ -486,7 +486,12 @@ _POSIX_CLASS = re.compile(r"\[:(\^?)([a-z]*):\]")
 
 
 @functools.lru_cache(maxsize=256)
-def _compile_regex(pattern: str) -> re.Pattern[str]:
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """The Python regex for a ``~=`` pattern (RE2 spelling); cached.
+
+    Public so that the metadata store's SQL REGEXP matches exactly as
+    :meth:`Selector.match` does. Raises ``re.error`` or ValueError.
+    """
     # re.ASCII: RE2's \d \w \s \b are ASCII-only. The price is that (?i)
     # folds only ASCII letters, where RE2 folds all of Unicode.
     return re.compile(_translate_re2(pattern), re.ASCII)

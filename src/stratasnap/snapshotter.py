@@ -12,12 +12,24 @@ storage that no snapshot owns.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import shutil
+import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol, runtime_checkable
+from contextlib import suppress
+from pathlib import Path
+from typing import ClassVar, Protocol, Self, runtime_checkable
 
-from .types import Info, Mount, Reclaimed, Usage
+from .errors import InvalidArgument, from_os_error
+from .filters import parse as parse_filters
+from .fs.mount import mounts_under, unmount_all_under
+from .fs.usage import disk_usage, syncfs
+from .metastore import MetaStore, Record, clean_labels, validate_key
+from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["Snapshotter"]
+__all__ = ["BaseSnapshotter", "Snapshotter"]
 
 
 @runtime_checkable
@@ -30,9 +42,7 @@ class Snapshotter(Protocol):
         """Create an active (writable) snapshot on top of ``parent``; return its mounts."""
         ...
 
-    def view(
-        self, key: str, parent: str, labels: Mapping[str, str] | None = None
-    ) -> list[Mount]:
+    def view(self, key: str, parent: str, labels: Mapping[str, str] | None = None) -> list[Mount]:
         """Create a read-only snapshot of ``parent``; return its mounts."""
         ...
 
@@ -77,3 +87,312 @@ class Snapshotter(Protocol):
     def close(self) -> None:
         """Release the store; calling it again does nothing."""
         ...
+
+
+class BaseSnapshotter:
+    """What every backend shares: the layout, the store, and every call but storage.
+
+    A backend subclass fills in how a fresh snapshot directory is populated
+    (:meth:`_populate`), which mounts assemble a snapshot (:meth:`_mounts`),
+    and, where it differs, how usage is measured and storage released.
+
+    Layout under ``root``::
+
+        metadata.db            the store (SQLite, WAL)
+        snapshots/<id>/        a snapshot's storage, named by its store id
+        snapshots/new-<id>/    being created; renamed to <id> inside the create transaction
+        snapshots/rm-<id>/     being removed; renamed inside the remove transaction
+    """
+
+    #: The name ``open_snapshotter`` knows this backend by.
+    backend_name: ClassVar[str] = ""
+    #: containerd proxy-plugin capabilities this backend really supports.
+    capabilities: ClassVar[tuple[str, ...]] = ()
+    #: Delete a removed snapshot's storage at once (else leave it to cleanup()).
+    sync_remove: bool = True
+
+    def __init__(self, root: str | Path, **options: object) -> None:
+        if options:
+            raise InvalidArgument(
+                f"unknown option(s) {', '.join(sorted(options))} for backend {self.backend_name!r}"
+            )
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.snapshots_dir = self.root / "snapshots"
+        self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
+        self._store = MetaStore(self.root / "metadata.db")
+        self._recover_interrupted_removes()
+
+    # -- backend hooks -------------------------------------------------------
+
+    def _populate(self, work: Path, kind: Kind, parent: Record | None) -> None:
+        """Fill the fresh (empty, mode 0755) directory of a new snapshot."""
+
+    def _mounts(self, rec: Record) -> list[Mount]:
+        """The mounts of an active or view snapshot."""
+        raise NotImplementedError
+
+    def _fs_dir(self, sid: int) -> Path:
+        """Where a snapshot's files live (the tree usage measures)."""
+        return self.storage_dir(sid)
+
+    def _measure(self, rec: Record) -> Usage:
+        """Usage of an active snapshot, measured now."""
+        return disk_usage(self._fs_dir(rec.id))
+
+    def _flush(self, rec: Record) -> None:
+        """Make an active snapshot's data durable before its commit is (containerd#5854)."""
+        syncfs(self._fs_dir(rec.id))
+
+    # -- paths ---------------------------------------------------------------
+
+    def storage_dir(self, sid: int) -> Path:
+        """The storage directory of snapshot id ``sid``."""
+        return self.snapshots_dir / str(sid)
+
+    # -- the contract ----------------------------------------------------------
+
+    def prepare(
+        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
+    ) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str] | None = None) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+    ) -> list[Mount]:
+        validate_key(key)
+        if parent:
+            validate_key(parent, "parent key")
+        clean = clean_labels(labels)
+        # Fail fast, before any slow work, with the error the transaction would give.
+        with self._store.read() as tx:
+            parent_rec = tx.check_create(kind, key, parent)
+        sid = self._store.reserve_id()
+        work = self.snapshots_dir / f"new-{sid}"
+        os.mkdir(work, 0o755)
+        os.chmod(work, 0o755)  # the fresh root is 0755 whatever the umask
+        # The lock tells cleanup(), in this process or another, that work is in use.
+        lock = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        final = self.storage_dir(sid)
+        renamed = False
+        try:
+            try:
+                self._populate(work, kind, parent_rec)
+            except OSError as exc:
+                # The parent may have gone while we copied it: report that, not ENOENT.
+                with self._store.read() as tx:
+                    tx.check_create(kind, key, parent)
+                raise from_os_error(exc, f"preparing snapshot {key!r}") from exc
+            with self._store.write() as wtx:
+                rec = wtx.create(sid, kind, key, parent, clean)
+                os.rename(work, final)
+                renamed = True
+        except BaseException:
+            self._delete(final if renamed else work)
+            raise
+        finally:
+            os.close(lock)
+        return self._mounts(rec)
+
+    def mounts(self, key: str) -> list[Mount]:
+        with self._store.read() as tx:
+            rec = tx.get_mountable(key)
+        return self._mounts(rec)
+
+    def commit(
+        self,
+        name: str,
+        key: str,
+        labels: Mapping[str, str] | None = None,
+        parent: str = "",
+    ) -> None:
+        validate_key(name, "name")
+        validate_key(key)
+        clean = clean_labels(labels)
+        with self._store.read() as tx:
+            tx.check_commit(name, key, parent)
+            rec = tx.get(key)
+        # Flush and measure outside the write lock: both can take long on a big layer.
+        try:
+            self._flush(rec)
+            usage = self._measure(rec)
+        except OSError as exc:
+            raise from_os_error(exc, f"committing snapshot {key!r}") from exc
+        with self._store.write() as wtx:
+            wtx.commit_active(key, name, usage, clean, parent)
+
+    def remove(self, key: str) -> None:
+        validate_key(key)
+        moved: tuple[Path, Path] | None = None
+        try:
+            with self._store.write() as tx:
+                rec = tx.remove(key)
+                src, dst = self.storage_dir(rec.id), self.snapshots_dir / f"rm-{rec.id}"
+                if self._rename_aside(src, dst):
+                    moved = (src, dst)
+        except BaseException:
+            if moved is not None:
+                os.rename(moved[1], moved[0])
+            raise
+        if moved is not None and self.sync_remove:
+            self._delete(moved[1])
+
+    def _rename_aside(self, src: Path, dst: Path) -> bool:
+        """Rename storage out of the way; unmount and retry once when it is busy."""
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise from_os_error(exc, f"removing {src}") from exc
+            unmount_all_under(src)
+            try:
+                os.rename(src, dst)
+            except OSError as again:
+                raise from_os_error(again, f"removing {src}") from again
+        return True
+
+    def stat(self, key: str) -> Info:
+        with self._store.read() as tx:
+            return tx.get(key).info
+
+    def update(self, info: Info, fieldpaths: Iterable[str] = ()) -> Info:
+        validate_key(info.name)
+        with self._store.write() as tx:
+            return tx.update_info(info, fieldpaths)
+
+    def usage(self, key: str) -> Usage:
+        with self._store.read() as tx:
+            rec = tx.get(key)
+        if rec.info.kind is not Kind.ACTIVE:
+            return rec.usage
+        try:
+            return self._measure(rec)
+        except FileNotFoundError:
+            # Removed while we measured: say so rather than leak ENOENT.
+            with self._store.read() as tx:
+                tx.get(key)
+            raise
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        flt = parse_filters(*filters)  # parse now so a bad filter fails at the call
+        with self._store.read() as tx:
+            infos = tx.walk(flt)
+        # Yield outside the transaction: a caller may Stat or write inside the loop.
+        return iter(infos)
+
+    def count_by_kind(self) -> dict[Kind, int]:
+        """How many snapshots of each kind exist (for metrics)."""
+        with self._store.read() as tx:
+            return tx.count_by_kind()
+
+    def cleanup(self) -> Reclaimed:
+        doomed: list[Path] = []
+        with self._store.write() as tx:
+            owned = tx.id_map()
+            for entry in os.scandir(self.snapshots_dir):
+                path = Path(entry.path)
+                name = entry.name
+                if name.isdigit():
+                    if int(name) not in owned:  # a crash left it between rename and commit
+                        aside = self.snapshots_dir / f"rm-{name}"
+                        if self._rename_aside(path, aside):
+                            doomed.append(aside)
+                elif name.startswith("rm-"):
+                    sid = name[3:]
+                    if sid.isdigit() and int(sid) in owned:
+                        continue  # recovered at open; a live snapshot's storage
+                    doomed.append(path)
+                elif name.startswith("new-") and not _in_use(path):
+                    doomed.append(path)
+        paths: list[str] = []
+        total = 0
+        for path in doomed:
+            size = _size_or_zero(path)
+            if self._delete(path):
+                paths.append(str(path))
+                total += size
+        return Reclaimed(paths=tuple(paths), size=total)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------
+
+    def _recover_interrupted_removes(self) -> None:
+        """Undo a remove that was killed between its rename and its commit.
+
+        The rename of ``<id>`` to ``rm-<id>`` happens inside the transaction; when
+        the process dies before the commit, the row is still there and its
+        storage must come back under its own name.
+        """
+        with self._store.write() as tx:
+            owned = tx.id_map()
+            for entry in os.scandir(self.snapshots_dir):
+                sid = entry.name[3:]
+                if entry.name.startswith("rm-") and sid.isdigit() and int(sid) in owned:
+                    back = self.storage_dir(int(sid))
+                    if not back.exists():
+                        os.rename(entry.path, back)
+
+    def _delete(self, path: Path) -> bool:
+        """Delete storage, never through a mount that is still there.
+
+        Returns False when something is still mounted below ``path``; the
+        directory is then left for a later cleanup().
+        """
+        if not path.exists():
+            return True
+        if mounts_under(path):
+            with suppress(OSError):
+                unmount_all_under(path)
+            if mounts_under(path):
+                return False
+        _rmtree(path)
+        return True
+
+
+def _rmtree(path: Path) -> None:
+    """rmtree that tolerates a concurrent cleanup() deleting the same leftover."""
+
+    def ignore_missing(func: object, p: str, exc: BaseException) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=ignore_missing)
+    else:
+        shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a create (in any process) holds the lock on this ``new-*`` directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return True  # gone already: nothing to reclaim
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return disk_usage(path).size
+    except OSError:
+        return 0

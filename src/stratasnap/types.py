@@ -67,7 +67,8 @@ class Mount:
 
         where = f"{target.rstrip('/')}/{self.target.lstrip('/')}" if self.target else target
         opts = f" -o {shlex.quote(','.join(self.options))}" if self.options else ""
-        return f"mount -t {shlex.quote(self.type)} {shlex.quote(self.source)} {shlex.quote(where)}{opts}"
+        words = (self.type, self.source, where)
+        return "mount -t {} {} {}".format(*map(shlex.quote, words)) + opts
 
 
 @dataclass(frozen=True)

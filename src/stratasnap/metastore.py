@@ -1,0 +1,551 @@
+"""The snapshot metadata store: SQLite in WAL mode.
+
+It holds what containerd's ``core/snapshots/storage`` holds (keys, kinds,
+parents, labels, stored usage, internal ids) and enforces the same rules in
+the same order. It never touches files: backends compose "metadata
+transaction + filesystem work + compensation" themselves.
+
+Concurrency: one SQLite connection per thread (readers never block each
+other in WAL mode); writers are serialised by a process-wide lock and by
+``BEGIN IMMEDIATE`` across processes.
+
+Ids: a snapshot's storage directory is named by its id, so an id must never
+be handed out twice, even when the process dies between renaming a fresh
+directory into place and committing the row. Ids therefore come from a
+durable sequence that is advanced in its own committed transaction *before*
+any directory is named after them (see :meth:`MetaStore.reserve_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import filters as _filters
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from .types import Info, Kind, Usage
+
+__all__ = ["SCHEMA_VERSION", "MetaStore", "ReadTx", "Record", "WriteTx", "validate_key"]
+
+SCHEMA_VERSION = 1
+
+#: containerd's rule (pkg/labels): a label's key and value together fit in 4096 bytes.
+MAX_LABEL_BYTES = 4096
+#: Our own bounds; containerd 1.6 stores 64 KiB keys and 50,000 labels unchecked.
+MAX_KEY_BYTES = 4096
+MAX_LABELS = 1024
+
+# Ids are reserved this many at a time: one durable write per batch instead of one
+# per snapshot. Ids reserved but unused when the process ends are simply skipped.
+_ID_BATCH = 32
+
+_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE snapshots (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL CHECK (kind IN ('active', 'view', 'committed')),
+    parent_id INTEGER REFERENCES snapshots(id),
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    inodes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX snapshots_parent ON snapshots(parent_id);
+CREATE TABLE labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, key)
+) WITHOUT ROWID;
+CREATE INDEX labels_key_value ON labels(key, value);
+INSERT INTO sequence VALUES ('snapshot', 0);
+"""
+
+#: Migrations from version N to N+1, run inside one write transaction on open.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+# One statement gives a consistent Info (row, parent key and labels) without an
+# explicit transaction around several queries.
+_INFO_SELECT = """
+SELECT s.id, s.key, s.kind, COALESCE(p.key, ''), s.created_ns, s.updated_ns,
+       s.size, s.inodes, s.parent_id,
+       (SELECT json_group_object(l.key, l.value) FROM labels l WHERE l.snapshot_id = s.id)
+FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A snapshot as the store knows it: its Info plus what backends need."""
+
+    id: int
+    info: Info
+    usage: Usage
+    #: Ids of the parent chain, immediate parent first (overlay's lowerdir order).
+    parent_ids: tuple[int, ...] = ()
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _to_datetime(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(
+        microsecond=(ns % 1_000_000_000) // 1000
+    )
+
+
+def validate_key(key: str, what: str = "snapshot key") -> None:
+    """Keys are opaque text, but not empty, not NUL-bearing, valid UTF-8 and bounded."""
+    if not key:
+        raise InvalidArgument(f"{what} must not be empty")
+    if "\x00" in key:
+        raise InvalidArgument(f"{what} {key!r} contains a NUL byte")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} {key!r} is not valid UTF-8") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidArgument(f"{what} is {size} bytes long, more than {MAX_KEY_BYTES}")
+
+
+def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """Validated labels with empty values dropped (containerd never stores them)."""
+    if not labels:
+        return {}
+    out: dict[str, str] = {}
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument(f"label {k!r}={v!r}: keys and values must be strings")
+        if not k:
+            raise InvalidArgument("label key must not be empty")
+        if "\x00" in k or "\x00" in v:
+            raise InvalidArgument(f"label {k!r} contains a NUL byte")
+        try:
+            size = len(k.encode()) + len(v.encode())
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"label {k!r} is not valid UTF-8") from None
+        if size > MAX_LABEL_BYTES:
+            raise InvalidArgument(
+                f"label key and value length ({size} bytes) greater than maximum size "
+                f"({MAX_LABEL_BYTES} bytes), key: {k[:64]}"
+            )
+        if v:
+            out[k] = v
+    if len(out) > MAX_LABELS:
+        raise InvalidArgument(f"{len(out)} labels, more than {MAX_LABELS}")
+    return out
+
+
+def _regexp(pattern: str, value: str) -> bool:
+    # The filters module's own compiler, so SQL and Selector.match agree exactly.
+    return _filters.compile_pattern(pattern).search(value) is not None
+
+
+def _filter_sql(flt: _filters.Filter) -> tuple[str, list[str]]:
+    """Translate a parsed filter into a WHERE clause over ``s`` (snapshots) and ``p`` (parent).
+
+    Every field the snapshot adaptor knows goes into SQL, regexes through a
+    registered REGEXP function, so a walk with a filter reads only matching rows.
+    """
+    ors: list[str] = []
+    args: list[str] = []
+    for selectors in flt.alternatives:
+        ands: list[str] = []
+        for sel in selectors:
+            field_sql, field_args = _field_sql(sel.fieldpath)
+            op = sel.op
+            if op is _filters.Operator.PRESENT:
+                ands.append(f"({field_sql}) IS NOT NULL")
+                args.extend(field_args)
+            elif op is _filters.Operator.EQUAL:
+                ands.append(f"({field_sql}) = ?")
+                args.extend([*field_args, sel.value])
+            elif op is _filters.Operator.NOT_EQUAL:
+                # containerd compares an absent field as "": absent matches != x.
+                ands.append(f"COALESCE(({field_sql}), '') != ?")
+                args.extend([*field_args, sel.value])
+            else:
+                ands.append(f"regexp(?, COALESCE(({field_sql}), ''))")
+                args.extend([sel.value, *field_args])
+        ors.append("(" + (" AND ".join(ands) or "1") + ")")
+    return " OR ".join(ors) or "1", args
+
+
+def _field_sql(fieldpath: tuple[str, ...]) -> tuple[str, list[str]]:
+    # Like containerd's adaptor (and filters.field_value): only the first segment
+    # counts for name/parent/kind; under labels the rest joined by "." is the key.
+    head = fieldpath[0] if fieldpath else ""
+    if head == "name":
+        return "s.key", []
+    if head == "parent":
+        return "COALESCE(p.key, '')", []
+    if head == "kind":
+        return "s.kind", []
+    if head == "labels":
+        return "SELECT l.value FROM labels l WHERE l.snapshot_id = s.id AND l.key = ?", [
+            ".".join(fieldpath[1:])
+        ]
+    return "NULL", []
+
+
+class ReadTx:
+    """Reads inside one consistent snapshot of the store."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def _row_to_record(self, row: tuple[object, ...], with_parents: bool) -> Record:
+        (sid, key, kind, parent, created, updated, size, inodes, parent_id, labels) = row
+        assert isinstance(sid, int) and isinstance(created, int) and isinstance(updated, int)
+        info = Info(
+            name=str(key),
+            kind=Kind(str(kind)),
+            parent=str(parent),
+            labels=json.loads(str(labels)) if labels else {},
+            created=_to_datetime(created),
+            updated=_to_datetime(updated),
+        )
+        usage = Usage(size=int(str(size)), inodes=int(str(inodes)))
+        parents = self._parent_ids(parent_id) if with_parents and parent_id is not None else ()
+        return Record(id=sid, info=info, usage=usage, parent_ids=parents)
+
+    def _parent_ids(self, first: object) -> tuple[int, ...]:
+        rows = self._conn.execute(
+            """WITH RECURSIVE chain(id, parent_id, depth) AS (
+                   SELECT id, parent_id, 0 FROM snapshots WHERE id = ?
+                   UNION ALL
+                   SELECT s.id, s.parent_id, c.depth + 1
+                   FROM snapshots s JOIN chain c ON s.id = c.parent_id)
+               SELECT id FROM chain ORDER BY depth""",
+            (first,),
+        ).fetchall()
+        return tuple(int(r[0]) for r in rows)
+
+    def find(self, key: str, with_parents: bool = False) -> Record | None:
+        """The record of ``key``, or None."""
+        row = self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+        return None if row is None else self._row_to_record(row, with_parents)
+
+    def get(self, key: str, with_parents: bool = False) -> Record:
+        """The record of ``key``; NotFound when there is none."""
+        rec = self.find(key, with_parents)
+        if rec is None:
+            raise NotFound(f"snapshot {_q(key)}")
+        return rec
+
+    def get_mountable(self, key: str) -> Record:
+        """An active or view snapshot with its parent chain (for Mounts)."""
+        rec = self.get(key, with_parents=True)
+        if rec.info.kind is Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {_q(key)} is committed, not active or view")
+        return rec
+
+    def check_create(self, kind: Kind, key: str, parent: str) -> Record | None:
+        """containerd's checks for a new snapshot, in its order; returns the parent."""
+        if kind not in (Kind.ACTIVE, Kind.VIEW):
+            raise InvalidArgument(
+                f"snapshot type {kind} invalid; only active or view snapshots can be created"
+            )
+        parent_rec = None
+        if parent:
+            parent_rec = self.find(parent)
+            if parent_rec is None:
+                raise NotFound(f"parent snapshot {_q(parent)} does not exist")
+            if parent_rec.info.kind is not Kind.COMMITTED:
+                raise InvalidArgument(f"parent {_q(parent)} is not committed snapshot")
+        if self.find(key) is not None:
+            raise AlreadyExists(f"snapshot {_q(key)}")
+        return parent_rec
+
+    def check_commit(self, name: str, key: str, parent: str) -> tuple[Record, int | None]:
+        """containerd's checks for a commit, in its order; returns the active record and
+        the id of the parent to rebase onto (None: keep the parent)."""
+        if self.find(name) is not None:
+            raise AlreadyExists(f"snapshot {_q(name)}")
+        rec = self.get(key)
+        if rec.info.kind is not Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {_q(key)} is not active")
+        if not parent:
+            return rec, None
+        if rec.info.parent and rec.info.parent != parent:
+            raise InvalidArgument(
+                f"cannot change parent of {_q(key)} from {_q(rec.info.parent)} "
+                f"to {_q(parent)} on commit"
+            )
+        prec = self.find(parent)
+        if prec is None:
+            raise NotFound(f"parent snapshot {_q(parent)} does not exist")
+        if prec.info.kind is not Kind.COMMITTED:
+            raise FailedPrecondition(f"parent {_q(parent)} is not committed snapshot")
+        return rec, prec.id
+
+    def walk(self, flt: _filters.Filter) -> list[Info]:
+        """Every snapshot matching ``flt``, ordered by key."""
+        where, args = ("1", []) if flt.matches_everything else _filter_sql(flt)
+        rows = self._conn.execute(_INFO_SELECT + f" WHERE {where} ORDER BY s.key", args)
+        return [self._row_to_record(r, False).info for r in rows]
+
+    def id_map(self) -> dict[int, str]:
+        """Every snapshot's id and key (what owns storage)."""
+        return {int(i): str(k) for i, k in self._conn.execute("SELECT id, key FROM snapshots")}
+
+    def count_by_kind(self) -> dict[Kind, int]:
+        """How many snapshots of each kind there are."""
+        counts = {k: 0 for k in Kind}
+        for kind, n in self._conn.execute("SELECT kind, count(*) FROM snapshots GROUP BY kind"):
+            counts[Kind(kind)] = int(n)
+        return counts
+
+
+class WriteTx(ReadTx):
+    """Changes, applied atomically when the transaction commits."""
+
+    def create(
+        self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
+    ) -> Record:
+        """Insert a new active or view snapshot with a reserved id."""
+        parent_rec = self.check_create(kind, key, parent)
+        now = _now_ns()
+        self._conn.execute(
+            "INSERT INTO snapshots (id, key, kind, parent_id, created_ns, updated_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (sid, key, str(kind), parent_rec.id if parent_rec else None, now, now),
+        )
+        self._set_labels(sid, labels)
+        return self.get(key, with_parents=True)
+
+    def commit_active(
+        self, key: str, name: str, usage: Usage, labels: Mapping[str, str], parent: str = ""
+    ) -> Record:
+        """Turn active ``key`` into committed ``name``, keeping its id (and storage)."""
+        rec, parent_id = self.check_commit(name, key, parent)
+        now = _now_ns()
+        self._conn.execute(
+            "UPDATE snapshots SET key = ?, kind = 'committed', created_ns = ?, updated_ns = ?, "
+            "size = ?, inodes = ?, parent_id = COALESCE(?, parent_id) WHERE id = ?",
+            (name, now, now, usage.size, usage.inodes, parent_id, rec.id),
+        )
+        # Commit replaces labels; it does not inherit the active snapshot's.
+        self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        self._set_labels(rec.id, labels)
+        return self.get(name, with_parents=True)
+
+    def update_info(self, info: Info, fieldpaths: Iterable[str]) -> Info:
+        """Update labels as containerd does; other fields of ``info`` are ignored."""
+        rec = self.get(info.name)
+        paths = list(fieldpaths)
+        for path in paths:
+            if path != "labels" and not path.startswith("labels."):
+                raise InvalidArgument(f"cannot update {_q(path)} field on snapshot {_q(info.name)}")
+        incoming = dict(info.labels or {})
+        if not paths or "labels" in paths:
+            # No mask, or "labels": the whole label set is replaced.
+            new = incoming
+        else:
+            # "labels.<k>" sets one label from info.labels; absent or "" deletes it.
+            new = dict(rec.info.labels)
+            for path in paths:
+                k = path[len("labels.") :]
+                if incoming.get(k):
+                    new[k] = incoming[k]
+                else:
+                    new.pop(k, None)
+        cleaned = clean_labels(new)
+        self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        self._set_labels(rec.id, cleaned)
+        self._conn.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (_now_ns(), rec.id))
+        return self.get(info.name).info
+
+    def remove(self, key: str) -> Record:
+        """Delete ``key``'s metadata; refused while it has children."""
+        rec = self.get(key)
+        child = self._conn.execute(
+            "SELECT key FROM snapshots WHERE parent_id = ? LIMIT 1", (rec.id,)
+        ).fetchone()
+        if child is not None:
+            raise FailedPrecondition(f"cannot remove snapshot {_q(key)} with child {_q(child[0])}")
+        self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        self._conn.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
+        return rec
+
+    def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
+        self._conn.executemany(
+            "INSERT INTO labels (snapshot_id, key, value) VALUES (?, ?, ?)",
+            [(sid, k, v) for k, v in labels.items() if v],
+        )
+
+
+def _q(s: str) -> str:
+    """Quote like Go's %q for messages (double quotes, escapes)."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+class MetaStore:
+    """The SQLite store under ``<root>/metadata.db``."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._ids: list[int] = []
+        self._ids_lock = threading.Lock()
+        self._closed = False
+        self._migrate()
+
+    # -- connections -------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise Unavailable("snapshotter is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # only so close() may close it from another thread
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.create_function("regexp", 2, _regexp, deterministic=True)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise Unavailable."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._conns_lock:
+            for conn in self._conns:
+                with suppress(sqlite3.Error):
+                    conn.close()
+            self._conns.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- transactions ------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[ReadTx]:
+        """A read transaction (nested inside one already open on this thread)."""
+        conn = self._conn()
+        if conn.in_transaction:
+            yield ReadTx(conn)
+            return
+        conn.execute("BEGIN")
+        try:
+            yield ReadTx(conn)
+        finally:
+            if not self._closed:
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTx]:
+        """A write transaction: committed when the block ends, rolled back on error."""
+        conn = self._conn()
+        if conn.in_transaction:
+            raise RuntimeError("write transaction inside another transaction on this thread")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield WriteTx(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._commit(conn)
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        # A separate method so crash tests can kill the process right here.
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def reserve_id(self) -> int:
+        """An id no snapshot has had or will have, made durable before it is returned."""
+        with self._ids_lock:
+            if not self._ids:
+                conn = self._conn()
+                if conn.in_transaction:
+                    # The reservation must be durable on its own, before the caller's
+                    # transaction; nesting would also deadlock on the write lock.
+                    raise RuntimeError("reserve_id() inside a transaction on this thread")
+                with self._write_lock:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        (last,) = conn.execute(
+                            "UPDATE sequence SET value = value + ? WHERE name = 'snapshot' "
+                            "RETURNING value",
+                            (_ID_BATCH,),
+                        ).fetchone()
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    self._commit(conn)
+                self._ids = list(range(int(last), int(last) - _ID_BATCH, -1))
+            return self._ids.pop()
+
+    # -- schema --------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                has_meta = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                ).fetchone()
+                if not has_meta:
+                    for stmt in _SCHEMA.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute(
+                        "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    )
+                else:
+                    (version,) = conn.execute(
+                        "SELECT value FROM meta WHERE name = 'schema_version'"
+                    ).fetchone()
+                    version = int(version)
+                    if version > SCHEMA_VERSION:
+                        raise Unavailable(
+                            f"metadata {self.path} has schema version {version}; this "
+                            f"stratasnap understands up to {SCHEMA_VERSION}: upgrade stratasnap"
+                        )
+                    while version < SCHEMA_VERSION:
+                        MIGRATIONS[version](conn)
+                        version += 1
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
+                    )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._commit(conn)
