@@ -122,11 +122,21 @@ class BaseSnapshotter:
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
         self._store = MetaStore(self.root / "metadata.db")
         self._recover_interrupted_removes()
+        self._opened()
 
     # -- backend hooks -------------------------------------------------------
 
-    def _populate(self, work: Path, kind: Kind, parent: Record | None) -> None:
-        """Fill the fresh (empty, mode 0755) directory of a new snapshot."""
+    def _opened(self) -> None:
+        """Called once the store is open: re-attach what a restart or crash detached."""
+
+    def _populate(
+        self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
+    ) -> None:
+        """Fill the fresh (empty, mode 0755) directory of a new snapshot.
+
+        Raise InvalidArgument for labels the backend cannot honour: ``work``
+        is then deleted and nothing is left behind. Runs outside the write lock.
+        """
 
     def _mounts(self, rec: Record) -> list[Mount]:
         """The mounts of an active or view snapshot."""
@@ -143,6 +153,20 @@ class BaseSnapshotter:
     def _flush(self, rec: Record) -> None:
         """Make an active snapshot's data durable before its commit is (containerd#5854)."""
         syncfs(self._fs_dir(rec.id))
+
+    def _prepare_commit(self, rec: Record) -> Usage:
+        """Storage work before an active snapshot's commit; returns the usage to store."""
+        self._flush(rec)
+        return self._measure(rec)
+
+    def _release(self, path: Path) -> None:
+        """Let go of a removed snapshot's storage (mounts, loop devices) before deletion.
+
+        The default unmounts everything still mounted below ``path``.
+        """
+        if mounts_under(path):
+            with suppress(OSError):
+                unmount_all_under(path)
 
     # -- paths ---------------------------------------------------------------
 
@@ -181,7 +205,7 @@ class BaseSnapshotter:
         renamed = False
         try:
             try:
-                self._populate(work, kind, parent_rec)
+                self._populate(work, kind, parent_rec, clean)
             except OSError as exc:
                 # The parent may have gone while we copied it: report that, not ENOENT.
                 with self._store.read() as tx:
@@ -218,8 +242,7 @@ class BaseSnapshotter:
             rec = tx.get(key)
         # Flush and measure outside the write lock: both can take long on a big layer.
         try:
-            self._flush(rec)
-            usage = self._measure(rec)
+            usage = self._prepare_commit(rec)
         except OSError as exc:
             raise from_os_error(exc, f"committing snapshot {key!r}") from exc
         with self._store.write() as wtx:
@@ -354,11 +377,9 @@ class BaseSnapshotter:
         """
         if not path.exists():
             return True
+        self._release(path)
         if mounts_under(path):
-            with suppress(OSError):
-                unmount_all_under(path)
-            if mounts_under(path):
-                return False
+            return False
         _rmtree(path)
         return True
 

@@ -7,6 +7,7 @@ has them (xfs, btrfs). Mounts are bind mounts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..fs.copy import copy_tree
@@ -22,7 +23,9 @@ class NativeSnapshotter(BaseSnapshotter):
 
     backend_name = "native"
 
-    def _populate(self, work: Path, kind: Kind, parent: Record | None) -> None:
+    def _populate(
+        self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
+    ) -> None:
         # A view binds its parent read-only: nothing to copy.
         if parent is not None and kind is Kind.ACTIVE:
             copy_tree(self.storage_dir(parent.id), work)
