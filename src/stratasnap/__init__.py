@@ -13,6 +13,7 @@ Use it as a library::
 from __future__ import annotations
 
 from . import errors
+from .backends import open_snapshotter
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -23,11 +24,12 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
-from .snapshotter import Snapshotter
+from .snapshotter import BaseSnapshotter, Snapshotter
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
 __all__ = [
     "AlreadyExists",
+    "BaseSnapshotter",
     "FailedPrecondition",
     "Info",
     "InvalidArgument",
@@ -45,12 +47,3 @@ __all__ = [
     "open_snapshotter",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # open_snapshotter pulls in the backends; import it lazily so that
-    # `import stratasnap` stays cheap for code that only needs the types.
-    if name == "open_snapshotter":
-        from .backends import open_snapshotter
-
-        return open_snapshotter
-    raise AttributeError(name)
