@@ -25,7 +25,7 @@ from typing import ClassVar, Protocol, Self, runtime_checkable
 from .errors import InvalidArgument, from_os_error
 from .filters import parse as parse_filters
 from .fs.mount import mounts_under, unmount_all_under
-from .fs.usage import disk_usage, syncfs
+from .fs.usage import disk_usage, flush_tree
 from .metastore import MetaStore, Record, clean_labels, validate_key
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
@@ -152,7 +152,7 @@ class BaseSnapshotter:
 
     def _flush(self, rec: Record) -> None:
         """Make an active snapshot's data durable before its commit is (containerd#5854)."""
-        syncfs(self._fs_dir(rec.id))
+        flush_tree(self._fs_dir(rec.id))
 
     def _prepare_commit(self, rec: Record) -> Usage:
         """Storage work before an active snapshot's commit; returns the usage to store."""
