@@ -473,6 +473,8 @@ def test_metrics_port_in_use_is_a_clear_error(scratch: Path) -> None:
 
 def test_logfmt_lines() -> None:
     stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
     configure_logging("debug", stream)
     try:
         log = logging.getLogger("stratasnap.server")
@@ -484,7 +486,8 @@ def test_logfmt_lines() -> None:
             log.exception("rpc crashed", extra={"method": "Prepare"})
         logging.getLogger("grpc._server").info("hidden: others log at warning")
     finally:
-        logging.getLogger().handlers.clear()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
         logging.getLogger("stratasnap").setLevel(logging.NOTSET)
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("time=") and lines[0].split()[0].endswith("Z")
