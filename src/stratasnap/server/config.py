@@ -32,7 +32,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -147,12 +147,15 @@ def load_config(
     log_level: str | None = None,
     metrics_address: str | None = None,
     socket_group: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Config:
     """Read ``path`` (if given), apply the keyword overrides (command-line flags), validate.
 
     An override wins over the file; ``None`` leaves the file's value (or the
     default). Relative paths given as overrides are taken from the current
-    directory; paths in the file must be absolute. Raises :class:`ConfigError`.
+    directory; paths in the file must be absolute. ``options`` (``-o KEY=VALUE``)
+    are merged into the backend options of the snapshotter, and need the
+    config to have a single one. Raises :class:`ConfigError`.
     """
     data: dict[str, Any] = {}
     source = Path(path) if path is not None else None
@@ -171,7 +174,17 @@ def load_config(
         "socket_group": socket_group,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(data, source)
+    config = _build(data, source)
+    if options:
+        if len(config.snapshotters) != 1:
+            raise ConfigError(
+                f"{_where(source)}: snapshotters: backend options given on the command line "
+                "need a single snapshotter; set them in [snapshotters.NAME] options instead"
+            )
+        only = config.snapshotters[0]
+        merged = MappingProxyType({**only.options, **options})
+        config = replace(config, snapshotters=(replace(only, options=merged),))
+    return config
 
 
 def parse_config(text: str, source: str | Path | None = None) -> Config:
