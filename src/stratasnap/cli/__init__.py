@@ -7,18 +7,16 @@ prints one line on stderr and exits with that error's ``exit_code``.
 
 from __future__ import annotations
 
+from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
 from .edit import commit, label, mounts, prepare, rm, view
 from .query import cleanup, info, ls, tree, usage
 
 __all__ = ["Session", "cli", "default_root", "main", "pass_snapshotter"]
 
-for _verb in (prepare, view, commit, rm, mounts, label, ls, info, usage, tree, cleanup):
+_VERBS = (serve, prepare, view, commit, rm, mounts, label, ls, info, usage, tree, cleanup, config)
+for _verb in _VERBS:
     cli.add_command(_verb)
-
-# serve, config: provided by stratasnap.server; wire them here with cli.add_command(...).
-# A verb finds the global options with click.get_current_context().find_object(Session)
-# (.root, .backend, .options) and the opened store with @pass_snapshotter.
 
 
 def main() -> None:
