@@ -168,6 +168,14 @@ class BaseSnapshotter:
             with suppress(OSError):
                 unmount_all_under(path)
 
+    def _storage_busy(self, path: Path) -> bool:
+        """Whether storage below ``path`` is still in use where the mount table does not show.
+
+        Asked after :meth:`_release`; storage that is busy is not deleted but
+        left for a later cleanup(). E.g. an image still attached to a loop device.
+        """
+        return False
+
     # -- paths ---------------------------------------------------------------
 
     def storage_dir(self, sid: int) -> Path:
@@ -378,7 +386,7 @@ class BaseSnapshotter:
         if not path.exists():
             return True
         self._release(path)
-        if mounts_under(path):
+        if mounts_under(path) or self._storage_busy(path):
             return False
         _rmtree(path)
         return True
