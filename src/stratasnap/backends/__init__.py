@@ -14,6 +14,7 @@ __all__ = ["BACKENDS", "open_snapshotter"]
 #: (mount helpers, mkfs tools) cost nothing to those who do not use it.
 BACKENDS: dict[str, str] = {
     "native": "stratasnap.backends.native:NativeSnapshotter",
+    "overlay": "stratasnap.backends.overlay:OverlaySnapshotter",
     "blockfile": "stratasnap.backends.blockfile:BlockfileSnapshotter",
 }
 

@@ -1,0 +1,219 @@
+"""The overlay backend: snapshots stacked with Linux overlayfs, like containerd's.
+
+Each snapshot has an upper directory ``snapshots/<id>/fs`` and, when
+active, a work directory ``snapshots/<id>/work``. A committed snapshot's
+``fs`` becomes a lower layer of its children, so prepare and commit copy
+nothing. The mounts follow containerd's overlayfs snapshotter exactly:
+
+- no parent: a ``bind`` of the snapshot's own ``fs`` (``rw``, or ``ro`` for a view);
+- a view of one parent: a read-only ``bind`` of the parent's ``fs``;
+- otherwise ``overlay`` with ``lowerdir`` listing the parents nearest
+  first, plus ``upperdir``/``workdir`` for an active snapshot (a view of
+  several parents is an overlay of lowers only, read-only by nature).
+
+The layout is containerd's too, so containerd's own mount code can compact
+long ``lowerdir`` lists by changing into ``snapshots/``.
+
+Active snapshots with a size limit (label ``containerd.io/snapshot/max-size``
+or option ``default_size``) keep their upper in a filesystem image of that
+size: see :mod:`.overlay_limits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from ..errors import FailedPrecondition
+from ..fs import loop
+from ..fs.overlay_probe import (
+    escape_layer_path,
+    in_user_namespace,
+    supports_d_type,
+    supports_index_option,
+)
+from ..fs.usage import disk_usage
+from ..metastore import Record
+from ..snapshotter import BaseSnapshotter
+from ..types import Info, Kind, Mount, Reclaimed, Usage
+from .overlay_limits import LimitedLayers
+from .overlay_options import OverlayOptions, parse_size_label
+
+__all__ = ["UPPERDIR_LABEL", "OverlaySnapshotter"]
+
+#: Label containerd's overlayfs adds (with ``upperdir_label``) naming a snapshot's upper.
+UPPERDIR_LABEL = "containerd.io/snapshot/overlay.upperdir"
+
+
+def default_mount_options(configured: Iterable[str]) -> tuple[str, ...]:
+    """The configured overlay options plus containerd's automatic ones.
+
+    ``index=off`` unless an ``index`` option is configured (a later option
+    would win, but a configured one must not be overridden by ours);
+    ``userxattr`` inside a user namespace, where ``trusted.*`` xattrs
+    cannot be set and whiteout marks must live in ``user.overlay.*``.
+    """
+    opts = list(configured)
+    keys = {o.partition("=")[0] for o in opts}
+    if "index" not in keys and supports_index_option():
+        opts.append("index=off")
+    if "userxattr" not in keys and in_user_namespace():
+        opts.append("userxattr")
+    return tuple(opts)
+
+
+class OverlaySnapshotter(BaseSnapshotter):
+    """Snapshots as overlayfs layers under ``<root>/snapshots/<id>/{fs,work}``.
+
+    Options: see :class:`~.overlay_options.OverlayOptions`.
+    """
+
+    backend_name = "overlay"
+    # Rebase costs nothing here: an unparented upper simply gets lowers.
+    capabilities = ("rebase",)
+
+    def __init__(self, root: str | Path, **options: object) -> None:
+        rest = dict(options)
+        self.config = OverlayOptions.take(rest)
+        self.sync_remove = self.config.sync_remove
+        self.mount_options = default_mount_options(self.config.mount_options)
+        super().__init__(root, **rest)
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def _opened(self) -> None:
+        if not supports_d_type(self.root):
+            self.close()
+            raise FailedPrecondition(
+                f"{self.root} is on a filesystem without d_type support, which overlayfs "
+                "needs (xfs: reformat with ftype=1; ext4: enable the filetype feature)"
+            )
+        self._limits = LimitedLayers(self.snapshots_dir, self.root / "overlay-images.lock")
+        with self._store.read() as tx:
+            owned = set(tx.id_map())
+        self._limits.reattach(owned)
+
+    def _populate(
+        self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
+    ) -> None:
+        size = parse_size_label(labels)  # a malformed label fails even on a view
+        if size is None:
+            size = self.config.default_size
+        # The upper's root takes the owner of the parent's (containerd does the same):
+        # a layer unpacked as another user keeps that user's root directory.
+        owner = None
+        if parent is not None:
+            st = os.lstat(self._fs_dir(parent.id))
+            owner = (st.st_uid, st.st_gid)
+        if kind is Kind.ACTIVE and size:
+            self._limits.populate(work, size, owner)
+            return
+        os.mkdir(work / "fs", 0o755)
+        os.chmod(work / "fs", 0o755)  # whatever the umask
+        if owner is not None:
+            os.lchown(work / "fs", *owner)
+        if kind is Kind.ACTIVE:
+            os.mkdir(work / "work", 0o711)
+
+    def _fs_dir(self, sid: int) -> Path:
+        return self.storage_dir(sid) / "fs"
+
+    def _mounts(self, rec: Record) -> list[Mount]:
+        kind = rec.info.kind
+        if kind is Kind.ACTIVE:
+            self._limits.ensure_mounted(self.storage_dir(rec.id))
+        if not rec.parent_ids:
+            mode = "ro" if kind is Kind.VIEW else "rw"
+            return [Mount(type="bind", source=str(self._fs_dir(rec.id)), options=(mode, "rbind"))]
+        options: list[str] = []
+        if kind is Kind.ACTIVE:
+            options.append(f"workdir={escape_layer_path(self.storage_dir(rec.id) / 'work')}")
+            options.append(f"upperdir={escape_layer_path(self._fs_dir(rec.id))}")
+        elif len(rec.parent_ids) == 1:
+            source = str(self._fs_dir(rec.parent_ids[0]))
+            return [Mount(type="bind", source=source, options=("ro", "rbind"))]
+        lowers = ":".join(escape_layer_path(self._fs_dir(p)) for p in rec.parent_ids)
+        options.append(f"lowerdir={lowers}")
+        options.extend(self.mount_options)
+        return [Mount(type="overlay", source="overlay", options=tuple(options))]
+
+    def _measure(self, rec: Record) -> Usage:
+        storage = self.storage_dir(rec.id)
+        if self._limits.ensure_mounted(storage):
+            return self._limits.usage(storage)
+        return disk_usage(self._fs_dir(rec.id))
+
+    def _prepare_commit(self, rec: Record) -> Usage:
+        storage = self.storage_dir(rec.id)
+        if not self._limits.is_limited(storage):
+            return super()._prepare_commit(rec)
+        # A new-* staging dir, locked like a create's, so that cleanup() in
+        # any process leaves it alone now and reclaims it after a crash.
+        staging = Path(tempfile.mkdtemp(prefix=f"new-commit-{rec.id}-", dir=self.snapshots_dir))
+        lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                usage = self._limits.move_out(storage, staging)
+            except BaseException:
+                self._delete(staging)
+                raise
+            os.rmdir(staging)
+        finally:
+            os.close(lock)
+        return usage
+
+    def _release(self, path: Path) -> None:
+        super()._release(path)
+        self._limits.release(path)
+
+    # -- calls that differ -------------------------------------------------------------
+
+    def cleanup(self) -> Reclaimed:
+        reclaimed = super().cleanup()
+        with self._store.read() as tx:
+            owned = set(tx.id_map())
+        # What survived the base cleanup under new-* is a create or commit in progress.
+        in_use = {n for n in os.listdir(self.snapshots_dir) if n.startswith("new-")}
+        detached: list[str] = []
+        for dev in self._limits.stray_loops(owned, in_use):
+            try:
+                loop.detach(dev)
+            except OSError:
+                continue
+            detached.append(str(dev))
+        if not detached:
+            return reclaimed
+        return dataclasses.replace(reclaimed, paths=reclaimed.paths + tuple(detached))
+
+    def stat(self, key: str) -> Info:
+        if not self.config.upperdir_label:
+            return super().stat(key)
+        with self._store.read() as tx:
+            rec = tx.get(key)
+        return self._with_upperdir(rec.info, rec.id)
+
+    def update(self, info: Info, fieldpaths: Iterable[str] = ()) -> Info:
+        updated = super().update(info, fieldpaths)
+        if not self.config.upperdir_label:
+            return updated
+        with self._store.read() as tx:
+            rec = tx.find(updated.name)
+        return updated if rec is None else self._with_upperdir(updated, rec.id)
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        infos = super().walk(*filters)
+        if not self.config.upperdir_label:
+            return infos
+        # Filters saw the stored labels only, as in containerd.
+        with self._store.read() as tx:
+            ids = {name: sid for sid, name in tx.id_map().items()}
+        return (self._with_upperdir(i, ids[i.name]) if i.name in ids else i for i in infos)
+
+    def _with_upperdir(self, info: Info, sid: int) -> Info:
+        labels = {**info.labels, UPPERDIR_LABEL: str(self._fs_dir(sid))}
+        return dataclasses.replace(info, labels=labels)

@@ -1,0 +1,133 @@
+"""Options of the overlay backend, and the sizes it reads from labels and config.
+
+Options come from the config file (TOML: real booleans, integers, lists) or
+the command line (``--option k=v``: always strings), so each parser takes both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+from ..fs.overlay_image import MAX_SIZE, MIN_SIZE
+
+__all__ = ["MAX_SIZE_LABEL", "OverlayOptions", "parse_size_label"]
+
+#: containerd's label for the size limit of a writable layer, in bytes.
+MAX_SIZE_LABEL = "containerd.io/snapshot/max-size"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+_SIZE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InvalidArgument(f"overlay option {name}={value!r}: expected true or false")
+
+
+def _words(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        # The command line gives one string: "volatile,metacopy=on".
+        return tuple(w for w in (p.strip() for p in value.split(",")) if w)
+    if isinstance(value, Iterable) and all(isinstance(w, str) for w in value):
+        return tuple(str(w) for w in value)
+    raise InvalidArgument(f"overlay option {name}={value!r}: expected a list of mount options")
+
+
+def _check_range(what: str, value: str, size: int) -> int:
+    if size < MIN_SIZE or size > MAX_SIZE:
+        raise InvalidArgument(
+            f"{what} {value!r}: a size limit must be between {MIN_SIZE} and {MAX_SIZE} bytes"
+        )
+    return size
+
+
+def _size_option(name: str, value: object) -> int:
+    """``default_size``: bytes as an integer, or a string such as ``"10GiB"``; 0 is none."""
+    if isinstance(value, bool):
+        raise InvalidArgument(f"overlay option {name}={value!r}: expected a size")
+    if isinstance(value, int):
+        size, text = value, str(value)
+    elif isinstance(value, str):
+        m = _SIZE.fullmatch(value)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise InvalidArgument(
+                f"overlay option {name}={value!r}: expected a size such as 1073741824 or 10GiB"
+            )
+        size, text = int(m.group(1)) * _UNITS[m.group(2).lower()], value
+    else:
+        raise InvalidArgument(f"overlay option {name}={value!r}: expected a size")
+    if size == 0:
+        return 0
+    return _check_range(f"overlay option {name}", text, size)
+
+
+def parse_size_label(labels: Mapping[str, str]) -> int | None:
+    """The ``max-size`` label in bytes, None without one; malformed: InvalidArgument.
+
+    containerd parses it as a plain unsigned decimal, so no units here. ``0``
+    asks for no limit, even when the snapshotter has a ``default_size``.
+    """
+    value = labels.get(MAX_SIZE_LABEL)
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise InvalidArgument(
+            f"label {MAX_SIZE_LABEL}={value!r}: expected a size in bytes (a decimal integer)"
+        )
+    size = int(value)
+    return 0 if size == 0 else _check_range(f"label {MAX_SIZE_LABEL}", value, size)
+
+
+@dataclass(frozen=True)
+class OverlayOptions:
+    """What an overlay snapshotter was opened with.
+
+    ``upperdir_label``: add ``containerd.io/snapshot/overlay.upperdir`` to
+    Stat, Update and Walk results. ``sync_remove``: delete storage in Remove
+    (else Remove only renames it aside and cleanup() deletes it).
+    ``mount_options``: extra overlay options (``volatile``, ``index=on``...).
+    ``default_size``: size limit in bytes of every writable layer without a
+    ``max-size`` label (0: unlimited). ``slow_chown``: when the kernel cannot
+    idmap overlay layers, chown a copy of the layers instead of refusing.
+    """
+
+    upperdir_label: bool = False
+    sync_remove: bool = False
+    mount_options: tuple[str, ...] = ()
+    default_size: int = 0
+    slow_chown: bool = False
+
+    @classmethod
+    def take(cls, options: dict[str, object]) -> OverlayOptions:
+        """Parse and remove this backend's options from ``options`` (the rest are unknown)."""
+        parsed = cls(
+            upperdir_label=_bool("upperdir_label", options.pop("upperdir_label", False)),
+            sync_remove=_bool("sync_remove", options.pop("sync_remove", False)),
+            mount_options=_words("mount_options", options.pop("mount_options", ())),
+            default_size=_size_option("default_size", options.pop("default_size", 0)),
+            slow_chown=_bool("slow_chown", options.pop("slow_chown", False)),
+        )
+        return parsed
