@@ -223,11 +223,20 @@ class BlockfileSnapshotter(BaseSnapshotter):
         image = path / IMAGE
         size = _allocated(image) + _allocated(path / VM_IMAGE)
         inodes = _inodes(image)
-        if rec.parent_ids:
-            parent = self.image_path(rec.parent_ids[0])
+        parent = self._parent_image(rec)
+        if parent is not None:
             size -= _allocated(parent)
             inodes -= _inodes(parent)
         return Usage(size=max(size, 0), inodes=max(inodes, 0))
+
+    def _parent_image(self, rec: Record) -> Path | None:
+        if rec.parent_ids:
+            return self.image_path(rec.parent_ids[0])
+        if not rec.info.parent:
+            return None
+        # usage() and commit() pass the record without its parent chain.
+        with self._store.read() as tx:
+            return self.image_path(tx.get(rec.info.parent).id)
 
     def _flush(self, rec: Record) -> None:
         for image in self._images(self.storage_dir(rec.id)):
