@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _scratch import scratch_fs  # noqa: E402
+from _scratch import scratch_fs
 
-from stratasnap import open_snapshotter  # noqa: E402
+from stratasnap import open_snapshotter
 
 
 def make_tree(root: Path, files: int, total_mb: int) -> None:
@@ -107,9 +107,8 @@ def bench_fs(fs_type: str, files: int, mb: int, reps: int) -> None:
             du_times.append(time.perf_counter() - t0)
         du_bytes = int(out.split()[0])
         u, d = statistics.median(u_times), statistics.median(du_times)
-        print(
-            f"usage(active)            {u * 1000:>9.0f} ms   ({usage.size:,} bytes, {usage.inodes:,} inodes)"
-        )
+        found = f"{usage.size:,} bytes, {usage.inodes:,} inodes"
+        print(f"usage(active)            {u * 1000:>9.0f} ms   ({found})")
         print(f"du -s                    {d * 1000:>9.0f} ms   ({du_bytes:,} bytes)")
         print(f"usage / du -s = {u / d:.2f} (target <= 1.5); same bytes: {usage.size == du_bytes}")
         sn.close()
