@@ -242,8 +242,9 @@ class BlockfileSnapshotter(BaseSnapshotter):
         for image in self._images(self.storage_dir(rec.id)):
             if not image.exists():
                 continue
-            # Still mounted: have the filesystem write its journal and data
-            # into the image first, so the committed image is consistent.
+            # Still mounted: syncfs writes the data and the committed metadata
+            # through the loop device into the image, so the layer reads right
+            # even through a read-only mount that does not replay the journal.
             for where in image_mountpoints(image):
                 with suppress(OSError):
                     syncfs(where)
