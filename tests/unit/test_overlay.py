@@ -91,6 +91,7 @@ def test_view_of_several_parents_is_a_lowers_only_overlay(sn: OverlaySnapshotter
     [m] = sn.view("v", "l1")
     assert m.type == "overlay"
     assert not any(o.startswith(("upperdir=", "workdir=")) for o in m.options)
+    assert "ro" in m.options
     assert f"lowerdir={_fs(sn, 'l1')}:{_fs(sn, 'l0')}" in m.options
 
 

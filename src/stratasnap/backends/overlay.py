@@ -8,8 +8,9 @@ nothing. The mounts follow containerd's overlayfs snapshotter exactly:
 - no parent: a ``bind`` of the snapshot's own ``fs`` (``rw``, or ``ro`` for a view);
 - a view of one parent: a read-only ``bind`` of the parent's ``fs``;
 - otherwise ``overlay`` with ``lowerdir`` listing the parents nearest
-  first, plus ``upperdir``/``workdir`` for an active snapshot (a view of
-  several parents is an overlay of lowers only, read-only by nature).
+  first, plus ``upperdir``/``workdir`` for an active snapshot; a view of
+  several parents is an overlay of lowers only, marked ``ro`` (containerd
+  leaves the mark out; the mount is read-only either way).
 
 The layout is containerd's too, so containerd's own mount code can compact
 long ``lowerdir`` lists by changing into ``snapshots/``.
@@ -136,6 +137,10 @@ class OverlaySnapshotter(BaseSnapshotter):
         elif len(rec.parent_ids) == 1:
             source = str(self._fs_dir(rec.parent_ids[0]))
             return [Mount(type="bind", source=source, options=("ro", "rbind"))]
+        else:
+            # Lowers only are read-only anyway; saying so lets consumers that
+            # look for "ro" (containerd's mount.ReadOnly) see it too.
+            options.append("ro")
         lowers = ":".join(escape_layer_path(self._fs_dir(p)) for p in rec.parent_ids)
         options.append(f"lowerdir={lowers}")
         options.extend(self.mount_options)
