@@ -125,6 +125,7 @@ class Daemon:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=_env(),
+                cwd="/",  # never a directory whose files shadow modules (benchmarks/grpc.py)
                 start_new_session=True,  # a ^C to the test run is not sent to it
             )
         deadline = time.monotonic() + timeout
@@ -364,6 +365,7 @@ class Stack:
                 timeout=timeout,
                 input=input,
                 env=_env(),
+                cwd="/",
             )
         except subprocess.TimeoutExpired as e:
             result = subprocess.CompletedProcess(
