@@ -203,60 +203,32 @@ class SnapshotsService:
     # -- registration ----------------------------------------------------------------
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-        unary = grpc.unary_unary_rpc_method_handler
-        empty = empty_pb2.Empty.SerializeToString
-        return {
-            "Prepare": unary(
-                self._unary("Prepare", self._prepare),
-                request_deserializer=pb.PrepareSnapshotRequest.FromString,
-                response_serializer=pb.PrepareSnapshotResponse.SerializeToString,
-            ),
-            "View": unary(
-                self._unary("View", self._view),
-                request_deserializer=pb.ViewSnapshotRequest.FromString,
-                response_serializer=pb.ViewSnapshotResponse.SerializeToString,
-            ),
-            "Mounts": unary(
-                self._unary("Mounts", self._mounts),
-                request_deserializer=pb.MountsRequest.FromString,
-                response_serializer=pb.MountsResponse.SerializeToString,
-            ),
-            "Commit": unary(
-                self._unary("Commit", self._commit),
-                request_deserializer=pb.CommitSnapshotRequest.FromString,
-                response_serializer=empty,
-            ),
-            "Remove": unary(
-                self._unary("Remove", self._remove),
-                request_deserializer=pb.RemoveSnapshotRequest.FromString,
-                response_serializer=empty,
-            ),
-            "Stat": unary(
-                self._unary("Stat", self._stat),
-                request_deserializer=pb.StatSnapshotRequest.FromString,
-                response_serializer=pb.StatSnapshotResponse.SerializeToString,
-            ),
-            "Update": unary(
-                self._unary("Update", self._update),
-                request_deserializer=pb.UpdateSnapshotRequest.FromString,
-                response_serializer=pb.UpdateSnapshotResponse.SerializeToString,
-            ),
-            "List": grpc.unary_stream_rpc_method_handler(
-                self._list,
-                request_deserializer=pb.ListSnapshotsRequest.FromString,
-                response_serializer=pb.ListSnapshotsResponse.SerializeToString,
-            ),
-            "Usage": unary(
-                self._unary("Usage", self._usage),
-                request_deserializer=pb.UsageRequest.FromString,
-                response_serializer=pb.UsageResponse.SerializeToString,
-            ),
-            "Cleanup": unary(
-                self._unary("Cleanup", self._cleanup),
-                request_deserializer=pb.CleanupRequest.FromString,
-                response_serializer=empty,
-            ),
+        # (method, handler, request type, response type; None = google.protobuf.Empty)
+        unary_methods: list[tuple[str, Callable[..., Any], Any, Any]] = [
+            ("Prepare", self._prepare, pb.PrepareSnapshotRequest, pb.PrepareSnapshotResponse),
+            ("View", self._view, pb.ViewSnapshotRequest, pb.ViewSnapshotResponse),
+            ("Mounts", self._mounts, pb.MountsRequest, pb.MountsResponse),
+            ("Commit", self._commit, pb.CommitSnapshotRequest, None),
+            ("Remove", self._remove, pb.RemoveSnapshotRequest, None),
+            ("Stat", self._stat, pb.StatSnapshotRequest, pb.StatSnapshotResponse),
+            ("Update", self._update, pb.UpdateSnapshotRequest, pb.UpdateSnapshotResponse),
+            ("Usage", self._usage, pb.UsageRequest, pb.UsageResponse),
+            ("Cleanup", self._cleanup, pb.CleanupRequest, None),
+        ]
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._unary(name, fn),
+                request_deserializer=req.FromString,
+                response_serializer=(resp or empty_pb2.Empty).SerializeToString,
+            )
+            for name, fn, req, resp in unary_methods
         }
+        handlers["List"] = grpc.unary_stream_rpc_method_handler(
+            self._list,
+            request_deserializer=pb.ListSnapshotsRequest.FromString,
+            response_serializer=pb.ListSnapshotsResponse.SerializeToString,
+        )
+        return handlers
 
     def register(self, server: grpc.Server) -> None:
         """Serve this service on ``server`` (before it starts)."""
