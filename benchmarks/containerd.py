@@ -1,0 +1,275 @@
+"""Through containerd: stratasnap (native, proxy plugin) next to containerd's own snapshotters.
+
+Run: ``.venv/bin/python benchmarks/containerd.py`` as root (needs containerd,
+ctr, runc). One private containerd (``tests/e2e/harness.py``) serves three
+snapshotters from one fresh ext4 loop filesystem: its built-in ``overlayfs``
+and ``native``, and ``stratasnap`` (our server, native backend, over the
+proxy socket). Every measurement alternates between them in one run:
+
+1. **import + unpack** of a large image the benchmark builds (3 layers of
+   generated files, by default 30,000 files and ~300 MB): ``ctr images
+   import --snapshotter X`` into a fresh namespace. The blobs are ingested
+   once beforehand, so every run links the same content and then unpacks
+   (gunzip, apply, Prepare/Commit); then ``ctr images rm --sync`` (GC,
+   including the snapshotter's Remove and Cleanup) is timed as well.
+2. **prepare + commit cycles** of empty snapshots through containerd's
+   snapshots API (the Python client on containerd's socket, as ``ctr
+   snapshots prepare/commit`` would without the process start), and the same
+   cycle sent to stratasnap directly (without containerd's hop).
+3. **a tiny image**, one small layer, imported and unpacked with ``ctr``
+   (process start included).
+
+Medians over the repetitions; ratios are against ``overlayfs`` (the
+comparison issue 3 sets targets for: unpack <= 1.3x, cycle <= 2x).
+Figures, never pass/fail.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# benchmarks/grpc.py would shadow the grpc package: import the real one first.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import grpc  # noqa: E402, F401
+
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+
+from _scratch import scratch_fs  # noqa: E402
+from e2e.harness import REQUIRED_TOOLS, Stack  # noqa: E402
+from e2e.oci import Layer, generated_layers, write_oci_archive  # noqa: E402
+
+from stratasnap.server.client import Client  # noqa: E402
+
+BIG = "bench.test/big:1"
+TINY = "bench.test/tiny:1"
+GC_ROOT = "containerd.io/gc.root"
+
+
+def med(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs: Sequence[float], unit: float = 1.0, fmt: str = "{:.2f}") -> str:
+    if not xs:
+        return "-"
+    m = fmt.format(med(xs) * unit)
+    return f"{m} ({fmt.format(min(xs) * unit)}-{fmt.format(max(xs) * unit)})"
+
+
+def warm(path: Path) -> None:
+    """Read a file once (the page cache here does not stay warm), and write back dirt."""
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+    os.sync()
+
+
+class Bench:
+    def __init__(self, stack: Stack, snapshotters: Sequence[str], layers: int) -> None:
+        self.stack = stack
+        self.snapshotters = list(snapshotters)
+        self.layers = layers
+
+    def ctr(self, ns: str, *args: str) -> float:
+        argv = ["ctr", "--address", str(self.stack.cd_socket), "-n", ns, *args]
+        t0 = time.perf_counter()
+        self.stack.run(argv, timeout=900)
+        return time.perf_counter() - t0
+
+    def gc(self) -> float:
+        """A synchronous garbage collection (tag the content image, remove the tag --sync)."""
+        self.ctr("bench-content", "images", "tag", "--force", BIG, "bench.test/gc:1")
+        return self.ctr("bench-content", "images", "rm", "--sync", "bench.test/gc:1")
+
+    def orders(self, reps: int) -> list[list[str]]:
+        return [self.snapshotters if r % 2 == 0 else self.snapshotters[::-1] for r in range(reps)]
+
+    # -- 1. the big image ----------------------------------------------------------------
+
+    def big_image(self, archive: Path, reps: int) -> dict[str, tuple[list[float], list[float]]]:
+        out: dict[str, tuple[list[float], list[float]]] = {s: ([], []) for s in self.snapshotters}
+        for rep, order in enumerate(self.orders(reps)):
+            for snap in order:
+                ns = f"big-{snap}-{rep}"
+                warm(archive)
+                t = self.ctr(ns, "images", "import", "--snapshotter", snap, str(archive))
+                listed = self.stack.run(
+                    [
+                        "ctr",
+                        "--address",
+                        str(self.stack.cd_socket),
+                        "-n",
+                        ns,
+                        "snapshots",
+                        "--snapshotter",
+                        snap,
+                        "ls",
+                    ]
+                ).stdout
+                unpacked = sum(" Committed" in line for line in listed.splitlines())
+                assert unpacked == self.layers, f"{snap}: {unpacked} layers unpacked:\n{listed}"
+                os.sync()
+                r = self.ctr(ns, "images", "rm", "--sync", BIG)
+                out[snap][0].append(t)
+                out[snap][1].append(r)
+                print(
+                    f"  rep {rep + 1}: {snap:<11} import+unpack {t:6.2f} s, rm+GC {r:5.2f} s",
+                    flush=True,
+                )
+        return out
+
+    # -- 2. prepare + commit cycles ------------------------------------------------------
+
+    def cycles(
+        self, n: int, reps: int, direct: Callable[[], Client] | None
+    ) -> dict[str, list[float]]:
+        targets = list(self.snapshotters) + (["stratasnap direct"] if direct else [])
+        out: dict[str, list[float]] = {t: [] for t in targets}
+        for rep in range(reps):
+            order = targets if rep % 2 == 0 else targets[::-1]
+            for target in order:
+                if target == "stratasnap direct":
+                    assert direct is not None
+                    client = direct()
+                else:
+                    client = Client(
+                        self.stack.cd_socket, snapshotter=target, namespace=f"cycle-{target}"
+                    )
+                try:
+                    client.wait_ready()
+                    root = {GC_ROOT: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                    tag = f"{target.replace(' ', '-')}-{rep}"
+                    t0 = time.perf_counter()
+                    for i in range(n):
+                        client.prepare(f"{tag}/active-{i}", "", root)
+                        client.commit(f"{tag}/layer-{i}", f"{tag}/active-{i}", root)
+                    out[target].append((time.perf_counter() - t0) / n)
+                    for i in range(n):
+                        client.remove(f"{tag}/layer-{i}")
+                finally:
+                    client.close()
+                self.gc()
+        return out
+
+    # -- 3. the tiny image ---------------------------------------------------------------
+
+    def tiny_image(self, archive: Path, reps: int) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {s: [] for s in self.snapshotters}
+        for rep, order in enumerate(self.orders(reps)):
+            for snap in order:
+                ns = f"tiny-{snap}-{rep}"
+                out[snap].append(
+                    self.ctr(ns, "images", "import", "--snapshotter", snap, str(archive))
+                )
+        for snap in self.snapshotters:
+            for rep in range(reps):
+                self.ctr(f"tiny-{snap}-{rep}", "images", "rm", TINY)
+        self.gc()
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--files", type=int, default=10_000, help="files per layer")
+    ap.add_argument("--mean-size", type=int, default=10_000, help="mean file size, bytes")
+    ap.add_argument("--reps", type=int, default=3, help="big-image runs per snapshotter")
+    ap.add_argument("--cycles", type=int, default=200, help="prepare+commit cycles per round")
+    ap.add_argument("--cycle-rounds", type=int, default=3)
+    ap.add_argument("--tiny-reps", type=int, default=10)
+    ap.add_argument("--fs", default="ext4")
+    ap.add_argument("--size", default="20G", help="of the scratch filesystem")
+    args = ap.parse_args(argv)
+
+    if os.geteuid() != 0:
+        raise SystemExit("benchmarks/containerd.py runs containerd: run it as root")
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(f"not installed: {', '.join(missing)}")
+
+    with scratch_fs(args.fs, args.size) as (mnt, desc):
+        print(
+            f"# containerd benchmark on {desc}; {os.cpu_count()} CPUs, "
+            f"load {os.getloadavg()[0]:.2f}"
+        )
+        t0 = time.perf_counter()
+        layers = generated_layers(args.layers, args.files, args.mean_size)
+        files = sum(layer.files for layer in layers)
+        raw = sum(layer.bytes for layer in layers)
+        big = mnt / "big.tar"
+        info = write_oci_archive(big, BIG, layers, compresslevel=1)
+        del layers
+        print(
+            f"# image: {args.layers} layers, {files:,} files, {raw / 1e6:,.0f} MB of file "
+            f"data, {info.size / 1e6:,.0f} MB compressed; built in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        tiny_layer = Layer().dir("etc").file("etc/hello", "hello\n")
+        tiny = mnt / "tiny.tar"
+        write_oci_archive(tiny, TINY, [tiny_layer])
+
+        stack = Stack(mnt / "stack", "native", namespace="bench", log_level="info")
+        try:
+            stack.start()
+            ver = stack.run(["containerd", "--version"]).stdout.split()
+            print(
+                f"# containerd {ver[2] if len(ver) > 2 else '?'}; snapshotters: overlayfs and "
+                "native (built in), stratasnap (native backend, proxy plugin)"
+            )
+            bench = Bench(stack, ["overlayfs", "native", "stratasnap"], args.layers)
+            warm(big)
+            t = bench.ctr("bench-content", "images", "import", "--no-unpack", str(big))
+            print(f"# content ingest (import --no-unpack, once): {t:.2f} s")
+
+            print(f"\n## 1. import + unpack of the large image ({args.reps} runs each)")
+            big_results = bench.big_image(big, args.reps)
+
+            print(
+                f"\n## 2. prepare + commit cycles of empty snapshots "
+                f"({args.cycle_rounds} rounds x {args.cycles})"
+            )
+            cycle_results = bench.cycles(
+                args.cycles,
+                args.cycle_rounds,
+                lambda: Client(stack.ss_socket, snapshotter=stack.snapshotter),
+            )
+
+            print(f"\n## 3. tiny image import + unpack with ctr ({args.tiny_reps} runs each)")
+            tiny_results = bench.tiny_image(tiny, args.tiny_reps)
+
+            ref_big = med(big_results["overlayfs"][0])
+            ref_cycle = med(cycle_results["overlayfs"])
+            ref_tiny = med(tiny_results["overlayfs"])
+            print()
+            print("## results (median, min-max)")
+            print(f"{'':<20}{'import+unpack, s':>22}{'ratio':>8}{'rm+GC, s':>22}")
+            for snap, (t, r) in big_results.items():
+                print(f"{snap:<20}{spread(t):>22}{med(t) / ref_big:>7.2f}x{spread(r):>22}")
+            print("  target: stratasnap <= 1.3x overlayfs")
+            print()
+            print(f"{'':<20}{'prepare+commit, ms':>22}{'ratio':>8}")
+            for target, xs in cycle_results.items():
+                print(f"{target:<20}{spread(xs, 1e3):>22}{med(xs) / ref_cycle:>7.2f}x")
+            print("  target: stratasnap <= 2x overlayfs (through containerd)")
+            print()
+            print(f"{'':<20}{'tiny image, ms':>22}{'ratio':>8}")
+            for snap, xs in tiny_results.items():
+                print(f"{snap:<20}{spread(xs, 1e3, '{:.0f}'):>22}{med(xs) / ref_tiny:>7.2f}x")
+            print(f"\n# load average at the end: {os.getloadavg()[0]:.2f} (the machine is shared)")
+        finally:
+            stack.close()
+
+
+if __name__ == "__main__":
+    main()
