@@ -230,15 +230,14 @@ def test_cleanup_reclaims_orphan_images_mounts_and_loops(
     sn: OverlaySnapshotter, scratch: Path
 ) -> None:
     sn.prepare("keep", labels=LIMIT)
-    # An image a crash left mounted under an id the store never committed.
+    # An image a crash left mounted (where prepare mounts it first) under an
+    # id the store never committed.
     orphan = sn.snapshots_dir / "999999"
     orphan.mkdir()
     overlay_limits.LimitedLayers(sn.snapshots_dir, scratch / "lock").populate(
         orphan, 16 * MiB, None
     )
-    from stratasnap.fs.overlay_image import mount_image
-
-    mount_image(orphan / IMAGE, orphan)
+    assert is_mountpoint(orphan / "setup")
     # And a loop device attached (not mounted, no autoclear) to an aside image.
     aside = sn.snapshots_dir / "rm-999998"
     aside.mkdir()
@@ -324,3 +323,24 @@ def test_commit_of_a_busy_layer_changes_nothing(sn: OverlaySnapshotter, scratch:
     assert [n for n in os.listdir(sn.snapshots_dir) if n.startswith("new-")] == []
     sn.commit("c", "a")
     assert (_storage(sn, "c") / "fs" / "f").read_text() == "x"
+
+
+def test_open_moves_up_an_image_left_at_its_setup_mount(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the create transaction and the mounts leaves the image at setup/."""
+    need_root()
+    root = scratch / "root"
+    with _open(root) as s:
+        with monkeypatch.context() as m:
+            m.setattr(overlay_limits.LimitedLayers, "ensure_mounted", lambda self, st: True)
+            s.prepare("a", labels=LIMIT)
+        storage = _storage(s, "a")
+    assert not is_mountpoint(storage) and is_mountpoint(storage / "setup")
+    with _open(root) as s:
+        assert is_mountpoint(storage) and (storage / "fs").is_dir()
+        with mounted(s.mounts("a"), scratch) as mnt:
+            (mnt / "f").write_text("x")
+        s.commit("c", "a")
+        assert sorted(os.listdir(storage)) == ["fs", "work"]
+    assert _images_and_loops(root) == ([], [], [])

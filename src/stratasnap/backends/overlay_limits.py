@@ -5,6 +5,7 @@ filesystem image of its own, loop-mounted over its storage directory::
 
     snapshots/<id>/            mount point of the image's filesystem
         layer.img              the image (under the mount, hidden while mounted)
+        setup/                 where prepare mounted it first (empty, hidden too)
     (inside the image)
         fs/  work/             upper and work, at the usual paths
         lost+found/
@@ -37,13 +38,14 @@ from pathlib import Path
 from ..fs import loop
 from ..fs.copy import copy_tree
 from ..fs.mount import is_mountpoint, unmount
-from ..fs.overlay_image import fs_use, make_ext4, mount_image
+from ..fs.overlay_image import fs_use, make_ext4, mount_image, move_mount_to
 from ..fs.usage import disk_usage, syncfs
 from ..types import Usage
 
 __all__ = ["IMAGE", "LimitedLayers"]
 
 IMAGE = "layer.img"
+SETUP = "setup"  # where populate() mounts the image, inside the new storage dir
 _BASELINE = "user.stratasnap.baseline"
 _WIDTH = 20  # digits per number: the xattr never changes size once set
 
@@ -64,28 +66,31 @@ class LimitedLayers:
     def populate(self, work: Path, size: int, owner: tuple[int, int] | None) -> None:
         """Make the image in the fresh storage dir ``work`` and lay out ``fs`` and ``work``.
 
-        The image is mounted once on a directory inside ``work`` to set it up
-        and measure it; ``work`` itself is renamed into place by the caller
-        and must not be a mount point then. A crash meanwhile leaves a
-        ``new-*`` directory that cleanup() unmounts and deletes.
+        The image is mounted on ``work/setup`` to lay it out and measure it,
+        and stays mounted there: ``work`` is renamed into place by the caller
+        (it must not be a mount point itself then), and :meth:`ensure_mounted`
+        moves the mount up onto the storage directory. That saves an ext4
+        unmount and a second mount per prepare. A crash meanwhile leaves a
+        ``new-*`` directory that cleanup() unmounts and deletes, or an owned
+        one whose setup mount reattach() moves up.
         """
         image = work / IMAGE
         make_ext4(image, size)
-        setup = work / "setup"
+        setup = work / SETUP
         os.mkdir(setup, 0o700)
         mount_image(image, setup)
         try:
             _lay_out(setup, owner)
-        finally:
+        except BaseException:
             unmount(setup)
-        os.rmdir(setup)
+            raise
 
     # -- state ---------------------------------------------------------------------
 
     def is_limited(self, storage: Path) -> bool:
         """Whether the snapshot stored at ``storage`` lives in an image (mounted or not)."""
         try:
-            if is_mountpoint(storage):
+            if is_mountpoint(storage) or _setup_mounted(storage):
                 return True
         except FileNotFoundError:
             return False
@@ -95,15 +100,18 @@ class LimitedLayers:
         """Mount the image of a limited snapshot if it is not; False for a plain one."""
         if is_mountpoint(storage):
             return True
-        if not _plain_image(storage):
+        if not _setup_mounted(storage) and not _plain_image(storage):
             return False
         with self._locked():
             # Another thread or process may have mounted it meanwhile.
             if is_mountpoint(storage):
                 return True
-            if not _plain_image(storage):
+            if _setup_mounted(storage):
+                move_mount_to(storage / SETUP, storage)
+            elif _plain_image(storage):
+                mount_image(storage / IMAGE, storage)
+            else:
                 return False
-            mount_image(storage / IMAGE, storage)
         return True
 
     @contextmanager
@@ -151,6 +159,7 @@ class LimitedLayers:
         os.rename(staging / "work", storage / "work")
         os.rename(staging / "fs", storage / "fs")
         os.unlink(storage / IMAGE)
+        _remove_setup_dir(storage)
         return usage
 
     # -- restart, removal and cleanup ---------------------------------------------------
@@ -166,6 +175,7 @@ class LimitedLayers:
             if os.path.isdir(storage / "fs"):
                 # The commit had moved the layer out of the image already.
                 os.unlink(storage / IMAGE)
+                _remove_setup_dir(storage)
                 continue
             with suppress(OSError):
                 # A broken image must not stop the snapshotter from opening;
@@ -198,6 +208,19 @@ class LimitedLayers:
 def _plain_image(storage: Path) -> bool:
     # A layer.img without fs/ next to it: limited, just not mounted now.
     return os.path.lexists(storage / IMAGE) and not os.path.isdir(storage / "fs")
+
+
+def _setup_mounted(storage: Path) -> bool:
+    # Prepared, but the image is still where populate() mounted it.
+    try:
+        return is_mountpoint(storage / SETUP)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _remove_setup_dir(storage: Path) -> None:
+    with suppress(FileNotFoundError):
+        os.rmdir(storage / SETUP)
 
 
 def _lay_out(root: Path, owner: tuple[int, int] | None) -> None:

@@ -20,10 +20,18 @@ import subprocess
 from dataclasses import dataclass
 
 from . import loop
-from ._libc import StrPath, os_error
-from .mount import mount
+from ._libc import StrPath, fsencode, os_error, syscall
+from .mount import mount, unmount
 
-__all__ = ["MIN_SIZE", "FsUse", "fs_use", "image_size", "make_ext4", "mount_image"]
+__all__ = [
+    "MIN_SIZE",
+    "FsUse",
+    "fs_use",
+    "image_size",
+    "make_ext4",
+    "mount_image",
+    "move_mount_to",
+]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -38,6 +46,9 @@ _INODE_SIZE = 256
 # Bitmaps, group descriptors, root and lost+found: well under this.
 _SLACK = 1 * MiB
 _MKFS_TIMEOUT_S = 120
+AT_FDCWD = -100
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 4
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,28 @@ def mount_image(image: StrPath, target: StrPath, fstype: str = "ext4", data: str
     """
     with loop.attached(image) as dev:
         mount(dev, target, fstype, 0, data)
+
+
+def move_mount_to(source: StrPath, target: StrPath) -> None:
+    """Move the mount at ``source`` to ``target`` without letting go of its filesystem.
+
+    ``mount(MS_MOVE)`` refuses when the mount sits under a shared mount
+    (the usual case under systemd), so the mount is cloned with
+    ``open_tree``, the original unmounted, and the clone attached at
+    ``target``. The clone holds the superblock throughout, so the unmount
+    neither syncs nor tears down the filesystem: an ext4 unmount plus a
+    fresh mount cost 10-30 ms here, this well under one.
+    """
+    fd = syscall(
+        "open_tree", AT_FDCWD, fsencode(source), OPEN_TREE_CLONE | os.O_CLOEXEC, path=source
+    )
+    try:
+        unmount(source)
+        syscall(
+            "move_mount", fd, b"", AT_FDCWD, fsencode(target), MOVE_MOUNT_F_EMPTY_PATH, path=target
+        )
+    finally:
+        os.close(fd)
 
 
 def fs_use(path: StrPath) -> FsUse:
