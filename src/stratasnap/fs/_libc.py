@@ -7,6 +7,7 @@ call was about, so a failed mount reads like a failed ``open``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 
@@ -31,6 +32,7 @@ _NUMBERS = {
 }
 SYSCALLS: dict[str, dict[str, int]] = {"x86_64": _NUMBERS, "aarch64": _NUMBERS}
 
+_MACHINE = platform.machine()
 _syscall = libc.syscall
 _syscall.restype = ctypes.c_long
 
@@ -57,9 +59,9 @@ def syscall(name: str, *args: int | bytes | None, path: StrPath | None = None) -
     a C ``int`` would leave the upper half of the register undefined (and
     ``AT_FDCWD`` is negative).
     """
-    table = SYSCALLS.get(platform.machine())
+    table = SYSCALLS.get(_MACHINE)
     if table is None:
-        raise os_error(38, path, f"no syscall table for {platform.machine()}")  # ENOSYS
+        raise os_error(errno.ENOSYS, path, f"no syscall table for {_MACHINE}")
     cargs = [ctypes.c_long(a) if isinstance(a, int) else ctypes.c_char_p(a) for a in args]
     return check(int(_syscall(ctypes.c_long(table[name]), *cargs)), path, name)
 
