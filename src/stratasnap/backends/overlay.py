@@ -41,6 +41,7 @@ from ..fs.usage import disk_usage
 from ..metastore import Record
 from ..snapshotter import BaseSnapshotter
 from ..types import Info, Kind, Mount, Reclaimed, Usage
+from .overlay_idmap import GIDMAP_LABEL, UIDMAP_LABEL, parse_mapping_labels
 from .overlay_limits import LimitedLayers
 from .overlay_options import OverlayOptions, parse_size_label
 
@@ -67,6 +68,15 @@ def default_mount_options(configured: Iterable[str]) -> tuple[str, ...]:
     return tuple(opts)
 
 
+def _idmap_options(labels: Mapping[str, str]) -> list[str]:
+    # The label values as given, like containerd (they were checked at create;
+    # an Update since is the caller's to answer for at mount time).
+    uidmap, gidmap = labels.get(UIDMAP_LABEL), labels.get(GIDMAP_LABEL)
+    if uidmap is None or gidmap is None:
+        return []
+    return [f"uidmap={uidmap}", f"gidmap={gidmap}"]
+
+
 class OverlaySnapshotter(BaseSnapshotter):
     """Snapshots as overlayfs layers under ``<root>/snapshots/<id>/{fs,work}``.
 
@@ -75,7 +85,9 @@ class OverlaySnapshotter(BaseSnapshotter):
 
     backend_name = "overlay"
     # Rebase costs nothing here: an unparented upper simply gets lowers.
-    capabilities = ("rebase",)
+    # remap-ids: the mapping labels become uidmap=/gidmap= options, which
+    # containerd's mount code applies as idmapped lower layers (Linux 5.19+).
+    capabilities = ("rebase", "remap-ids")
 
     def __init__(self, root: str | Path, **options: object) -> None:
         rest = dict(options)
@@ -104,10 +116,12 @@ class OverlaySnapshotter(BaseSnapshotter):
         size = parse_size_label(labels)  # a malformed label fails even on a view
         if size is None:
             size = self.config.default_size
-        # The upper's root takes the owner of the parent's (containerd does the same):
+        mapping = parse_mapping_labels(labels)
+        # The upper's root belongs to the container's root when ids are
+        # mapped; otherwise to the owner of the parent's (as in containerd):
         # a layer unpacked as another user keeps that user's root directory.
-        owner = None
-        if parent is not None:
+        owner = mapping.root_pair() if mapping is not None else None
+        if owner is None and parent is not None:
             st = os.lstat(self._fs_dir(parent.id))
             owner = (st.st_uid, st.st_gid)
         if kind is Kind.ACTIVE and size:
@@ -127,16 +141,17 @@ class OverlaySnapshotter(BaseSnapshotter):
         kind = rec.info.kind
         if kind is Kind.ACTIVE:
             self._limits.ensure_mounted(self.storage_dir(rec.id))
+        options = _idmap_options(rec.info.labels)
         if not rec.parent_ids:
             mode = "ro" if kind is Kind.VIEW else "rw"
-            return [Mount(type="bind", source=str(self._fs_dir(rec.id)), options=(mode, "rbind"))]
-        options: list[str] = []
+            source = str(self._fs_dir(rec.id))
+            return [Mount(type="bind", source=source, options=(*options, mode, "rbind"))]
         if kind is Kind.ACTIVE:
             options.append(f"workdir={escape_layer_path(self.storage_dir(rec.id) / 'work')}")
             options.append(f"upperdir={escape_layer_path(self._fs_dir(rec.id))}")
         elif len(rec.parent_ids) == 1:
             source = str(self._fs_dir(rec.parent_ids[0]))
-            return [Mount(type="bind", source=source, options=("ro", "rbind"))]
+            return [Mount(type="bind", source=source, options=(*options, "ro", "rbind"))]
         else:
             # Lowers only are read-only anyway; saying so lets consumers that
             # look for "ro" (containerd's mount.ReadOnly) see it too.
