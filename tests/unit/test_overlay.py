@@ -195,3 +195,23 @@ def test_max_size_zero_means_unlimited(sn: OverlaySnapshotter) -> None:
     sn.prepare("a", labels={MAX_SIZE_LABEL: "0"})
     assert sorted(os.listdir(Path(_fs(sn, "a")).parent)) == ["fs", "work"]
     assert sn.stat("a").kind is Kind.ACTIVE
+
+
+def test_mapping_labels_without_idmapped_layers(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 5.19: refused, unless slow_chown lets containerd chown the layers."""
+    from stratasnap.backends import overlay
+    from stratasnap.backends.overlay_idmap import GIDMAP_LABEL, UIDMAP_LABEL
+    from stratasnap.errors import FailedPrecondition
+
+    monkeypatch.setattr(overlay, "idmapped_layers_supported", lambda: False)
+    # Root maps to our own ids: the upper's chown then works without root too.
+    mapped = {UIDMAP_LABEL: f"0:{os.getuid()}:1", GIDMAP_LABEL: f"0:{os.getgid()}:1"}
+    with open_snapshotter(scratch / "r", "overlay") as s:
+        with pytest.raises(FailedPrecondition, match="slow_chown"):
+            s.prepare("a", labels=mapped)
+        assert list(s.walk()) == []
+    with open_snapshotter(scratch / "r", "overlay", slow_chown=True) as s:
+        [m] = s.prepare("a", labels=mapped)
+        assert not any(o.startswith(("uidmap=", "gidmap=")) for o in m.options)

@@ -33,6 +33,7 @@ from ..errors import FailedPrecondition
 from ..fs import loop
 from ..fs.overlay_probe import (
     escape_layer_path,
+    idmapped_layers_supported,
     in_user_namespace,
     supports_d_type,
     supports_index_option,
@@ -117,6 +118,11 @@ class OverlaySnapshotter(BaseSnapshotter):
         if size is None:
             size = self.config.default_size
         mapping = parse_mapping_labels(labels)
+        if mapping is not None and not idmapped_layers_supported() and not self.config.slow_chown:
+            raise FailedPrecondition(
+                "uid/gid mapping labels need idmapped overlay layers (Linux 5.19+); "
+                "set slow_chown=true to let containerd chown the layers instead"
+            )
         # The upper's root belongs to the container's root when ids are
         # mapped; otherwise to the owner of the parent's (as in containerd):
         # a layer unpacked as another user keeps that user's root directory.
@@ -141,7 +147,9 @@ class OverlaySnapshotter(BaseSnapshotter):
         kind = rec.info.kind
         if kind is Kind.ACTIVE:
             self._limits.ensure_mounted(self.storage_dir(rec.id))
-        options = _idmap_options(rec.info.labels)
+        # Without idmapped layers (slow_chown) containerd chowns the layers
+        # itself; only the upper's owner is ours to set, at create.
+        options = _idmap_options(rec.info.labels) if idmapped_layers_supported() else []
         if not rec.parent_ids:
             mode = "ro" if kind is Kind.VIEW else "rw"
             source = str(self._fs_dir(rec.id))

@@ -110,8 +110,11 @@ class OverlayOptions:
     (else Remove only renames it aside and cleanup() deletes it).
     ``mount_options``: extra overlay options (``volatile``, ``index=on``...).
     ``default_size``: size limit in bytes of every writable layer without a
-    ``max-size`` label (0: unlimited). ``slow_chown``: when the kernel cannot
-    idmap overlay layers, chown a copy of the layers instead of refusing.
+    ``max-size`` label (0: unlimited). ``slow_chown``: on a kernel without
+    idmapped overlay layers (before 5.19), accept uid/gid mapping labels
+    anyway, give the upper to the mapped root and hand out plain mounts,
+    leaving containerd to chown the layers (slow); without it such a
+    prepare is FailedPrecondition.
     """
 
     upperdir_label: bool = False

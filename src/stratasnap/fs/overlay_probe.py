@@ -16,6 +16,7 @@ from ._libc import StrPath, fsencode, libc, os_error
 
 __all__ = [
     "escape_layer_path",
+    "idmapped_layers_supported",
     "in_user_namespace",
     "supports_d_type",
     "supports_index_option",
@@ -105,6 +106,24 @@ def supports_index_option() -> bool:
     identity of its lowers, and layers are remounted on other stacks.
     """
     return (_OVERLAY_PARAMS / "index").exists()
+
+
+def _release_at_least(major: int, minor: int) -> bool:
+    parts = os.uname().release.split(".")
+    try:
+        return (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()))) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+@cache
+def idmapped_layers_supported() -> bool:
+    """Whether overlayfs accepts idmapped lower layers (Linux 5.19 and later).
+
+    That is what containerd's mount code needs to apply ``uidmap=`` and
+    ``gidmap=`` options to an overlay; binds take idmaps since 5.12.
+    """
+    return _release_at_least(5, 19)
 
 
 def escape_layer_path(path: StrPath) -> str:
