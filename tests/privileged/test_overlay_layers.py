@@ -208,3 +208,15 @@ def test_mounts_apply_with_our_helper_and_unmount(sn: OverlaySnapshotter, scratc
         assert (target / "f").read_text() == "b"
     finally:
         unmount_all_under(target)
+
+
+def test_root_without_d_type_is_refused(loopfs: Callable[..., Path]) -> None:
+    """ext4 without the filetype feature reports DT_UNKNOWN, which overlayfs cannot use."""
+    from stratasnap.errors import FailedPrecondition
+
+    base = loopfs("ext4", size="64M", mkfs_args=("-O", "^filetype"))
+    with pytest.raises(FailedPrecondition, match="d_type"):
+        _open(base / "root")
+    ok = loopfs("ext4", size="64M")
+    with _open(ok / "root") as s:
+        s.prepare("a")
