@@ -19,6 +19,7 @@ from conftest import need_root
 from stratasnap import open_snapshotter
 from stratasnap.backends.overlay import OverlaySnapshotter
 from stratasnap.fs.mount import apply_mounts, unmount_all_under
+from stratasnap.fs.overlay_compact import Compacted, compact_lowerdirs, mount_overlay_compact
 from stratasnap.testing import mounted
 from stratasnap.types import Mount
 
@@ -152,29 +153,15 @@ def test_deep_chains_mount_and_read(sn: OverlaySnapshotter, scratch: Path, depth
     assert (_upper(sn, "top") / "f0").read_text() == "changed"
 
 
-def _containerd_compact(options: tuple[str, ...]) -> tuple[str, list[str]]:
-    """containerd's compactLowerdirOption: lowerdirs relative to their common directory.
-
-    It takes the longest common *string* prefix of the lowerdirs and goes up
-    to its directory (the prefix may end inside an id: ``snapshots/1``).
-    """
-    lower = next(o for o in options if o.startswith("lowerdir="))[len("lowerdir=") :]
-    dirs = lower.split(":")
-    common = os.path.dirname(os.path.commonprefix(dirs)) + "/"  # noqa: RUF071 (on purpose)
-    rel = [d[len(common) :] for d in dirs]
-    rest = [o for o in options if not o.startswith("lowerdir=")]
-    return common, [*rest, "lowerdir=" + ":".join(rel)]
-
-
 def test_containerd_style_compaction_mounts_200_layers(
     sn: OverlaySnapshotter, scratch: Path
 ) -> None:
-    """The layout lets containerd's mount code shorten lowerdir to ``<id>/fs``.
+    """The layout lets lowerdir shrink to ``<id>/fs`` relative to ``snapshots/``.
 
-    containerd changes into the common directory (in a forked helper) and
-    passes relative paths to mount(2); the ``mount`` binary run with that
-    working directory does the same here. Each entry is then a few bytes,
-    so 200 layers fit in the one page the legacy mount(2) takes.
+    That is containerd's way (and our fallback before Linux 6.8): change
+    into the common directory in a forked helper and pass relative paths
+    to mount(2). 200 layers then fit in the one page mount(2) takes, both
+    through our helper and through the ``mount`` binary run from there.
     """
     parent = ""
     for i in range(200):
@@ -182,21 +169,39 @@ def test_containerd_style_compaction_mounts_200_layers(
         (_upper(sn, f"k{i}") / f"f{i}").write_text(str(i))
         sn.commit(f"c{i}", f"k{i}")
         parent = f"c{i}"
-    [m] = sn.view("top", parent)
-    common, options = _containerd_compact(m.options)
-    assert common == f"{sn.snapshots_dir}/"
-    data = ",".join(options)
-    assert len(data) < os.sysconf("SC_PAGE_SIZE") - 512  # containerd's threshold
+    [view] = sn.view("top", parent)
+    [active] = sn.prepare("top-a", parent)
+    compacted = compact_lowerdirs(view.options)
+    assert compacted is not None and compacted.workdir == str(sn.snapshots_dir)
+    assert len(compacted.data) < os.sysconf("SC_PAGE_SIZE") - 512  # containerd's threshold
     target = scratch / "compact"
     target.mkdir()
+    for options in (view.options, active.options):
+        mount_overlay_compact(options, target)
+        try:
+            assert len(os.listdir(target)) == 200
+            assert (target / "f0").read_text() == "0"
+        finally:
+            unmount_all_under(target)
     subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", data, str(target)], cwd=common, check=True
+        ["mount", "-t", "overlay", "overlay", "-o", compacted.data, str(target)],
+        cwd=compacted.workdir,
+        check=True,
     )
     try:
-        assert len(os.listdir(target)) == 200
-        assert (target / "f0").read_text() == "0"
+        assert (target / "f199").read_text() == "199"
     finally:
         unmount_all_under(target)
+
+
+def test_compaction_edge_cases() -> None:
+    assert compact_lowerdirs(["upperdir=/x"]) is None
+    assert compact_lowerdirs(["lowerdir=/a/1/fs"]) is None  # one layer
+    assert compact_lowerdirs(["lowerdir=/a:/b"]) is None  # nothing but / in common
+    got = compact_lowerdirs(["ro", "lowerdir=/r/s/12/fs:/r/s/13/fs:/r/s/1/fs"])
+    assert got == Compacted("/r/s", ("ro", "lowerdir=12/fs:13/fs:1/fs"))
+    got = compact_lowerdirs(["lowerdir=/r\\:x/1/fs:/r\\:x/2/fs"])
+    assert got is not None and got.workdir == "/r:x"
 
 
 def test_mounts_apply_with_our_helper_and_unmount(sn: OverlaySnapshotter, scratch: Path) -> None:
