@@ -102,6 +102,27 @@ def fsync_floor(directory: Path) -> float:
     return med(times)
 
 
+def wait_for_loops(base: Path, timeout: float = 5.0) -> None:
+    """Wait until no loop device holds an image under ``base``.
+
+    An autoclear loop device lets go of its backing file a moment after the
+    last unmount (the kernel finishes the detach asynchronously); leaving
+    the scratch filesystem before that makes its unmount fail with EBUSY.
+    """
+    prefix = f"{base}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for f in Path("/sys/block").glob("loop*/loop/backing_file"):
+            try:
+                busy = busy or f.read_text().startswith(prefix)
+            except OSError:
+                continue
+        if not busy:
+            return
+        time.sleep(0.01)
+
+
 def best_of(fn: Callable[[], object], repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -197,6 +218,7 @@ def main() -> None:
             f" cleanup of {len(reclaimed.paths)} paths: {ms(t2 - t1).strip()}"
         )
         sn.close()
+        wait_for_loops(base)
 
 
 if __name__ == "__main__":
