@@ -208,9 +208,20 @@ def test_missing_mkfs_names_the_debian_package(
 def test_mkfs_failure_is_a_clear_error(root: Path) -> None:
     # Debian 12's mkfs.xfs refuses filesystems under 300 MB: its words reach the user.
     _tool("mkfs.xfs")
-    with pytest.raises(InvalidArgument, match=r"mkfs\.xfs exited"):
+    with pytest.raises(InvalidArgument, match=r"mkfs\.xfs exited") as err:
         BlockfileSnapshotter(root, fs_type="xfs", scratch_size="64M")
+    assert "larger than 300" in str(err.value) and "Usage" not in str(err.value)
     assert not [n for n in os.listdir(root) if "scratch.img" in n]
+
+
+def test_tool_failure_keeps_what_the_tool_said() -> None:
+    err = fsimage.ToolFailed(
+        ["/usr/sbin/resize2fs", "x.img"],
+        1,
+        "resize2fs 1.47.0 (5-Feb-2023)\nresize2fs: New size smaller than minimum (95)\n",
+    )
+    assert err.errno == errno.EIO and err.filename == "x.img"
+    assert err.strerror == "resize2fs exited with 1: resize2fs: New size smaller than minimum (95)"
 
 
 # -- prepare, view, mounts ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -91,9 +92,27 @@ class ToolFailed(OSError):
     def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
-        tail = " / ".join(line for line in stderr.strip().splitlines()[-3:] if line.strip())
-        detail = f"{Path(argv[0]).name} exited with {returncode}" + (f": {tail}" if tail else "")
-        super().__init__(errno.EIO, detail, argv[-1])
+        tool = Path(argv[0]).name
+        detail = f"{tool} exited with {returncode}"
+        said = _gist(stderr, tool)
+        super().__init__(errno.EIO, f"{detail}: {said}" if said else detail, argv[-1])
+
+
+def _gist(output: str, tool: str) -> str:
+    """The lines of a tool's stderr that say what went wrong.
+
+    The e2fsprogs tools start with a version banner and mkfs.xfs follows its
+    complaint with a page of usage: neither says anything.
+    """
+    banner = re.compile(rf"{re.escape(tool)} [0-9][0-9.]* \(.*\)")
+    lines: list[str] = []
+    for raw in output.splitlines():
+        line = raw.strip()
+        if line.startswith("Usage:"):
+            break
+        if line and not banner.fullmatch(line):
+            lines.append(line)
+    return " / ".join(lines[:3])
 
 
 def find_tool(name: str) -> str:
