@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,16 +81,33 @@ def _manifest(root: Path) -> dict[str, Entry]:
     }
 
 
-def _images_and_loops(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    images = list((root / "snapshots").rglob(IMAGE))
+def _loops(root: Path) -> list[Path]:
     prefix = str(root) + "/"
-    loops = [
-        Path("/dev") / b.name
-        for b in Path("/sys/block").glob("loop*")
-        if (b / "loop" / "backing_file").exists()
-        and (b / "loop" / "backing_file").read_text().startswith(prefix)
-    ]
-    return images, loops, mounts_under(root / "snapshots")
+    found = []
+    for b in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (b / "loop" / "backing_file").read_text()
+        except OSError:
+            continue  # free, or freed while we looked
+        if backing.startswith(prefix):
+            found.append(Path("/dev") / b.name)
+    return found
+
+
+def _images_and_loops(root: Path, loops_left: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
+    """Images, loop devices and mounts under ``root``.
+
+    An autoclear loop device is released a moment after its last unmount
+    (the kernel finishes the detach asynchronously), so this waits, for a
+    bounded time, until at most ``loops_left`` remain: devices only ever
+    go away on their own, never appear.
+    """
+    deadline = time.monotonic() + 10
+    loops = _loops(root)
+    while len(loops) > loops_left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        loops = _loops(root)
+    return list((root / "snapshots").rglob(IMAGE)), loops, mounts_under(root / "snapshots")
 
 
 def test_limited_snapshot_is_an_image_mounted_at_its_storage(sn: OverlaySnapshotter) -> None:
@@ -205,11 +223,11 @@ def test_remove_and_cleanup_leave_nothing_behind(sn: OverlaySnapshotter, scratch
     with mounted(sn.prepare("a", labels=LIMIT), scratch) as root:
         (root / "f").write_text("x")
     sn.prepare("b", labels=LIMIT)
-    _, loops, mounts = _images_and_loops(sn.root)
+    _, loops, mounts = _images_and_loops(sn.root, loops_left=2)
     assert (len(loops), len(mounts)) == (2, 2)
     sn.remove("a")  # async by default: renamed aside, unmounted
     sn.cleanup()
-    _, loops, mounts = _images_and_loops(sn.root)
+    _, loops, mounts = _images_and_loops(sn.root, loops_left=1)
     assert (len(loops), len(mounts)) == (1, 1)
     sn.remove("b")
     sn.cleanup()
@@ -243,10 +261,10 @@ def test_cleanup_reclaims_orphan_images_mounts_and_loops(
     aside.mkdir()
     (aside / IMAGE).write_bytes(b"\0" * MiB)
     loop.attach(aside / IMAGE)
-    assert len(_images_and_loops(sn.root)[1]) == 3
+    assert len(_images_and_loops(sn.root, loops_left=3)[1]) == 3
     sn.cleanup()
     assert not loop.is_attached(aside / IMAGE) and not aside.exists()
-    images, loops, mounts = _images_and_loops(sn.root)
+    images, loops, mounts = _images_and_loops(sn.root, loops_left=1)
     assert (len(images), len(loops), len(mounts)) == (0, 1, 1)  # "keep" only
     assert sorted(os.listdir(sn.snapshots_dir)) == [_storage(sn, "keep").name]
 
