@@ -51,8 +51,22 @@ def scratch_fs(fs_type: str = "ext4", size: str = "8G") -> Iterator[tuple[Path, 
             desc = f"fresh {fs_type} loop filesystem ({size})"
         yield mnt, desc
     finally:
+        _unmount(mnt)
+        if os.path.ismount(mnt):
+            # Never rmtree through a live mount; leave it for the operator.
+            print(f"warning: {mnt} is still mounted; left in place")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _unmount(mnt: Path) -> None:
+    """Unmount ``mnt`` and everything below; retry while the kernel still holds it busy."""
+    for _ in range(50):
         subprocess.run(["umount", "-R", str(mnt)], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.path.ismount(mnt):
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "-R", "-l", str(mnt)], capture_output=True)
 
 
 def timed(fn: Callable[[], object], repeat: int = 3) -> float:
