@@ -218,7 +218,12 @@ class BlockfileSnapshotter(BaseSnapshotter):
     # -- usage and commit ------------------------------------------------------------
 
     def _measure(self, rec: Record) -> Usage:
-        """Allocated bytes and used inodes of the image, minus its parent's."""
+        """Bytes the images allocate beyond the parent's; inodes: 1 + files added.
+
+        The image file itself is one inode (all containerd's blockfile
+        counts), so a layer that only deletes or rewrites files still uses
+        one; the in-filesystem growth on top says how many files it added.
+        """
         path = self.storage_dir(rec.id)
         image = path / IMAGE
         size = _allocated(image) + _allocated(path / VM_IMAGE)
@@ -227,7 +232,7 @@ class BlockfileSnapshotter(BaseSnapshotter):
         if parent is not None:
             size -= _allocated(parent)
             inodes -= _inodes(parent)
-        return Usage(size=max(size, 0), inodes=max(inodes, 0))
+        return Usage(size=max(size, 0), inodes=1 + max(inodes, 0))
 
     def _parent_image(self, rec: Record) -> Path | None:
         if rec.parent_ids:
