@@ -89,7 +89,7 @@ class Bench:
 
     def gc(self) -> float:
         """A synchronous garbage collection (tag the content image, remove the tag --sync)."""
-        self.ctr("bench-content", "images", "tag", "--force", BIG, "bench.test/gc:1")
+        self.ctr("bench-content", "images", "tag", "--force", TINY, "bench.test/gc:1")
         return self.ctr("bench-content", "images", "rm", "--sync", "bench.test/gc:1")
 
     def orders(self, reps: int) -> list[list[str]]:
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cycles", type=int, default=200, help="prepare+commit cycles per round")
     ap.add_argument("--cycle-rounds", type=int, default=3)
     ap.add_argument("--tiny-reps", type=int, default=10)
+    ap.add_argument(
+        "--only", choices=("big", "cycles", "tiny"), action="append", help="run only these parts"
+    )
     ap.add_argument("--fs", default="ext4")
     ap.add_argument("--size", default="20G", help="of the scratch filesystem")
     args = ap.parse_args(argv)
@@ -203,21 +206,22 @@ def main(argv: list[str] | None = None) -> None:
             f"# containerd benchmark on {desc}; {os.cpu_count()} CPUs, "
             f"load {os.getloadavg()[0]:.2f}"
         )
-        t0 = time.perf_counter()
-        layers = generated_layers(args.layers, args.files, args.mean_size)
-        files = sum(layer.files for layer in layers)
-        raw = sum(layer.bytes for layer in layers)
+        parts = set(args.only or ("big", "cycles", "tiny"))
         big = mnt / "big.tar"
-        info = write_oci_archive(big, BIG, layers, compresslevel=1)
-        del layers
-        print(
-            f"# image: {args.layers} layers, {files:,} files, {raw / 1e6:,.0f} MB of file "
-            f"data, {info.size / 1e6:,.0f} MB compressed; built in "
-            f"{time.perf_counter() - t0:.1f} s"
-        )
-        tiny_layer = Layer().dir("etc").file("etc/hello", "hello\n")
+        if "big" in parts:
+            t0 = time.perf_counter()
+            layers = generated_layers(args.layers, args.files, args.mean_size)
+            files = sum(layer.files for layer in layers)
+            raw = sum(layer.bytes for layer in layers)
+            info = write_oci_archive(big, BIG, layers, compresslevel=1)
+            del layers
+            print(
+                f"# image: {args.layers} layers, {files:,} files, {raw / 1e6:,.0f} MB of file "
+                f"data, {info.size / 1e6:,.0f} MB compressed; built in "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
         tiny = mnt / "tiny.tar"
-        write_oci_archive(tiny, TINY, [tiny_layer])
+        write_oci_archive(tiny, TINY, [Layer().dir("etc").file("etc/hello", "hello\n")])
 
         stack = Stack(mnt / "stack", "native", namespace="bench", log_level="info")
         try:
@@ -228,44 +232,52 @@ def main(argv: list[str] | None = None) -> None:
                 "native (built in), stratasnap (native backend, proxy plugin)"
             )
             bench = Bench(stack, ["overlayfs", "native", "stratasnap"], args.layers)
-            warm(big)
-            t = bench.ctr("bench-content", "images", "import", "--no-unpack", str(big))
-            print(f"# content ingest (import --no-unpack, once): {t:.2f} s")
+            # Keeps the tiny image's content (and gives gc() an image to tag).
+            bench.ctr("bench-content", "images", "import", "--no-unpack", str(tiny))
+            results: list[str] = []
 
-            print(f"\n## 1. import + unpack of the large image ({args.reps} runs each)")
-            big_results = bench.big_image(big, args.reps)
+            if "big" in parts:
+                warm(big)
+                t = bench.ctr("bench-content", "images", "import", "--no-unpack", str(big))
+                print(f"# content ingest (import --no-unpack, once): {t:.2f} s")
+                print(f"\n## 1. import + unpack of the large image ({args.reps} runs each)")
+                big_results = bench.big_image(big, args.reps)
+                ref = med(big_results["overlayfs"][0])
+                results += ["", f"{'':<20}{'import+unpack, s':>22}{'ratio':>8}{'rm+GC, s':>22}"]
+                for snap, (t_, r) in big_results.items():
+                    results.append(
+                        f"{snap:<20}{spread(t_):>22}{med(t_) / ref:>7.2f}x{spread(r):>22}"
+                    )
+                results.append("  target: stratasnap <= 1.3x overlayfs")
 
-            print(
-                f"\n## 2. prepare + commit cycles of empty snapshots "
-                f"({args.cycle_rounds} rounds x {args.cycles})"
-            )
-            cycle_results = bench.cycles(
-                args.cycles,
-                args.cycle_rounds,
-                lambda: Client(stack.ss_socket, snapshotter=stack.snapshotter),
-            )
+            if "cycles" in parts:
+                print(
+                    f"\n## 2. prepare + commit cycles of empty snapshots "
+                    f"({args.cycle_rounds} rounds x {args.cycles})"
+                )
+                cycle_results = bench.cycles(
+                    args.cycles,
+                    args.cycle_rounds,
+                    lambda: Client(stack.ss_socket, snapshotter=stack.snapshotter),
+                )
+                ref = med(cycle_results["overlayfs"])
+                results += ["", f"{'':<20}{'prepare+commit, ms':>22}{'ratio':>8}"]
+                for target, xs in cycle_results.items():
+                    results.append(f"{target:<20}{spread(xs, 1e3):>22}{med(xs) / ref:>7.2f}x")
+                results.append("  target: stratasnap <= 2x overlayfs (through containerd)")
 
-            print(f"\n## 3. tiny image import + unpack with ctr ({args.tiny_reps} runs each)")
-            tiny_results = bench.tiny_image(tiny, args.tiny_reps)
+            if "tiny" in parts:
+                print(f"\n## 3. tiny image import + unpack with ctr ({args.tiny_reps} runs each)")
+                tiny_results = bench.tiny_image(tiny, args.tiny_reps)
+                ref = med(tiny_results["overlayfs"])
+                results += ["", f"{'':<20}{'tiny image, ms':>22}{'ratio':>8}"]
+                for snap, xs in tiny_results.items():
+                    results.append(
+                        f"{snap:<20}{spread(xs, 1e3, '{:.0f}'):>22}{med(xs) / ref:>7.2f}x"
+                    )
 
-            ref_big = med(big_results["overlayfs"][0])
-            ref_cycle = med(cycle_results["overlayfs"])
-            ref_tiny = med(tiny_results["overlayfs"])
-            print()
-            print("## results (median, min-max)")
-            print(f"{'':<20}{'import+unpack, s':>22}{'ratio':>8}{'rm+GC, s':>22}")
-            for snap, (t, r) in big_results.items():
-                print(f"{snap:<20}{spread(t):>22}{med(t) / ref_big:>7.2f}x{spread(r):>22}")
-            print("  target: stratasnap <= 1.3x overlayfs")
-            print()
-            print(f"{'':<20}{'prepare+commit, ms':>22}{'ratio':>8}")
-            for target, xs in cycle_results.items():
-                print(f"{target:<20}{spread(xs, 1e3):>22}{med(xs) / ref_cycle:>7.2f}x")
-            print("  target: stratasnap <= 2x overlayfs (through containerd)")
-            print()
-            print(f"{'':<20}{'tiny image, ms':>22}{'ratio':>8}")
-            for snap, xs in tiny_results.items():
-                print(f"{snap:<20}{spread(xs, 1e3, '{:.0f}'):>22}{med(xs) / ref_tiny:>7.2f}x")
+            print("\n## results (median, min-max)")
+            print("\n".join(results))
             print(f"\n# load average at the end: {os.getloadavg()[0]:.2f} (the machine is shared)")
         finally:
             stack.close()
