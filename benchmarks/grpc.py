@@ -203,13 +203,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# gRPC benchmark: stratasnap (native) in-process vs over a unix socket, on {desc}")
         print(
             f"# {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-            f"Python {sys.version.split()[0]}; grpcio {grpc.__version__}"
+            f"Python {sys.version.split()[0]}; grpcio {getattr(grpc, '__version__', '?')}"
         )
         roots = {"in-process": mnt / "inproc", "socket": mnt / "served"}
         t0 = time.perf_counter()
         for root in roots.values():
-            with open_snapshotter(root, "native") as sn:
-                populate(sn, args.snapshots)
+            with open_snapshotter(root, "native") as store:
+                populate(store, args.snapshots)
         print(
             f"# populated both stores with {args.snapshots:,} snapshots in "
             f"{time.perf_counter() - t0:.1f} s"
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 client_cpu.append((time.process_time() - mine0) / args.stats)
 
             def med(name: str, attr: str) -> float:
-                return statistics.median(getattr(r, attr) for r in results[name])
+                return float(statistics.median(getattr(r, attr) for r in results[name]))
 
             print()
             print(

@@ -69,6 +69,7 @@ class Layer:
             fileobj=self._buf, mode="w", format=tarfile.PAX_FORMAT
         )
         self._dirs: set[str] = set()
+        self._finished = False
         self.files = 0
         self.bytes = 0
 
@@ -124,8 +125,9 @@ class Layer:
 
     def tar(self) -> bytes:
         """The finished, uncompressed layer tar (the layer can take no more entries)."""
-        if not self._tar.closed:
+        if not self._finished:
             self._tar.close()
+            self._finished = True
         return self._buf.getvalue()
 
 
@@ -319,7 +321,7 @@ def write_oci_archive(
         manifest_digest=manifest_digest,
         config_digest=config_digest,
         diff_ids=diff_ids,
-        layer_digests=[d["digest"] for d in layer_descs],
+        layer_digests=[str(d["digest"]) for d in layer_descs],
         chain_ids=chain_ids(diff_ids),
         size=sum(len(b) for b in blobs.values()),
     )
