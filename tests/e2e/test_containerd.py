@@ -281,7 +281,10 @@ def test_a_containerd_restart_keeps_image_and_snapshots(stack: Stack, imported: 
 
 def test_a_stratasnap_restart_under_a_running_containerd(stack: Stack, imported: ImageInfo) -> None:
     before = ctr_ls(stack)
-    stack.restart_stratasnap()
+    status = stack.stratasnapd.stop()
+    assert status == 0, f"stratasnap exited with {status} on SIGTERM:\n{stack.log_tails()}"
+    assert not stack.ss_socket.exists(), "a cleanly stopped server removes its socket"
+    stack.stratasnapd.start()
 
     def answers() -> bool:  # containerd's proxy reconnects with a backoff (<= 3 s)
         return stack.snapshots("ls", check=False).returncode == 0
