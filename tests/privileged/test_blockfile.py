@@ -316,3 +316,23 @@ def test_vm_scratch_disk_mounts_at_vm(
         assert (vm_root / "state").read_text() == "vm data"
     with mounted([base], scratch) as root:
         assert (root / "rootfs-file").exists() and not (root / "vm" / "state").exists()
+
+
+def test_remove_refuses_an_image_held_open_then_goes_once_released(
+    scratch: Path, open_bf: Callable[..., BlockfileSnapshotter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stratasnap.backends.blockfile as blockfile
+
+    monkeypatch.setattr(blockfile, "RELEASE_WAIT", 0.2)
+    sn = open_bf(scratch / "root")
+    (m,) = sn.prepare("a")
+    dev = loop.attach(m.source)
+    held = os.open(dev, os.O_RDONLY)  # e.g. a VM runtime using the block device
+    try:
+        with pytest.raises(FailedPrecondition, match=str(dev)):
+            sn.remove("a")
+        assert sn.stat("a").name == "a"
+    finally:
+        os.close(held)  # the detach asked for above happens at this last close
+    sn.remove("a")  # waits for the kernel to let go
+    assert not os.path.exists(m.source) and not loop.is_attached(m.source)

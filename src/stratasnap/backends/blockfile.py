@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -40,6 +41,7 @@ from ..fs.image import (
     probe_fs_type,
     used_inodes,
 )
+from ..fs.mountinfo import read_mountinfo
 from ..fs.usage import syncfs
 from ..metastore import Record, validate_key
 from ..snapshotter import BaseSnapshotter
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 IMAGE = "rootfs.img"
 VM_IMAGE = "vm/scratch.img"
 TEMPLATE = "scratch.img"
+#: How long remove() waits for a loop device that is mounted nowhere to go (seconds).
+RELEASE_WAIT = 2.0
 
 
 class BlockfileSnapshotter(BaseSnapshotter):
@@ -264,14 +268,30 @@ class BlockfileSnapshotter(BaseSnapshotter):
         with self._store.read() as tx:
             rec = tx.get(key)
         if rec.info.kind is not Kind.VIEW:
-            path = self.storage_dir(rec.id)
-            self._detach_all(path)
-            busy = [str(dev) for img in self._images(path) for dev in loop.loop_devices_for(img)]
+            busy = self._let_go(self.storage_dir(rec.id))
             if busy:
                 raise FailedPrecondition(
                     f"snapshot {key!r}: its image is in use by {', '.join(busy)}"
                 )
         super().remove(key)
+
+    def _let_go(self, path: Path) -> list[str]:
+        """Detach idle loop devices of the images; return the ones still holding them.
+
+        The kernel releases an autoclear device after its last unmount
+        asynchronously, so a device that is mounted nowhere gets a moment
+        to go before it counts as busy; a mounted one counts at once.
+        """
+        deadline = time.monotonic() + RELEASE_WAIT
+        while True:
+            self._detach_all(path)
+            busy = [str(d) for image in self._images(path) for d in loop.loop_devices_for(image)]
+            if not busy or time.monotonic() > deadline:
+                return busy
+            sources = {m.source for m in read_mountinfo()}
+            if any(dev in sources for dev in busy):
+                return busy
+            time.sleep(0.01)
 
     def _detach_all(self, path: Path) -> None:
         # A device that is mounted or open elsewhere is not freed by this
