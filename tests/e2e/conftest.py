@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -69,7 +70,10 @@ def stack(backend: str) -> Iterator[Stack]:
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=4g,mode=0755", "tmpfs", str(base)], check=True
     )
-    s = Stack(base, backend)
+    # Unique: runc's state (/run/containerd/runc/<namespace>/<id>) and the cgroups
+    # (/<namespace>/<id>) are shared by every containerd on the machine.
+    namespace = re.sub(r"[^A-Za-z0-9]+", "-", f"stratasnap-e2e-{backend}-{os.getpid()}")
+    s = Stack(base, backend, namespace=namespace)
     try:
         try:
             s.stratasnapd.start()
