@@ -333,6 +333,17 @@ class Stack:
                 os.kill(pid, signal.SIGKILL)
         self.stratasnapd.stop()
         unmount_below(self.base)
+        self.remove_cgroups()
+
+    def remove_cgroups(self) -> None:
+        """Remove the (empty) cgroups containerd made for our namespace (``/<namespace>``)."""
+        for top in [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").glob("*")]:
+            group = top / self.namespace
+            if not group.is_dir():
+                continue
+            for dirpath, _dirs, _files in sorted(os.walk(group), reverse=True):
+                with contextlib.suppress(OSError):  # busy (a process left) or not a cgroup
+                    os.rmdir(dirpath)
 
     def __enter__(self) -> Stack:
         return self.start()
