@@ -1,10 +1,15 @@
-"""Through containerd: stratasnap (native, proxy plugin) next to containerd's own snapshotters.
+"""Through containerd: stratasnap's backends (proxy plugins) next to containerd's own snapshotters.
 
 Run: ``.venv/bin/python benchmarks/containerd.py`` as root (needs containerd,
-ctr, runc). One private containerd (``tests/e2e/harness.py``) serves three
-snapshotters from one fresh ext4 loop filesystem: its built-in ``overlayfs``
-and ``native``, and ``stratasnap`` (our server, native backend, over the
-proxy socket). Every measurement alternates between them in one run:
+ctr, runc). One private containerd (``tests/e2e/harness.py``) serves, from one
+fresh ext4 loop filesystem, its built-in ``overlayfs`` and ``native``, and one
+proxy plugin per stratasnap backend (``--backends``, default native, overlay
+and blockfile): ``ss-native``, ``ss-overlay``, ``ss-blockfile``. They are the
+named snapshotters (``[snapshotters.NAME]``, each its own backend and root) of
+one stratasnap server, and containerd's ``[proxy_plugins.NAME]`` entries all
+point at its socket. ``overlayfs`` is the fair reference for ``ss-overlay``
+(same mounts), ``native`` for ``ss-native`` (a full copy per layer). Every
+measurement alternates between them in one run:
 
 1. **import + unpack** of a large image the benchmark builds (3 layers of
    generated files, by default 30,000 files and ~300 MB): ``ctr images
@@ -15,7 +20,7 @@ proxy socket). Every measurement alternates between them in one run:
 2. **prepare + commit cycles** of empty snapshots through containerd's
    snapshots API (the Python client on containerd's socket, as ``ctr
    snapshots prepare/commit`` would without the process start), and the same
-   cycle sent to stratasnap directly (without containerd's hop).
+   cycle sent to each stratasnap snapshotter directly (without containerd's hop).
 3. **a tiny image**, one small layer, imported and unpacked with ``ctr``
    (process start included).
 
@@ -38,12 +43,15 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
+from functools import partial  # noqa: E402
+from typing import Any  # noqa: E402
 
 from _scratch import scratch_fs  # noqa: E402
 from e2e.harness import REQUIRED_TOOLS, Stack  # noqa: E402
@@ -52,6 +60,8 @@ from e2e.oci import Layer, generated_layers, write_oci_archive  # noqa: E402
 from stratasnap.server.client import Client  # noqa: E402
 
 BIG = "bench.test/big:1"
+#: Proxy plugin (and stratasnap snapshotter) name of each backend.
+PREFIX = "ss-"
 TINY = "bench.test/tiny:1"
 GC_ROOT = "containerd.io/gc.root"
 
@@ -73,6 +83,52 @@ def warm(path: Path) -> None:
         while f.read(1 << 24):
             pass
     os.sync()
+
+
+class MultiStack(Stack):
+    """A :class:`Stack` whose stratasnap serves one named snapshotter per backend.
+
+    One server, ``[snapshotters.ss-<backend>]`` tables with a root each, and one
+    ``[proxy_plugins.ss-<backend>]`` per backend in containerd's config, all on
+    the server's socket (containerd tells them apart by the request's
+    ``snapshotter`` field).
+    """
+
+    def __init__(
+        self,
+        base: Path,
+        backends: Sequence[str],
+        options: Mapping[str, Mapping[str, object]],
+        **kw: Any,
+    ) -> None:
+        self.backends = list(backends)
+        self.options = {b: dict(options.get(b, {})) for b in backends}
+        super().__init__(base, self.backends[0], snapshotter=PREFIX + self.backends[0], **kw)
+
+    def _write_configs(self) -> None:
+        super()._write_configs()
+        q = json.dumps
+        ss = [
+            "version = 1",
+            f"address = {q(str(self.ss_socket))}",
+            "shutdown_timeout = 5.0",
+        ]
+        cd = [self.cd_config.read_text().split("[proxy_plugins.")[0].rstrip("\n")]
+        for b in self.backends:
+            opts = ", ".join(f"{q(k)} = {q(v)}" for k, v in self.options[b].items())
+            ss += [
+                f"[snapshotters.{PREFIX}{b}]",
+                f"backend = {q(b)}",
+                f"root = {q(str(self.ss_root.parent / (PREFIX + b)))}",
+                f"options = {{{opts}}}",
+            ]
+            cd += [
+                f"[proxy_plugins.{PREFIX}{b}]",
+                '  type = "snapshot"',
+                f"  address = {q(str(self.ss_socket))}",
+            ]
+        self.ss_config.write_text("\n".join(ss) + "\n")
+        self.cd_config.write_text("\n".join(cd) + "\n")
 
 
 class Bench:
@@ -132,16 +188,17 @@ class Bench:
     # -- 2. prepare + commit cycles ------------------------------------------------------
 
     def cycles(
-        self, n: int, reps: int, direct: Callable[[], Client] | None
+        self, n: int, reps: int, direct: Mapping[str, Callable[[], Client]]
     ) -> dict[str, list[float]]:
-        targets = list(self.snapshotters) + (["stratasnap direct"] if direct else [])
+        """Per target: containerd's snapshotters, then ``"<name> direct"`` for each of
+        ``direct`` (a client straight to the stratasnap socket)."""
+        targets = list(self.snapshotters) + [f"{name} direct" for name in direct]
         out: dict[str, list[float]] = {t: [] for t in targets}
         for rep in range(reps):
             order = targets if rep % 2 == 0 else targets[::-1]
             for target in order:
-                if target == "stratasnap direct":
-                    assert direct is not None
-                    client = direct()
+                if target.endswith(" direct"):
+                    client = direct[target.removesuffix(" direct")]()
                 else:
                     client = Client(
                         self.stack.cd_socket, snapshotter=target, namespace=f"cycle-{target}"
@@ -191,6 +248,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--only", choices=("big", "cycles", "tiny"), action="append", help="run only these parts"
     )
+    ap.add_argument(
+        "--backends",
+        default="native,overlay,blockfile",
+        help="stratasnap backends to serve, comma-separated (each becomes ss-<backend>)",
+    )
+    ap.add_argument(
+        "--blockfile-size",
+        default="2G",
+        help="blockfile scratch_size (the template image; the big image needs ~1 GB)",
+    )
     ap.add_argument("--fs", default="ext4")
     ap.add_argument("--size", default="20G", help="of the scratch filesystem")
     args = ap.parse_args(argv)
@@ -223,15 +290,24 @@ def main(argv: list[str] | None = None) -> None:
         tiny = mnt / "tiny.tar"
         write_oci_archive(tiny, TINY, [Layer().dir("etc").file("etc/hello", "hello\n")])
 
-        stack = Stack(mnt / "stack", "native", namespace="bench", log_level="info")
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        ours = [PREFIX + b for b in backends]
+        stack = MultiStack(
+            mnt / "stack",
+            backends,
+            {"blockfile": {"scratch_size": args.blockfile_size}},
+            namespace="bench",
+            log_level="info",
+        )
         try:
             stack.start()
             ver = stack.run(["containerd", "--version"]).stdout.split()
             print(
                 f"# containerd {ver[2] if len(ver) > 2 else '?'}; snapshotters: overlayfs and "
-                "native (built in), stratasnap (native backend, proxy plugin)"
+                f"native (built in), {', '.join(ours)} (stratasnap backends, proxy plugins "
+                "of one server); ratios are against overlayfs"
             )
-            bench = Bench(stack, ["overlayfs", "native", "stratasnap"], args.layers)
+            bench = Bench(stack, ["overlayfs", "native", *ours], args.layers)
             # Keeps the tiny image's content (and gives gc() an image to tag).
             bench.ctr("bench-content", "images", "import", "--no-unpack", str(tiny))
             results: list[str] = []
@@ -248,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                     results.append(
                         f"{snap:<20}{spread(t_):>22}{med(t_) / ref:>7.2f}x{spread(r):>22}"
                     )
-                results.append("  target: stratasnap <= 1.3x overlayfs")
+                results.append("  target: stratasnap <= 1.3x overlayfs (fair pair: ss-overlay)")
 
             if "cycles" in parts:
                 print(
@@ -258,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                 cycle_results = bench.cycles(
                     args.cycles,
                     args.cycle_rounds,
-                    lambda: Client(stack.ss_socket, snapshotter=stack.snapshotter),
+                    {name: partial(Client, stack.ss_socket, snapshotter=name) for name in ours},
                 )
                 ref = med(cycle_results["overlayfs"])
                 results += ["", f"{'':<20}{'prepare+commit, ms':>22}{'ratio':>8}"]
