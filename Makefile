@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint unit protos bench clean
+.PHONY: serve test lint unit protos clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
 
 serve: $(STAMP)
@@ -27,7 +27,6 @@ unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(ARGS)
 
 protos: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev]'
 	scripts/gen-protos
 
 clean:

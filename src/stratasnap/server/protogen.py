@@ -38,7 +38,7 @@ def _proto_files() -> list[str]:
 
 def generate(out_dir: Path) -> list[Path]:
     """Write the generated package into ``out_dir`` (replacing it); return the files written."""
-    import grpc_tools  # type: ignore[import-untyped]
+    import grpc_tools
     from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"
