@@ -26,6 +26,7 @@ from stratasnap.errors import FailedPrecondition, NotFound
 from stratasnap.fs import image as fsimage
 from stratasnap.fs import loop
 from stratasnap.fs.mount import apply_mounts, unmount_all_under
+from stratasnap.fs.usage import syncfs
 from stratasnap.testing.conformance import mounted
 from stratasnap.types import Mount
 
@@ -120,8 +121,11 @@ def test_prepare_reflinks_on_xfs_and_btrfs(
     host = loopfs(fs_type, size=size, mkfs_args=args)
     sn = open_bf(host / "root")
     parent = layer_with_data(sn, host, "base", 16)
+    # Settle the parent's delayed allocation first: it moves free space too.
+    syncfs(host)
     free = os.statvfs(host).f_bavail * os.statvfs(host).f_frsize
     (m,) = sn.prepare("child", "base")
+    syncfs(host)
     ext = extents(m.source)
     assert ext and all(flags & FIEMAP_EXTENT_SHARED for _, _, flags in ext)
     assert sum(length for _, length, _ in ext) >= 16 * MiB
@@ -252,7 +256,7 @@ def test_remove_refuses_a_mounted_image(
         unmount_all_under(target)
     sn.remove("a")
     assert not os.path.exists(image)
-    assert not loop.is_attached(image)
+    assert not fsimage.loops_backed_by(image)
 
 
 def test_remove_detaches_an_idle_loop_device(
@@ -262,10 +266,10 @@ def test_remove_detaches_an_idle_loop_device(
     (m,) = sn.prepare("a")
     dev = loop.attach(m.source)  # no autoclear: it would stay forever
     try:
-        assert loop.is_attached(m.source)
+        assert fsimage.loops_backed_by(m.source)
         sn.remove("a")
         assert not os.path.exists(m.source)
-        assert not loop.is_attached(m.source)
+        assert not fsimage.loops_backed_by(m.source)
         with pytest.raises(NotFound):
             sn.stat("a")
     finally:
@@ -286,7 +290,7 @@ def test_cleanup_never_deletes_an_attached_image(
         got = sn.cleanup()
         assert got.paths == ()
         (aside,) = [p for p in sn.snapshots_dir.iterdir() if p.name.startswith("rm-")]
-        assert loop.is_attached(aside / "rootfs.img")
+        assert fsimage.loops_backed_by(aside / "rootfs.img")
         assert (target / "lost+found").is_dir()  # the mount still works
     finally:
         unmount_all_under(target)
@@ -335,4 +339,4 @@ def test_remove_refuses_an_image_held_open_then_goes_once_released(
     finally:
         os.close(held)  # the detach asked for above happens at this last close
     sn.remove("a")  # waits for the kernel to let go
-    assert not os.path.exists(m.source) and not loop.is_attached(m.source)
+    assert not os.path.exists(m.source) and not fsimage.loops_backed_by(m.source)

@@ -37,6 +37,7 @@ from ..fs.image import (
     MissingTool,
     grow_image,
     image_mountpoints,
+    loops_backed_by,
     make_image,
     probe_fs_type,
     used_inodes,
@@ -285,7 +286,7 @@ class BlockfileSnapshotter(BaseSnapshotter):
         deadline = time.monotonic() + RELEASE_WAIT
         while True:
             self._detach_all(path)
-            busy = [str(d) for image in self._images(path) for d in loop.loop_devices_for(image)]
+            busy = [str(d) for image in self._images(path) for d in loops_backed_by(image)]
             if not busy or time.monotonic() > deadline:
                 return busy
             sources = {m.source for m in read_mountinfo()}
@@ -297,7 +298,7 @@ class BlockfileSnapshotter(BaseSnapshotter):
         # A device that is mounted or open elsewhere is not freed by this
         # (the kernel frees it at its last close); an idle one is.
         for image in self._images(path):
-            for dev in loop.loop_devices_for(image):
+            for dev in loops_backed_by(image):
                 with suppress(OSError):
                     loop.detach(dev)
 
@@ -306,7 +307,8 @@ class BlockfileSnapshotter(BaseSnapshotter):
         self._detach_all(path)
 
     def _storage_busy(self, path: Path) -> bool:
-        return any(loop.is_attached(image) for image in self._images(path))
+        # Never delete an image a loop device still holds (cleanup() retries later).
+        return bool(self._let_go(path))
 
 
 def _fsync(path: Path) -> None:
