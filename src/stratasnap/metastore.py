@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from . import filters as _filters
@@ -36,7 +36,7 @@ from .errors import (
     NotFound,
     Unavailable,
 )
-from .types import Info, Kind, Usage
+from .types import Info, Kind, Timestamp, Usage
 
 __all__ = ["SCHEMA_VERSION", "MetaStore", "ReadTx", "Record", "WriteTx", "validate_key"]
 
@@ -105,9 +105,7 @@ def _now_ns() -> int:
 
 
 def _to_datetime(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).replace(
-        microsecond=(ns % 1_000_000_000) // 1000
-    )
+    return Timestamp.from_epoch_ns(ns)
 
 
 def validate_key(key: str, what: str = "snapshot key") -> None:

@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+import calendar
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-__all__ = ["EPOCH", "Info", "Kind", "Mount", "Reclaimed", "Usage"]
+__all__ = ["EPOCH", "Info", "Kind", "Mount", "Reclaimed", "Timestamp", "Usage"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Timestamp(datetime):
+    """A UTC datetime that keeps nanoseconds, where ``datetime`` stops at microseconds.
+
+    The store records times in nanoseconds and containerd's wire format carries
+    them; this keeps them on the way through. It is a ``datetime`` in every
+    other respect (a derived datetime, e.g. from ``replace()``, falls back to
+    its microseconds).
+    """
+
+    __slots__ = ("_subsecond_ns",)
+    _subsecond_ns: int
+
+    @classmethod
+    def from_epoch_ns(cls, ns: int) -> Timestamp:
+        """The instant ``ns`` nanoseconds after the Unix epoch, in UTC."""
+        seconds, sub = divmod(ns, 1_000_000_000)
+        d = datetime.fromtimestamp(seconds, UTC)
+        t = cls(d.year, d.month, d.day, d.hour, d.minute, d.second, sub // 1000, tzinfo=UTC)
+        t._subsecond_ns = sub
+        return t
+
+    @property
+    def nanosecond(self) -> int:
+        """Nanoseconds within the second (0 to 999,999,999)."""
+        sub: int = getattr(self, "_subsecond_ns", self.microsecond * 1000)
+        return sub
+
+    @property
+    def epoch_ns(self) -> int:
+        """Nanoseconds since the Unix epoch."""
+        whole = calendar.timegm(self.utctimetuple())
+        return whole * 1_000_000_000 + self.nanosecond
 
 
 class Kind(enum.StrEnum):

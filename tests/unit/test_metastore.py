@@ -248,3 +248,23 @@ def test_update_info_rules(store: MetaStore) -> None:
     assert dict(info.labels) == {"a": "9"}
     with store.write() as tx, pytest.raises(InvalidArgument, match='cannot update "parent"'):
         tx.update_info(Info("u", Kind.ACTIVE), ["labels", "parent"])
+
+
+def test_times_keep_nanoseconds(store: MetaStore) -> None:
+    import time
+
+    from stratasnap.types import Timestamp
+
+    before = time.time_ns()
+    create(store, "t")
+    after = time.time_ns()
+    with store.read() as tx:
+        created = tx.get("t").info.created
+    assert isinstance(created, Timestamp)
+    assert before <= created.epoch_ns <= after
+    assert created.nanosecond // 1000 == created.microsecond
+    # Stored in nanoseconds, read back exactly (not rounded to microseconds).
+    (stored,) = sqlite3.connect(store.path).execute(
+        "SELECT created_ns FROM snapshots WHERE key = 't'"
+    ).fetchone()
+    assert created.epoch_ns == stored
