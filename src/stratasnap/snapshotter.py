@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -22,7 +23,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
-from .errors import InvalidArgument, from_os_error
+from .errors import InvalidArgument, Unimplemented, from_os_error
 from .filters import parse as parse_filters
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree
@@ -248,6 +249,13 @@ class BaseSnapshotter:
         with self._store.read() as tx:
             tx.check_commit(name, key, parent)
             rec = tx.get(key)
+        if parent and not rec.info.parent and "rebase" not in self.capabilities:
+            # A rebase only relabels metadata; it is right only for backends whose
+            # storage holds the layer's own changes (overlay), not a full copy.
+            raise Unimplemented(
+                f"backend {json.dumps(self.backend_name)} cannot rebase snapshot "
+                f"{json.dumps(key)} onto {json.dumps(parent)} at commit (no rebase capability)"
+            )
         # Flush and measure outside the write lock: both can take long on a big layer.
         try:
             usage = self._prepare_commit(rec)

@@ -191,13 +191,20 @@ def test_commit_parent_rebases(stub: Any, store: Snapshotter) -> None:
     store.prepare("base-a")
     store.commit("base", "base-a")
     store.prepare("layer-a")  # unpacked without a parent (parallel unpack)
-    stub.Commit(
-        pb.CommitSnapshotRequest(
-            snapshotter="stratasnap", name="layer", key="layer-a", parent="base", labels={"a": "1"}
-        )
+    request = pb.CommitSnapshotRequest(
+        snapshotter="stratasnap", name="layer", key="layer-a", parent="base", labels={"a": "1"}
     )
-    info = store.stat("layer")
-    assert (info.kind, info.parent, dict(info.labels)) == (Kind.COMMITTED, "base", {"a": "1"})
+    if "rebase" in getattr(store, "capabilities", ()):
+        stub.Commit(request)
+        info = store.stat("layer")
+        assert (info.kind, info.parent, dict(info.labels)) == (Kind.COMMITTED, "base", {"a": "1"})
+    else:
+        # The parent (field 5) reached the backend, which cannot rebase: UNIMPLEMENTED.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Commit(request)
+        assert code_of(refused)[0] is grpc.StatusCode.UNIMPLEMENTED
+        assert 'onto "base"' in code_of(refused)[1]
+        assert store.stat("layer-a").kind is Kind.ACTIVE
     # Rebasing onto something that is not a committed snapshot fails, and changes nothing.
     store.prepare("other-a")
     store.prepare("act")
