@@ -128,3 +128,29 @@ def test_mount_target_must_be_an_existing_directory(root: Path, scratch: Path) -
     r = stratasnap(root, "prepare", "k", "--mount", str(scratch / "missing"), ok=False)
     assert r.returncode == 2 and "Usage:" in r.stderr
     assert not root.exists()
+
+
+def test_mount_of_an_idmapped_overlay_snapshot(root: Path, target: Path) -> None:
+    """--mount applies the uidmap=/gidmap= options of a snapshot with mapping labels."""
+    import os
+
+    overlay = ("--backend", "overlay")
+    stratasnap(root, *overlay, "prepare", "base-a", "--mount", str(target))
+    (target / "f").write_text("x")
+    umount(target)
+    stratasnap(root, *overlay, "commit", "base", "base-a")
+    stratasnap(
+        root,
+        *overlay,
+        "prepare",
+        "ctr",
+        "base",
+        "--label",
+        "containerd.io/snapshot/uidmapping=0:100000:65536",
+        "--label",
+        "containerd.io/snapshot/gidmapping=0:200000:65536",
+        "--mount",
+        str(target),
+    )
+    st = os.stat(target / "f")
+    assert (st.st_uid, st.st_gid) == (100000, 200000)

@@ -21,6 +21,8 @@ def print_mounts(mounts: list[Mount], target: str = PLACEHOLDER) -> None:
 
 def mount_at(mounts: list[Mount], target: Path) -> None:
     """Mount ``mounts`` in order at ``target`` (needs root); all or nothing."""
-    from ..fs.mount import apply_mounts  # ctypes and libc: only when mounting
+    # ctypes and libc: only when mounting. The idmapped variant also applies
+    # uidmap=/gidmap= options (overlay snapshots with mapping labels).
+    from ..fs.idmapped import apply_idmapped_mounts as apply_mounts
 
     apply_mounts(mounts, target)

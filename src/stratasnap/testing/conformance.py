@@ -38,7 +38,8 @@ def _need_mounts() -> None:
 @contextmanager
 def mounted(mounts: list[Mount], parent_dir: Path | None = None) -> Iterator[Path]:
     """Apply ``mounts`` on a fresh directory; unmount everything when done."""
-    from ..fs.mount import apply_mounts, unmount_all_under
+    from ..fs.idmapped import apply_idmapped_mounts as apply_mounts
+    from ..fs.mount import unmount_all_under
 
     target = Path(tempfile.mkdtemp(prefix="mnt-", dir=parent_dir))
     try:
