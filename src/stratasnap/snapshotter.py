@@ -107,8 +107,10 @@ class BaseSnapshotter:
 
     #: The name ``open_snapshotter`` knows this backend by.
     backend_name: ClassVar[str] = ""
-    #: containerd proxy-plugin capabilities this backend really supports.
-    capabilities: ClassVar[tuple[str, ...]] = ()
+    #: containerd proxy-plugin capabilities this backend really supports. The class
+    #: value is what a default instance on this kernel offers; an instance may
+    #: narrow or widen it from its options and environment.
+    capabilities: tuple[str, ...] = ()
     #: Delete a removed snapshot's storage at once (else leave it to cleanup()).
     sync_remove: bool = True
 

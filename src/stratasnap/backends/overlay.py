@@ -88,14 +88,30 @@ class OverlaySnapshotter(BaseSnapshotter):
     # Rebase costs nothing here: an unparented upper simply gets lowers.
     # remap-ids: the mapping labels become uidmap=/gidmap= options, which
     # containerd's mount code applies as idmapped lower layers (Linux 5.19+).
-    capabilities = ("rebase", "remap-ids")
+    capabilities: tuple[str, ...] = ("rebase", "remap-ids")
 
     def __init__(self, root: str | Path, **options: object) -> None:
         rest = dict(options)
         self.config = OverlayOptions.take(rest)
         self.sync_remove = self.config.sync_remove
         self.mount_options = default_mount_options(self.config.mount_options)
+        self.capabilities = self._capabilities()
         super().__init__(root, **rest)
+
+    def _capabilities(self) -> tuple[str, ...]:
+        """What containerd may rely on, as its own overlayfs snapshotter decides it."""
+        caps = []
+        # In a user namespace a rebased layer's whiteouts may not be representable
+        # (no 0/0 device nodes unprivileged); containerd does not offer it there either.
+        if not in_user_namespace():
+            caps.append("rebase")
+        if idmapped_layers_supported():
+            caps.append("remap-ids")
+            # Without slow_chown a mapping we cannot apply is refused, so containerd
+            # must not fall back to chowning the layers itself.
+            if not self.config.slow_chown:
+                caps.append("only-remap-ids")
+        return tuple(caps)
 
     # -- hooks -----------------------------------------------------------------------
 
