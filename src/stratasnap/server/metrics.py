@@ -160,6 +160,20 @@ class Metrics:
         for name in self._snapshots:
             self._reclaimed.labels(name)
 
+    def recorder(self, method: str) -> Callable[[int, float], None]:
+        """:meth:`observe` for one method, with its children looked up once."""
+        inc = self._requests[method].inc
+        observe = self._duration[method].observe
+        errors = self._errors
+
+        def record(code: int, seconds: float) -> None:
+            inc()
+            observe(seconds)
+            if code:
+                errors.labels(method, CODE_NAMES.get(code, str(code))).inc()
+
+        return record
+
     def observe(self, method: str, code: int, seconds: float) -> None:
         """Record one handled call; ``code`` is the numeric gRPC status (0 = OK)."""
         self._requests[method].inc()

@@ -274,23 +274,36 @@ class SnapshotsService:
     def _unary(
         self, method: str, body: Callable[[Req, str, Snapshotter], Resp]
     ) -> Callable[[Req, grpc.ServicerContext], Resp]:
+        # Everything a call needs is bound here, once per method: the hot path is
+        # one closure, with no attribute or dict lookups it can do without.
+        resolve = self.snapshotters.resolve
+        record = self.metrics.recorder(method) if self.metrics is not None else None
+        enter, leave, done = self._enter, self._leave, self._done
+        debug_enabled = log.isEnabledFor
+
         def handle(request: Req, context: grpc.ServicerContext) -> Resp:
             start = perf_counter()
-            code, message = 0, ""
             try:
-                self._enter()
+                enter()
                 try:
-                    name, sn = self.snapshotters.resolve(request.snapshotter)
-                    return body(request, name, sn)
+                    name, sn = resolve(request.snapshotter)
+                    response = body(request, name, sn)
                 finally:
-                    self._leave()
+                    leave()
             except SnapshotError as e:
                 code, message = _code_of(e), str(e)
             except Exception as e:
                 code, message = _UNKNOWN, _describe(e)
                 self._log_crash(method, request, context, e)
-            finally:
-                self._done(method, request, context, code, message, start)
+            else:
+                # Success: the metrics, and a debug line only when debug is on.
+                elapsed = perf_counter() - start
+                if record is not None:
+                    record(0, elapsed)
+                if debug_enabled(logging.DEBUG):
+                    self._log_call(logging.DEBUG, method, request, context, 0, "", elapsed)
+                return response
+            done(method, request, context, code, message, start)
             context.abort(_STATUS[code], message)
 
         handle.__name__ = method
@@ -312,12 +325,24 @@ class SnapshotsService:
             return  # already logged, with the traceback
         level = logging.DEBUG if code in (0, _CANCELLED) or code in _EXPECTED else logging.WARNING
         if log.isEnabledFor(level):
-            fields = _fields(method, request, context)
-            fields["duration_ms"] = round(elapsed * 1000, 3)
-            if code:
-                fields["code"] = _STATUS[code].name
-                fields["error"] = message
-            log.log(level, "rpc failed" if code else "rpc", extra=fields)
+            self._log_call(level, method, request, context, code, message, elapsed)
+
+    def _log_call(
+        self,
+        level: int,
+        method: str,
+        request: _Request,
+        context: grpc.ServicerContext,
+        code: int,
+        message: str,
+        elapsed: float,
+    ) -> None:
+        fields = _fields(method, request, context)
+        fields["duration_ms"] = round(elapsed * 1000, 3)
+        if code:
+            fields["code"] = _STATUS[code].name
+            fields["error"] = message
+        log.log(level, "rpc failed" if code else "rpc", extra=fields)
 
     def _log_crash(
         self, method: str, request: _Request, context: grpc.ServicerContext, e: Exception
