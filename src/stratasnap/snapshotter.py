@@ -221,7 +221,7 @@ class BaseSnapshotter:
                 # The parent may have gone while we copied it: report that, not ENOENT.
                 with self._store.read() as tx:
                     tx.check_create(kind, key, parent)
-                raise from_os_error(exc, f"preparing snapshot {key!r}") from exc
+                raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
             with self._store.write() as wtx:
                 rec = wtx.create(sid, kind, key, parent, clean)
                 os.rename(work, final)
@@ -262,7 +262,7 @@ class BaseSnapshotter:
         try:
             usage = self._prepare_commit(rec)
         except OSError as exc:
-            raise from_os_error(exc, f"committing snapshot {key!r}") from exc
+            raise from_os_error(exc, f"committing snapshot {json.dumps(key)}") from exc
         with self._store.write() as wtx:
             wtx.commit_active(key, name, usage, clean, parent)
 
