@@ -256,7 +256,7 @@ def test_remove_refuses_a_mounted_image(
         unmount_all_under(target)
     sn.remove("a")
     assert not os.path.exists(image)
-    assert not fsimage.loops_backed_by(image)
+    assert not loop.loop_devices_for(image)
 
 
 def test_remove_detaches_an_idle_loop_device(
@@ -266,10 +266,10 @@ def test_remove_detaches_an_idle_loop_device(
     (m,) = sn.prepare("a")
     dev = loop.attach(m.source)  # no autoclear: it would stay forever
     try:
-        assert fsimage.loops_backed_by(m.source)
+        assert loop.loop_devices_for(m.source)
         sn.remove("a")
         assert not os.path.exists(m.source)
-        assert not fsimage.loops_backed_by(m.source)
+        assert not loop.loop_devices_for(m.source)
         with pytest.raises(NotFound):
             sn.stat("a")
     finally:
@@ -290,7 +290,7 @@ def test_cleanup_never_deletes_an_attached_image(
         got = sn.cleanup()
         assert got.paths == ()
         (aside,) = [p for p in sn.snapshots_dir.iterdir() if p.name.startswith("rm-")]
-        assert fsimage.loops_backed_by(aside / "rootfs.img")
+        assert loop.loop_devices_for(aside / "rootfs.img")
         assert (target / "lost+found").is_dir()  # the mount still works
     finally:
         unmount_all_under(target)
@@ -339,4 +339,4 @@ def test_remove_refuses_an_image_held_open_then_goes_once_released(
     finally:
         os.close(held)  # the detach asked for above happens at this last close
     sn.remove("a")  # waits for the kernel to let go
-    assert not os.path.exists(m.source) and not fsimage.loops_backed_by(m.source)
+    assert not os.path.exists(m.source) and not loop.loop_devices_for(m.source)

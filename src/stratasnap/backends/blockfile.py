@@ -37,7 +37,6 @@ from ..fs.image import (
     MissingTool,
     grow_image,
     image_mountpoints,
-    loops_backed_by,
     make_image,
     probe_fs_type,
     used_inodes,
@@ -286,7 +285,7 @@ class BlockfileSnapshotter(BaseSnapshotter):
         deadline = time.monotonic() + RELEASE_WAIT
         while True:
             self._detach_all(path)
-            busy = [str(d) for image in self._images(path) for d in loops_backed_by(image)]
+            busy = [str(d) for image in self._images(path) for d in loop.loop_devices_for(image)]
             if not busy or time.monotonic() > deadline:
                 return busy
             sources = {m.source for m in read_mountinfo()}
@@ -298,7 +297,7 @@ class BlockfileSnapshotter(BaseSnapshotter):
         # A device that is mounted or open elsewhere is not freed by this
         # (the kernel frees it at its last close); an idle one is.
         for image in self._images(path):
-            for dev in loops_backed_by(image):
+            for dev in loop.loop_devices_for(image):
                 with suppress(OSError):
                     loop.detach(dev)
 

@@ -192,7 +192,7 @@ class LimitedLayers:
         """Loop devices backed by images under our storage that no snapshot owns."""
         prefix = str(self.snapshots_dir) + "/"
         stray: list[Path] = []
-        for dev, backing in _loop_backing_files():
+        for dev, backing in loop.backing_files():
             if not backing.startswith(prefix):
                 continue
             top = backing[len(prefix) :].split("/", 1)[0]
@@ -242,13 +242,3 @@ def _lay_out(root: Path, owner: tuple[int, int] | None) -> None:
     os.setxattr(root, _BASELINE, _baseline_value(use.size - fs_blocks, use.inodes - 1))
 
 
-def _loop_backing_files() -> list[tuple[Path, str]]:
-    found: list[tuple[Path, str]] = []
-    for block in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (block / "loop" / "backing_file").read_text().rstrip("\n")
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if block.name[4:].isdigit():
-            found.append((Path("/dev") / block.name, backing))
-    return found

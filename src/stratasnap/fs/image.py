@@ -35,7 +35,6 @@ __all__ = [
     "find_tool",
     "grow_image",
     "image_mountpoints",
-    "loops_backed_by",
     "make_image",
     "probe_fs_type",
     "used_inodes",
@@ -64,7 +63,6 @@ MKFS_ARGS: dict[str, tuple[str, ...]] = {
     "xfs": ("-q", "-f", "-K"),
 }
 
-_SYS_BLOCK = Path("/sys/block")
 
 # Non-root PATHs usually lack the sbin directories where these tools live.
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -217,32 +215,9 @@ def used_inodes(path: StrPath) -> int:
     return 0
 
 
-def loops_backed_by(path: StrPath) -> list[Path]:
-    """The loop devices whose backing file is ``path``, in device order.
-
-    Like :func:`stratasnap.fs.loop.loop_devices_for`, but a device that is
-    being torn down while we look (its sysfs files then fail with ENODEV
-    or ENXIO) is skipped instead of failing the caller: other processes
-    attach and release loop devices all the time.
-    """
-    want = os.path.realpath(path)
-    found: list[tuple[int, Path]] = []
-    for block in _SYS_BLOCK.glob("loop*"):
-        number = block.name[4:]
-        if not number.isdigit():
-            continue
-        try:
-            backing = (block / "loop" / "backing_file").read_text().rstrip("\n")
-        except OSError:
-            continue  # a free device (no loop/ directory), or one going away
-        if backing == want:
-            found.append((int(number), Path("/dev") / block.name))
-    return [dev for _, dev in sorted(found)]
-
-
 def image_mountpoints(path: StrPath) -> list[Path]:
     """Where the image is mounted now, through any loop device backed by it."""
-    devices = {str(dev) for dev in loops_backed_by(path)}
+    devices = {str(dev) for dev in loop.loop_devices_for(path)}
     if not devices:
         return []
     return [m.mountpoint for m in read_mountinfo() if m.source in devices]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ._libc import StrPath, os_error
 
-__all__ = ["attach", "attached", "detach", "is_attached", "loop_devices_for"]
+__all__ = ["attach", "attached", "backing_files", "detach", "is_attached", "loop_devices_for"]
 
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
@@ -150,21 +150,30 @@ def detach(dev: StrPath) -> None:
         os.close(fd)
 
 
-def _backing_file(block: Path) -> str | None:
-    try:
-        return (block / "loop" / "backing_file").read_text().rstrip("\n")
-    except (FileNotFoundError, NotADirectoryError):
-        return None  # not a loop device, or a free one
+def backing_files() -> list[tuple[Path, str]]:
+    """Every attached loop device and its backing file (as sysfs shows it), in device order.
+
+    A device being torn down while we look (its sysfs files then fail with
+    ENODEV or ENXIO) is skipped rather than failing the caller: other
+    processes attach and release loop devices all the time.
+    """
+    found: list[tuple[int, Path, str]] = []
+    for block in _SYS_BLOCK.glob("loop*"):
+        number = block.name[4:]
+        if not number.isdigit():
+            continue
+        try:
+            backing = (block / "loop" / "backing_file").read_text().rstrip("\n")
+        except OSError:
+            continue  # a free device (no loop/ directory), or one going away
+        found.append((int(number), Path("/dev") / block.name, backing))
+    return [(dev, backing) for _, dev, backing in sorted(found)]
 
 
 def loop_devices_for(image: StrPath) -> list[Path]:
     """The loop devices whose backing file is ``image``, in device order."""
     want = os.path.realpath(image)
-    found: list[tuple[int, Path]] = []
-    for block in _SYS_BLOCK.glob("loop*"):
-        if _backing_file(block) == want and block.name[4:].isdigit():
-            found.append((int(block.name[4:]), Path("/dev") / block.name))
-    return [dev for _, dev in sorted(found)]
+    return [dev for dev, backing in backing_files() if backing == want]
 
 
 def is_attached(image: StrPath) -> bool:
