@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import field_mask_pb2
 
 from ..errors import (
     AlreadyExists,
@@ -37,8 +37,9 @@ from ..errors import (
 )
 from ..types import Info, Mount, Reclaimed, Usage
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from .api.containerd.types import mount_pb2
-from .service import NAMESPACE_HEADER, SERVICE, info_from_proto, info_to_proto
+from .service import NAMESPACE_HEADER, info_from_proto, info_to_proto
 
 __all__ = ["Client", "error_from_rpc"]
 
@@ -105,59 +106,12 @@ class Client:
         self._metadata = ((NAMESPACE_HEADER, namespace),) if namespace else None
         self._closed = False
         self.channel = grpc.insecure_channel(f"unix:{self.address}", options=_OPTIONS)
-        method = f"/{SERVICE}/"
-        uu = self.channel.unary_unary
-        empty = empty_pb2.Empty.FromString
-        self._prepare = uu(
-            method + "Prepare",
-            request_serializer=pb.PrepareSnapshotRequest.SerializeToString,
-            response_deserializer=pb.PrepareSnapshotResponse.FromString,
-        )
-        self._view = uu(
-            method + "View",
-            request_serializer=pb.ViewSnapshotRequest.SerializeToString,
-            response_deserializer=pb.ViewSnapshotResponse.FromString,
-        )
-        self._mounts = uu(
-            method + "Mounts",
-            request_serializer=pb.MountsRequest.SerializeToString,
-            response_deserializer=pb.MountsResponse.FromString,
-        )
-        self._commit = uu(
-            method + "Commit",
-            request_serializer=pb.CommitSnapshotRequest.SerializeToString,
-            response_deserializer=empty,
-        )
-        self._remove = uu(
-            method + "Remove",
-            request_serializer=pb.RemoveSnapshotRequest.SerializeToString,
-            response_deserializer=empty,
-        )
-        self._stat = uu(
-            method + "Stat",
-            request_serializer=pb.StatSnapshotRequest.SerializeToString,
-            response_deserializer=pb.StatSnapshotResponse.FromString,
-        )
-        self._update = uu(
-            method + "Update",
-            request_serializer=pb.UpdateSnapshotRequest.SerializeToString,
-            response_deserializer=pb.UpdateSnapshotResponse.FromString,
-        )
-        self._list = self.channel.unary_stream(
-            method + "List",
-            request_serializer=pb.ListSnapshotsRequest.SerializeToString,
-            response_deserializer=pb.ListSnapshotsResponse.FromString,
-        )
-        self._usage = uu(
-            method + "Usage",
-            request_serializer=pb.UsageRequest.SerializeToString,
-            response_deserializer=pb.UsageResponse.FromString,
-        )
-        self._cleanup = uu(
-            method + "Cleanup",
-            request_serializer=pb.CleanupRequest.SerializeToString,
-            response_deserializer=empty,
-        )
+        # The generated stub: the method paths and (de)serialisers of every RPC.
+        stub: Any = snapshots_pb2_grpc.SnapshotsStub(self.channel)  # type: ignore[no-untyped-call]
+        self._prepare, self._view, self._mounts = stub.Prepare, stub.View, stub.Mounts
+        self._commit, self._remove, self._stat = stub.Commit, stub.Remove, stub.Stat
+        self._update, self._list, self._usage = stub.Update, stub.List, stub.Usage
+        self._cleanup = stub.Cleanup
 
     def _call(self, rpc: grpc.UnaryUnaryMultiCallable[Any, Any], request: Any) -> Any:
         if self._closed:
