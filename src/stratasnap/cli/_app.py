@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import click
 
+from ..defaults import default_root
 from ..errors import SnapshotError
 
 if TYPE_CHECKING:
@@ -21,15 +22,6 @@ __all__ = ["PROG", "Session", "cli", "default_root", "pairs", "pass_snapshotter"
 PROG = "stratasnap"
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def default_root() -> Path:
-    """``/var/lib/stratasnap`` as root, else ``$XDG_DATA_HOME/stratasnap`` (or ~/.local/share)."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/stratasnap")
-    xdg = os.environ.get("XDG_DATA_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
-    return base / "stratasnap"
 
 
 def pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:

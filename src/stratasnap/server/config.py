@@ -37,6 +37,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ..defaults import default_address, default_root
+
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_BACKEND",
@@ -54,8 +56,9 @@ __all__ = [
     "snapshotter_capabilities",
 ]
 
-DEFAULT_ROOT = Path("/var/lib/stratasnap")
-DEFAULT_ADDRESS = Path("/run/stratasnap/stratasnap.sock")
+# System paths as root, the user's XDG directories otherwise (stratasnap.defaults).
+DEFAULT_ROOT = default_root()
+DEFAULT_ADDRESS = default_address()
 DEFAULT_BACKEND = "native"
 DEFAULT_NAME = "stratasnap"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
