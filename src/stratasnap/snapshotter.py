@@ -111,6 +111,14 @@ class BaseSnapshotter:
     #: value is what a default instance on this kernel offers; an instance may
     #: narrow or widen it from its options and environment.
     capabilities: tuple[str, ...] = ()
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        """The capabilities an instance opened with ``options`` would offer, without opening one.
+
+        Used to write containerd's config before the server runs.
+        """
+        return cls.capabilities
+
     #: Delete a removed snapshot's storage at once (else leave it to cleanup()).
     sync_remove: bool = True
 

@@ -219,3 +219,18 @@ def test_mapping_labels_without_idmapped_layers(
     with open_snapshotter(scratch / "r", "overlay", slow_chown=True) as s:
         [m] = s.prepare("a", labels=mapped)
         assert not any(o.startswith(("uidmap=", "gidmap=")) for o in m.options)
+
+
+def test_containerd_snippet_advertises_what_an_instance_would() -> None:
+    import tomllib
+
+    from stratasnap.server.config import containerd_snippet, load_config
+
+    def caps(**options: object) -> list[str]:
+        cfg = load_config(None, root="/r", address="/s.sock", backend="overlay", options=options)
+        plugin = tomllib.loads(containerd_snippet(cfg))["proxy_plugins"]["stratasnap"]
+        found: list[str] = plugin["capabilities"]
+        return found
+
+    assert caps() == ["rebase", "remap-ids", "only-remap-ids"]
+    assert caps(slow_chown=True) == ["rebase", "remap-ids"]

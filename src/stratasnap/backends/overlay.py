@@ -95,23 +95,12 @@ class OverlaySnapshotter(BaseSnapshotter):
         self.config = OverlayOptions.take(rest)
         self.sync_remove = self.config.sync_remove
         self.mount_options = default_mount_options(self.config.mount_options)
-        self.capabilities = self._capabilities()
+        self.capabilities = _capabilities(self.config.slow_chown)
         super().__init__(root, **rest)
 
-    def _capabilities(self) -> tuple[str, ...]:
-        """What containerd may rely on, as its own overlayfs snapshotter decides it."""
-        caps = []
-        # In a user namespace a rebased layer's whiteouts may not be representable
-        # (no 0/0 device nodes unprivileged); containerd does not offer it there either.
-        if not in_user_namespace():
-            caps.append("rebase")
-        if idmapped_layers_supported():
-            caps.append("remap-ids")
-            # Without slow_chown a mapping we cannot apply is refused, so containerd
-            # must not fall back to chowning the layers itself.
-            if not self.config.slow_chown:
-                caps.append("only-remap-ids")
-        return tuple(caps)
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        return _capabilities(OverlayOptions.take(dict(options)).slow_chown)
 
     # -- hooks -----------------------------------------------------------------------
 
@@ -261,3 +250,19 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _with_upperdir(self, info: Info, sid: int) -> Info:
         labels = {**info.labels, UPPERDIR_LABEL: str(self._fs_dir(sid))}
         return dataclasses.replace(info, labels=labels)
+
+
+def _capabilities(slow_chown: bool) -> tuple[str, ...]:
+    """What containerd may rely on, decided as its own overlayfs snapshotter does."""
+    caps = []
+    # In a user namespace a rebased layer's whiteouts may not be representable
+    # (no 0/0 device nodes unprivileged); containerd does not offer it there either.
+    if not in_user_namespace():
+        caps.append("rebase")
+    if idmapped_layers_supported():
+        caps.append("remap-ids")
+        # Without slow_chown a mapping we cannot apply is refused, so containerd
+        # must not fall back to chowning the layers itself.
+        if not slow_chown:
+            caps.append("only-remap-ids")
+    return tuple(caps)

@@ -454,6 +454,10 @@ def probe_capabilities(snapshotter: SnapshotterConfig) -> tuple[str, ...]:
     if cls is None:
         return ()
     try:
+        for_options = getattr(cls, "capabilities_for", None)
+        if callable(for_options):
+            # What an instance with these options offers (overlay: slow_chown, kernel).
+            return tuple(str(c) for c in for_options(snapshotter.options))
         return snapshotter_capabilities(cls)
     except Exception:
         return ()
