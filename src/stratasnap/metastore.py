@@ -48,9 +48,11 @@ MAX_LABEL_BYTES = 4096
 MAX_KEY_BYTES = 4096
 MAX_LABELS = 1024
 
-# Ids are reserved this many at a time: one durable write per batch instead of one
-# per snapshot. Ids reserved but unused when the process ends are simply skipped.
-_ID_BATCH = 32
+# Ids are reserved in batches: one durable write per batch instead of one per
+# snapshot. Ids reserved but unused when the process ends are simply skipped, so
+# a process starts with batches of one (a CLI call wastes none) and doubles them
+# up to this size as it keeps creating (a busy server).
+_ID_BATCH_MAX = 32
 
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -405,6 +407,7 @@ class MetaStore:
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._ids: list[int] = []
+        self._id_batch = 1
         self._ids_lock = threading.Lock()
         self._closed = False
         self._migrate()
@@ -501,13 +504,14 @@ class MetaStore:
                         (last,) = conn.execute(
                             "UPDATE sequence SET value = value + ? WHERE name = 'snapshot' "
                             "RETURNING value",
-                            (_ID_BATCH,),
+                            (self._id_batch,),
                         ).fetchone()
                     except BaseException:
                         conn.execute("ROLLBACK")
                         raise
                     self._commit(conn)
-                self._ids = list(range(int(last), int(last) - _ID_BATCH, -1))
+                self._ids = list(range(int(last), int(last) - self._id_batch, -1))
+                self._id_batch = min(self._id_batch * 2, _ID_BATCH_MAX)
             return self._ids.pop()
 
     # -- schema --------------------------------------------------------------

@@ -387,3 +387,15 @@ def test_storage_and_option_problems_are_one_line_too(scratch: Path) -> None:
     assert "Not a directory" in line and str(afile) in line
     line = fails(scratch / "store", 3, "--option", "no-such-option=1", "ls")
     assert "no-such-option" in line and line.endswith("invalid argument")
+
+
+def test_rfc3339_keeps_nanoseconds() -> None:
+    from datetime import UTC, datetime
+
+    from stratasnap.cli._format import rfc3339
+    from stratasnap.types import Timestamp
+
+    ns = 1_764_420_000_123_456_789
+    assert rfc3339(Timestamp.from_epoch_ns(ns)) == "2025-11-29T12:40:00.123456789Z"
+    assert rfc3339(Timestamp.from_epoch_ns(ns - 456_789)) == "2025-11-29T12:40:00.123Z"
+    assert rfc3339(datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2025-01-02T03:04:05Z"

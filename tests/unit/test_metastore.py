@@ -268,3 +268,18 @@ def test_times_keep_nanoseconds(store: MetaStore) -> None:
         "SELECT created_ns FROM snapshots WHERE key = 't'"
     ).fetchone()
     assert created.epoch_ns == stored
+
+
+def test_short_lived_processes_waste_no_ids(scratch: Path) -> None:
+    # A CLI call opens the store, creates one snapshot and exits.
+    got = []
+    for i in range(3):
+        s = MetaStore(scratch / "m.db")
+        got.append(create(s, f"k{i}"))
+        s.close()
+    assert got == [1, 2, 3]
+    # A long-lived process reserves more at a time (fewer durable writes), still unique.
+    s = MetaStore(scratch / "m.db")
+    more = [create(s, f"m{i}") for i in range(100)]
+    s.close()
+    assert more == sorted(more) and len(set(more)) == 100 and more[0] == 4

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..types import Info
+from ..types import Info, Timestamp
 
 __all__ = ["human_size", "info_dict", "rfc3339", "table"]
 
@@ -17,8 +17,10 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 def rfc3339(when: datetime) -> str:
     """Like Go's RFC3339Nano: UTC with ``Z``, fraction without trailing zeros."""
+    # A Timestamp from the store keeps nanoseconds; a plain datetime has microseconds.
+    nanos = when.nanosecond if isinstance(when, Timestamp) else when.microsecond * 1000
     when = when.astimezone(UTC)
-    frac = f"{when.microsecond:06d}".rstrip("0")
+    frac = f"{nanos:09d}".rstrip("0")
     return when.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
