@@ -218,8 +218,9 @@ class ReadTx:
             kind=Kind(str(kind)),
             parent=str(parent),
             labels=json.loads(str(labels)) if labels else {},
-            created=_to_datetime(created),
-            updated=_to_datetime(updated),
+            created=(when := _to_datetime(created)),
+            # The same object when equal: the wire conversion then works once.
+            updated=when if updated == created else _to_datetime(updated),
         )
         usage = Usage(size=int(str(size)), inodes=int(str(inodes)))
         parents = self._parent_ids(parent_id) if with_parents and parent_id is not None else ()

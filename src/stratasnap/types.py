@@ -22,8 +22,8 @@ class Timestamp(datetime):
     its microseconds).
     """
 
-    __slots__ = ("_subsecond_ns",)
-    _subsecond_ns: int
+    __slots__ = ("_epoch_ns",)
+    _epoch_ns: int
 
     @classmethod
     def from_epoch_ns(cls, ns: int) -> Timestamp:
@@ -31,20 +31,21 @@ class Timestamp(datetime):
         seconds, sub = divmod(ns, 1_000_000_000)
         d = datetime.fromtimestamp(seconds, UTC)
         t = cls(d.year, d.month, d.day, d.hour, d.minute, d.second, sub // 1000, tzinfo=UTC)
-        t._subsecond_ns = sub
+        t._epoch_ns = ns  # kept, not recomputed: Lists convert thousands of these
         return t
-
-    @property
-    def nanosecond(self) -> int:
-        """Nanoseconds within the second (0 to 999,999,999)."""
-        sub: int = getattr(self, "_subsecond_ns", self.microsecond * 1000)
-        return sub
 
     @property
     def epoch_ns(self) -> int:
         """Nanoseconds since the Unix epoch."""
-        whole = calendar.timegm(self.utctimetuple())
-        return whole * 1_000_000_000 + self.nanosecond
+        ns: int | None = getattr(self, "_epoch_ns", None)
+        if ns is None:  # derived by datetime arithmetic or replace(): microseconds
+            ns = calendar.timegm(self.utctimetuple()) * 1_000_000_000 + self.microsecond * 1000
+        return ns
+
+    @property
+    def nanosecond(self) -> int:
+        """Nanoseconds within the second (0 to 999,999,999)."""
+        return self.epoch_ns % 1_000_000_000
 
 
 class Kind(enum.StrEnum):

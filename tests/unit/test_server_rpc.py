@@ -34,7 +34,7 @@ from stratasnap.server.config import Config, SnapshotterConfig, load_config
 from stratasnap.server.daemon import Server
 from stratasnap.server.service import from_timestamp, to_timestamp
 from stratasnap.snapshotter import Snapshotter
-from stratasnap.types import Info, Kind, Reclaimed
+from stratasnap.types import Info, Kind, Reclaimed, Timestamp
 
 NS = (("containerd-namespace", "k8s.io"),)
 
@@ -111,10 +111,13 @@ def test_stat_sends_kind_timestamps_labels(stub: Any, store: Snapshotter) -> Non
         assert info.kind == kind != pb.UNKNOWN
         assert info.parent == lib.parent
         assert dict(info.labels) == dict(lib.labels)
-        # Full precision: microseconds become nanoseconds, nothing is lost.
+        # Full precision: the store's nanoseconds travel, nothing is lost.
+        assert isinstance(lib.created, Timestamp)
         assert info.created_at.seconds == int(lib.created.timestamp())
-        assert info.created_at.nanos == lib.created.microsecond * 1000
-        assert from_timestamp(info.created_at) == lib.created
+        assert info.created_at.nanos == lib.created.nanosecond
+        assert info.created_at.nanos // 1000 == lib.created.microsecond
+        back = from_timestamp(info.created_at)
+        assert isinstance(back, Timestamp) and back.epoch_ns == lib.created.epoch_ns
         assert from_timestamp(info.updated_at) == lib.updated
     assert stub.Stat(pb.StatSnapshotRequest(key="c")).info.labels["x"] == "y"
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +28,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from ..errors import NotFound, SnapshotError, Unavailable, Unimplemented
 from ..snapshotter import Snapshotter
-from ..types import EPOCH, Info, Kind, Mount
+from ..types import EPOCH, Info, Kind, Mount, Timestamp
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.types import mount_pb2
 from .metrics import Metrics
@@ -68,17 +68,17 @@ _KIND_FROM_PROTO = {pb.ACTIVE: Kind.ACTIVE, pb.VIEW: Kind.VIEW}
 
 
 def to_timestamp(when: datetime) -> timestamp_pb2.Timestamp:
-    """A datetime as a protobuf Timestamp, to the microsecond (naive means UTC)."""
+    """A datetime as a protobuf Timestamp (naive means UTC); a Timestamp keeps its nanoseconds."""
     ts = timestamp_pb2.Timestamp()
-    _set_timestamp(ts, when)
+    ts.seconds, ts.nanos = divmod(_epoch_ns(when), 1_000_000_000)
     return ts
 
 
 def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
-    """A protobuf Timestamp as an aware UTC datetime (nanoseconds cut to microseconds)."""
+    """A protobuf Timestamp as an aware UTC Timestamp, nanoseconds kept."""
     try:
-        return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
-    except (OverflowError, ValueError):
+        return Timestamp.from_epoch_ns(ts.seconds * 1_000_000_000 + ts.nanos)
+    except (OverflowError, ValueError, OSError):
         return EPOCH
 
 
@@ -90,20 +90,20 @@ def info_to_proto(info: Info) -> pb.Info:
         labels=info.labels,
     )
     # Filled in place (no temporary Timestamps): this runs 10,000 times per big List.
-    _set_timestamp(msg.created_at, info.created)
-    if info.updated == info.created:
-        msg.updated_at.CopyFrom(msg.created_at)
-    else:
-        _set_timestamp(msg.updated_at, info.updated)
+    created = _epoch_ns(info.created)
+    msg.created_at.seconds, msg.created_at.nanos = divmod(created, 1_000_000_000)
+    updated = created if info.updated is info.created else _epoch_ns(info.updated)
+    msg.updated_at.seconds, msg.updated_at.nanos = divmod(updated, 1_000_000_000)
     return msg
 
 
-def _set_timestamp(ts: timestamp_pb2.Timestamp, when: datetime) -> None:
+def _epoch_ns(when: datetime) -> int:
+    if isinstance(when, Timestamp):
+        return when.epoch_ns  # the store's nanoseconds
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     d = when - EPOCH
-    ts.seconds = d.days * 86400 + d.seconds
-    ts.nanos = d.microseconds * 1000
+    return (d.days * 86400 + d.seconds) * 1_000_000_000 + d.microseconds * 1000
 
 
 def info_from_proto(msg: pb.Info) -> Info:
