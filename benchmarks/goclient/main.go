@@ -1,0 +1,451 @@
+// Command goclient drives a containerd snapshots v1 server over a unix socket
+// with containerd's generated Go client (SnapshotsClient) on grpc-go, the way
+// containerd's proxy snapshotter calls an external snapshotter. It is the
+// client half of benchmarks/grpc.py; every mode prints one JSON object.
+//
+//	goclient -address /run/ss.sock -mode stat -n 3000 -key K
+//	goclient -address /run/ss.sock -mode stat-concurrent -c 32 -seconds 3 -key K
+//	goclient -address /run/ss.sock -mode pairs -n 200 -prefix r0
+//	goclient -address /run/ss.sock -mode list
+//
+// Build offline against Debian's packages (GOPATH mode):
+//
+//	GO111MODULE=off GOPATH=/usr/share/gocode go build -o goclient .
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+)
+
+const refLabel = "containerd.io/snapshot.ref"
+
+type options struct {
+	address     string
+	snapshotter string
+	namespace   string
+	mode        string
+	n           int
+	warmup      int
+	clients     int
+	conns       int
+	seconds     float64
+	keys        []string
+	prefix      string
+	remove      bool
+	repeat      int
+}
+
+func main() {
+	var o options
+	var key, keysFile string
+	flag.StringVar(&o.address, "address", "", "unix socket of the server (a path or unix://path)")
+	flag.StringVar(&o.snapshotter, "snapshotter", "stratasnap", "the request's snapshotter field")
+	flag.StringVar(&o.namespace, "namespace", "default", "containerd-namespace metadata (\"\": none)")
+	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs or list")
+	flag.IntVar(&o.n, "n", 3000, "calls (stat) or prepare+commit pairs (pairs)")
+	flag.IntVar(&o.warmup, "warmup", 200, "untimed calls first (stat, stat-concurrent: per client)")
+	flag.IntVar(&o.clients, "c", 32, "concurrent clients (stat-concurrent)")
+	flag.IntVar(&o.conns, "conns", 0, "connections the clients share (0: one per client)")
+	flag.Float64Var(&o.seconds, "seconds", 3, "duration of stat-concurrent")
+	flag.StringVar(&key, "key", "", "snapshot to Stat")
+	flag.StringVar(&keysFile, "keys", "", "file of snapshots to Stat in turn, one per line")
+	flag.StringVar(&o.prefix, "prefix", "go", "key prefix of pairs: PREFIX/extract-i, PREFIX/layer-i")
+	flag.BoolVar(&o.remove, "remove", false, "pairs: then remove every PREFIX/layer-i (timed)")
+	flag.IntVar(&o.repeat, "repeat", 5, "Lists (list: the median is reported)")
+	flag.Parse()
+
+	if o.address == "" {
+		fail(fmt.Errorf("-address is required"))
+	}
+	if key != "" {
+		o.keys = append(o.keys, key)
+	}
+	if keysFile != "" {
+		ks, err := readLines(keysFile)
+		if err != nil {
+			fail(err)
+		}
+		o.keys = append(o.keys, ks...)
+	}
+
+	var out map[string]interface{}
+	var err error
+	switch o.mode {
+	case "stat":
+		out, err = runStat(o)
+	case "stat-concurrent":
+		out, err = runStatConcurrent(o)
+	case "pairs":
+		out, err = runPairs(o)
+	case "list":
+		out, err = runList(o)
+	default:
+		err = fmt.Errorf("unknown -mode %q", o.mode)
+	}
+	if err != nil {
+		fail(err)
+	}
+	out["mode"] = o.mode
+	out["grpc_go"] = grpc.Version
+	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
+		fail(err)
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "goclient:", err)
+	os.Exit(1)
+}
+
+func readLines(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var lines []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if line := strings.TrimSpace(sc.Text()); line != "" {
+			lines = append(lines, line)
+		}
+	}
+	return lines, sc.Err()
+}
+
+// dial opens one insecure connection to the socket. grpc-go 1.33 has no
+// unix resolver: the target goes through passthrough and the dialer strips
+// the scheme, as containerd's own dialer does.
+func dial(address string) (*grpc.ClientConn, error) {
+	path := strings.TrimPrefix(address, "unix://")
+	dialer := func(ctx context.Context, target string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", strings.TrimPrefix(target, "unix://"))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return grpc.DialContext(ctx, "unix://"+path,
+		grpc.WithInsecure(),
+		grpc.WithBlock(),
+		grpc.WithContextDialer(dialer),
+		grpc.WithDefaultCallOptions(
+			grpc.MaxCallRecvMsgSize(16<<20),
+			grpc.MaxCallSendMsgSize(16<<20),
+		),
+	)
+}
+
+func (o options) ctx() context.Context {
+	ctx := context.Background()
+	if o.namespace != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "containerd-namespace", o.namespace)
+	}
+	return ctx
+}
+
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	tv := func(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
+	return tv(ru.Utime) + tv(ru.Stime)
+}
+
+func micros(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
+
+// pct is the p-th quantile of sorted durations, in µs.
+func pct(sorted []time.Duration, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted)) * p)
+	if i >= len(sorted) {
+		i = len(sorted) - 1
+	}
+	return micros(sorted[i])
+}
+
+func sortDurations(ds []time.Duration) {
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+}
+
+func meanMicros(ds []time.Duration) float64 {
+	if len(ds) == 0 {
+		return 0
+	}
+	var sum time.Duration
+	for _, d := range ds {
+		sum += d
+	}
+	return micros(sum) / float64(len(ds))
+}
+
+func (o options) needKeys() error {
+	if len(o.keys) == 0 {
+		return fmt.Errorf("-mode %s needs -key or -keys", o.mode)
+	}
+	return nil
+}
+
+func runStat(o options) (map[string]interface{}, error) {
+	if err := o.needKeys(); err != nil {
+		return nil, err
+	}
+	conn, err := dial(o.address)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	client := snapshotsapi.NewSnapshotsClient(conn)
+	ctx := o.ctx()
+	stat := func(i int) error {
+		_, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: o.keys[i%len(o.keys)],
+		})
+		return err
+	}
+	for i := 0; i < o.warmup; i++ {
+		if err := stat(i); err != nil {
+			return nil, err
+		}
+	}
+	lat := make([]time.Duration, o.n)
+	cpu0 := cpuSeconds()
+	start := time.Now()
+	for i := 0; i < o.n; i++ {
+		t0 := time.Now()
+		if err := stat(i); err != nil {
+			return nil, err
+		}
+		lat[i] = time.Since(t0)
+	}
+	wall := time.Since(start)
+	cpu := cpuSeconds() - cpu0
+	mean := meanMicros(lat)
+	sortDurations(lat)
+	return map[string]interface{}{
+		"n":             o.n,
+		"p50_us":        pct(lat, 0.5),
+		"p99_us":        pct(lat, 0.99),
+		"mean_us":       mean,
+		"calls_per_s":   float64(o.n) / wall.Seconds(),
+		"client_cpu_us": cpu / float64(o.n) * 1e6,
+		"wall_s":        wall.Seconds(),
+	}, nil
+}
+
+func runStatConcurrent(o options) (map[string]interface{}, error) {
+	if err := o.needKeys(); err != nil {
+		return nil, err
+	}
+	if o.clients < 1 {
+		return nil, fmt.Errorf("-c must be at least 1")
+	}
+	nconns := o.conns
+	if nconns <= 0 || nconns > o.clients {
+		nconns = o.clients
+	}
+	clients := make([]snapshotsapi.SnapshotsClient, nconns)
+	for i := range clients {
+		conn, err := dial(o.address)
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		clients[i] = snapshotsapi.NewSnapshotsClient(conn)
+	}
+	ctx := o.ctx()
+
+	var (
+		ready, done sync.WaitGroup
+		stop        int32
+		firstErr    error
+		errOnce     sync.Once
+	)
+	begin := make(chan struct{})
+	counts := make([]int, o.clients)
+	lats := make([][]time.Duration, o.clients)
+	ready.Add(o.clients)
+	done.Add(o.clients)
+	for w := 0; w < o.clients; w++ {
+		go func(w int) {
+			defer done.Done()
+			client := clients[w%nconns]
+			i := w
+			stat := func() error {
+				_, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
+					Snapshotter: o.snapshotter, Key: o.keys[i%len(o.keys)],
+				})
+				i += 7
+				return err
+			}
+			var werr error
+			for k := 0; k < o.warmup/o.clients+1 && werr == nil; k++ {
+				werr = stat()
+			}
+			ready.Done()
+			<-begin
+			lat := make([]time.Duration, 0, 4096)
+			for werr == nil && atomic.LoadInt32(&stop) == 0 {
+				t0 := time.Now()
+				werr = stat()
+				lat = append(lat, time.Since(t0))
+			}
+			if werr != nil {
+				errOnce.Do(func() { firstErr = werr })
+				return
+			}
+			counts[w] = len(lat)
+			lats[w] = lat
+		}(w)
+	}
+	ready.Wait()
+	cpu0 := cpuSeconds()
+	start := time.Now()
+	close(begin)
+	time.Sleep(time.Duration(o.seconds * float64(time.Second)))
+	atomic.StoreInt32(&stop, 1)
+	done.Wait()
+	wall := time.Since(start)
+	cpu := cpuSeconds() - cpu0
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	total := 0
+	var all []time.Duration
+	for w := range counts {
+		total += counts[w]
+		all = append(all, lats[w]...)
+	}
+	sortDurations(all)
+	return map[string]interface{}{
+		"clients":       o.clients,
+		"connections":   nconns,
+		"calls":         total,
+		"calls_per_s":   float64(total) / wall.Seconds(),
+		"p50_us":        pct(all, 0.5),
+		"p99_us":        pct(all, 0.99),
+		"client_cpu_us": cpu / float64(max(total, 1)) * 1e6,
+		"client_cores":  cpu / wall.Seconds(),
+		"wall_s":        wall.Seconds(),
+	}, nil
+}
+
+func max(a, b int) int {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+func runPairs(o options) (map[string]interface{}, error) {
+	conn, err := dial(o.address)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	client := snapshotsapi.NewSnapshotsClient(conn)
+	ctx := o.ctx()
+	prep := make([]time.Duration, o.n)
+	commit := make([]time.Duration, o.n)
+	pair := make([]time.Duration, o.n)
+	for i := 0; i < o.n; i++ {
+		ref := fmt.Sprintf("%s-%d", o.prefix, i)
+		extract := fmt.Sprintf("%s/extract-%d", o.prefix, i)
+		t0 := time.Now()
+		if _, err := client.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: extract, Labels: map[string]string{refLabel: ref},
+		}); err != nil {
+			return nil, fmt.Errorf("prepare %s: %w", extract, err)
+		}
+		t1 := time.Now()
+		if _, err := client.Commit(ctx, &snapshotsapi.CommitSnapshotRequest{
+			Snapshotter: o.snapshotter, Name: fmt.Sprintf("%s/layer-%d", o.prefix, i),
+			Key: extract, Labels: map[string]string{refLabel: ref},
+		}); err != nil {
+			return nil, fmt.Errorf("commit %s: %w", extract, err)
+		}
+		t2 := time.Now()
+		prep[i], commit[i], pair[i] = t1.Sub(t0), t2.Sub(t1), t2.Sub(t0)
+	}
+	out := map[string]interface{}{
+		"n":               o.n,
+		"pair_mean_us":    meanMicros(pair),
+		"prepare_mean_us": meanMicros(prep),
+		"commit_mean_us":  meanMicros(commit),
+	}
+	sortDurations(pair)
+	out["pair_p50_us"] = pct(pair, 0.5)
+	out["pair_p99_us"] = pct(pair, 0.99)
+	if o.remove {
+		t0 := time.Now()
+		for i := 0; i < o.n; i++ {
+			name := fmt.Sprintf("%s/layer-%d", o.prefix, i)
+			if _, err := client.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{
+				Snapshotter: o.snapshotter, Key: name,
+			}); err != nil {
+				return nil, fmt.Errorf("remove %s: %w", name, err)
+			}
+		}
+		out["remove_mean_us"] = micros(time.Since(t0)) / float64(max(o.n, 1))
+	}
+	return out, nil
+}
+
+func runList(o options) (map[string]interface{}, error) {
+	conn, err := dial(o.address)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	client := snapshotsapi.NewSnapshotsClient(conn)
+	ctx := o.ctx()
+	var times []time.Duration
+	count, messages := 0, 0
+	for r := 0; r < max(o.repeat, 1); r++ {
+		t0 := time.Now()
+		stream, err := client.List(ctx, &snapshotsapi.ListSnapshotsRequest{Snapshotter: o.snapshotter})
+		if err != nil {
+			return nil, err
+		}
+		count, messages = 0, 0
+		for {
+			resp, err := stream.Recv()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				return nil, err
+			}
+			messages++
+			count += len(resp.Info)
+		}
+		times = append(times, time.Since(t0))
+	}
+	sortDurations(times)
+	return map[string]interface{}{
+		"repeat":   len(times),
+		"infos":    count,
+		"messages": messages,
+		"median_s": times[len(times)/2].Seconds(),
+		"min_s":    times[0].Seconds(),
+	}, nil
+}
