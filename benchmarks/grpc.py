@@ -13,6 +13,15 @@ Both start with the same 10,000 snapshots. Rounds alternate between the two
 - Stat/s from 32 concurrent clients (threads, each with its own channel);
 - List (Walk) of 10,000 snapshots.
 
+The Python client costs ~170 µs of CPU per call itself; containerd's client is
+Go. So when ``go`` and Debian's containerd Go API are installed
+(``apt-get install golang-go golang-github-containerd-containerd-dev``), the
+Go client in ``goclient/`` (containerd's generated ``SnapshotsClient`` on
+grpc-go) is built once into a temp dir (GOPATH mode, offline) and every socket
+phase is measured with it too, as a third side: its rounds alternate with the
+other two, on the same server. Without them one line says so and the tables
+keep the Python client's figures.
+
 Figures, never pass/fail; the targets of issue 3 are printed next to them.
 """
 
@@ -31,9 +40,12 @@ import grpc  # noqa: E402  (the real one, cached for everything below)
 sys.path.insert(0, str(HERE))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -97,6 +109,81 @@ class Server:
         self.log.close()
 
 
+# -- the Go client ---------------------------------------------------------------------
+
+GOCODE = Path("/usr/share/gocode")
+GO_API = GOCODE / "src/github.com/containerd/containerd/api/services/snapshots/v1"
+
+
+def build_goclient(tmp: Path) -> tuple[Path | None, str]:
+    """Build ``goclient/`` into ``tmp``: (binary, description) or (None, why not)."""
+    go = shutil.which("go")
+    if go is None or not GO_API.is_dir():
+        missing = "go" if go is None else str(GO_API)
+        return None, (
+            f"no {missing}: Go-client figures skipped (apt-get install golang-go "
+            "golang-github-containerd-containerd-dev)"
+        )
+    binary = tmp / "goclient"
+    env = dict(os.environ)
+    env.update(
+        GO111MODULE="off",  # GOPATH mode: Debian's sources, no module downloads
+        GOPATH=f"{GOCODE}:{tmp / 'gopath'}",
+        GOCACHE=str(tmp / "gocache"),
+        GOFLAGS="",
+        GOPROXY="off",
+        CGO_ENABLED="0",
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=HERE / "goclient",
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        err = " ".join(proc.stderr.split())[:300]
+        return None, f"building the Go client failed ({err}): Go-client figures skipped"
+    version = subprocess.run([go, "version"], capture_output=True, text=True).stdout.split()
+    return binary, (
+        f"Go client built in {time.perf_counter() - t0:.1f} s "
+        f"({' '.join(version[2:3])}, containerd's generated snapshots v1 client)"
+    )
+
+
+class GoClient:
+    """Runs ``goclient`` modes against one server; each run is a fresh process."""
+
+    def __init__(self, binary: Path, server: Server, keys_file: Path) -> None:
+        self.binary, self.server, self.keys_file = binary, server, keys_file
+
+    def run(self, mode: str, *args: object) -> dict[str, object]:
+        argv = [str(self.binary), "-address", f"unix://{self.server.address}", "-mode", mode]
+        argv += ["-server-pid", str(self.server.proc.pid), *map(str, args)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"goclient {mode} failed: {proc.stderr.strip()}")
+        out: dict[str, object] = json.loads(proc.stdout)
+        return out
+
+
+def go_round(go: GoClient, tag: str, pairs: int, stats: int, warmup: int = 200) -> Round:
+    """:func:`one_round` with the Go client (after ``warmup`` Stats on its new connection)."""
+    args = ("-n", pairs, "-stats", stats, "-prefix", tag, "-keys", go.keys_file)
+    out = go.run("round", *args, "-warmup", warmup)
+    us = 1e-6
+    r = Round()
+    r.prepare = float(out["prepare_mean_us"]) * us  # type: ignore[arg-type]
+    r.commit = float(out["commit_mean_us"]) * us  # type: ignore[arg-type]
+    r.pair = r.prepare + r.commit
+    r.stat = float(out["stat_mean_us"]) * us  # type: ignore[arg-type]
+    r.remove = float(out["remove_mean_us"]) * us  # type: ignore[arg-type]
+    r.latencies = [float(x) * us for x in out["stat_lat_us"]]  # type: ignore[attr-defined]
+    r.server_cpu = float(out.get("server_cpu_us", "nan")) * us  # type: ignore[arg-type]
+    return r
+
+
 # -- the measured phases -----------------------------------------------------------------
 
 
@@ -106,6 +193,7 @@ class Round:
     def __init__(self) -> None:
         self.pair = self.prepare = self.commit = self.stat = self.remove = 0.0
         self.latencies: list[float] = []
+        self.server_cpu = float("nan")  # per Stat, when measured
 
 
 def one_round(sn: Snapshotter, tag: str, pairs: int, stats: int) -> Round:
@@ -197,14 +285,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=3.0, help="of each concurrent phase")
     ap.add_argument("--fs", default="ext4", help="scratch filesystem (ext4, xfs, tmpfs…)")
+    ap.add_argument("--no-go", action="store_true", help="skip the Go client")
     args = ap.parse_args(argv)
 
-    with scratch_fs(args.fs, "4G") as (mnt, desc):
+    with (
+        scratch_fs(args.fs, "4G") as (mnt, desc),
+        tempfile.TemporaryDirectory(prefix="stratasnap-goclient-") as gotmp,
+    ):
         print(f"# gRPC benchmark: stratasnap (native) in-process vs over a unix socket, on {desc}")
         print(
             f"# {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
             f"Python {sys.version.split()[0]}; grpcio {getattr(grpc, '__version__', '?')}"
         )
+        binary: Path | None = None
+        if args.no_go:
+            print("# --no-go: Go-client figures skipped")
+        else:
+            binary, note = build_goclient(Path(gotmp))
+            print(f"# {note}")
         roots = {"in-process": mnt / "inproc", "socket": mnt / "served"}
         t0 = time.perf_counter()
         for root in roots.values():
@@ -214,39 +312,63 @@ def main(argv: list[str] | None = None) -> None:
             f"# populated both stores with {args.snapshots:,} snapshots in "
             f"{time.perf_counter() - t0:.1f} s"
         )
+        keys = [f"bulk/sha256:{i:064x}" for i in range(args.snapshots) if i % 5 != 4]
+        keys_file = Path(gotmp) / "keys.txt"
+        keys_file.write_text("".join(f"{k}\n" for k in keys[:1600]))  # the 2,000 of the CPU phase
+        all_keys_file = Path(gotmp) / "all-keys.txt"
+        all_keys_file.write_text("".join(f"{k}\n" for k in keys))
 
         inproc = open_snapshotter(roots["in-process"], "native")
         server = Server(roots["socket"], mnt / "run" / "ss.sock", mnt / "server.log")
         client = Client(server.address)
         try:
             client.wait_ready()
+            go = GoClient(binary, server, keys_file) if binary else None
             sides: dict[str, Snapshotter] = {"in-process": inproc, "socket": client}
-            for name, sn in sides.items():  # warm-up
-                one_round(sn, f"warm-{name}", 20, 200)
-            results: dict[str, list[Round]] = {name: [] for name in sides}
+            names = [*sides, "socket-go"] if go else list(sides)
+
+            def run_round(name: str, tag: str, pairs: int, stats: int) -> Round:
+                if name == "socket-go":
+                    assert go is not None
+                    return go_round(go, f"{tag}-go", pairs, stats)
+                return one_round(sides[name], tag, pairs, stats)
+
+            for name in names:  # warm-up
+                run_round(name, f"warm-{name}", 20, 200)
+            results: dict[str, list[Round]] = {name: [] for name in names}
             server_cpu: list[float] = []
             client_cpu: list[float] = []
+            go_stat: list[dict[str, object]] = []
             for rnd in range(args.rounds):
-                order = list(sides) if rnd % 2 == 0 else list(reversed(sides))
+                order = names if rnd % 2 == 0 else list(reversed(names))
                 for name in order:
-                    results[name].append(one_round(sides[name], f"r{rnd}", args.pairs, args.stats))
+                    results[name].append(run_round(name, f"r{rnd}", args.pairs, args.stats))
                 # The server's CPU per Stat, measured on its own (clock ticks: many calls).
-                keys = [f"bulk/sha256:{i:064x}" for i in range(2000) if i % 5 != 4]
+                cpu_keys = keys[:1600]
                 cpu0, mine0 = cpu_seconds(server.proc.pid), time.process_time()
                 for i in range(args.stats):
-                    client.stat(keys[i % len(keys)])
+                    client.stat(cpu_keys[i % len(cpu_keys)])
                 server_cpu.append((cpu_seconds(server.proc.pid) - cpu0) / args.stats)
                 client_cpu.append((time.process_time() - mine0) / args.stats)
+                if go:  # the same with the Go client: the 3,000-call stat mode
+                    go_stat.append(go.run("stat", "-n", 3000, "-keys", keys_file))
 
             def med(name: str, attr: str) -> float:
                 return float(statistics.median(getattr(r, attr) for r in results[name]))
 
+            def gomed(runs: list[dict[str, object]], field: str) -> float:
+                return float(statistics.median(float(r[field]) for r in runs))  # type: ignore[arg-type]
+
+            socks = [n for n in names if n != "in-process"]
+            head = {"in-process": "in-process", "socket": "socket (Py)", "socket-go": "socket (Go)"}
+            cols = "".join(f"{head[n]:>14}" for n in names)
+            ratios = "".join(f"{'ratio ' + head[n][8:10]:>9}" for n in socks)
             print()
             print(
                 f"## round trips ({args.rounds} rounds x {args.pairs} prepare+commit pairs, "
                 f"{args.stats} stats, {args.pairs} removes; medians)"
             )
-            print(f"{'operation':<22}{'in-process':>14}{'socket':>14}{'ratio':>9}   target")
+            print(f"{'operation':<22}{cols}{ratios}   target")
             for attr, label in (
                 ("pair", "prepare+commit pair"),
                 ("prepare", "prepare"),
@@ -254,63 +376,89 @@ def main(argv: list[str] | None = None) -> None:
                 ("stat", "stat"),
                 ("remove", "remove"),
             ):
-                a, b = med("in-process", attr), med("socket", attr)
-                print(f"{label:<22}{rate(a):>14}{rate(b):>14}{b / a:>8.1f}x")
-            a, b = med("in-process", "pair"), med("socket", "pair")
-            print(f"{'server overhead/pair':<22}{'':>14}{ms(b - a):>14}{'':>9}   <= 0.5 ms")
+                a = med("in-process", attr)
+                line = "".join(f"{rate(med(n, attr)):>14}" for n in names)
+                line += "".join(f"{med(n, attr) / a:>8.1f}x" for n in socks)
+                print(f"{label:<22}{line}")
+            a = med("in-process", "pair")
+            line = "".join(f"{ms(med(n, 'pair') - a):>14}" for n in socks)
+            print(f"{'server overhead/pair':<22}{'':>14}{line}{'':>{9 * len(socks)}}   <= 0.5 ms")
 
-            lat = {n: sorted(x for r in results[n] for x in r.latencies) for n in sides}
+            lat = {n: sorted(x for r in results[n] for x in r.latencies) for n in names}
 
             def pct(xs: list[float], p: float) -> float:
                 return xs[min(len(xs) - 1, int(len(xs) * p))]
 
             print()
-            print("## Stat, one call at a time")
-            print(f"{'':<22}{'in-process':>14}{'socket':>14}")
             print(
-                f"{'p50 latency':<22}{ms(pct(lat['in-process'], 0.5)):>14}"
-                f"{ms(pct(lat['socket'], 0.5)):>14}   target <= 0.5 ms (socket)"
+                f"## Stat, one call at a time ({args.rounds} x {args.stats} in the rounds, pooled)"
             )
-            print(
-                f"{'p99 latency':<22}{ms(pct(lat['in-process'], 0.99)):>14}"
-                f"{ms(pct(lat['socket'], 0.99)):>14}"
-            )
-            print(
-                f"{'server CPU per Stat':<22}{'':>14}"
-                f"{statistics.median(server_cpu) * 1e6:>11.0f} µs"
-            )
-            print(
-                f"{'client CPU per Stat':<22}{'':>14}"
-                f"{statistics.median(client_cpu) * 1e6:>11.0f} µs   (the Python client; "
-                "containerd's is Go)"
-            )
+            print(f"{'':<22}{cols}")
+            for p, label, target in (
+                (0.5, "p50", "   target <= 0.5 ms (socket)"),
+                (0.99, "p99", ""),
+            ):
+                line = "".join(f"{ms(pct(lat[n], p)):>14}" for n in names)
+                print(f"{label + ' latency':<22}{line}{target}")
+            if go_stat:
+                line = f"{'':>14}{'':>14}{gomed(go_stat, 'p50_us') / 1e3:>11.3f} ms"
+                print(f"{'p50, 3,000-call run':<22}{line}")
+                line = f"{'':>14}{'':>14}{gomed(go_stat, 'calls_per_s'):>12,.0f}/s"
+                print(f"{'calls/s, one at a time':<22}{line}")
+            srv = f"{statistics.median(server_cpu) * 1e6:>11.0f} µs"
+            cli = f"{statistics.median(client_cpu) * 1e6:>11.0f} µs"
+            if go_stat:
+                srv += f"{gomed(go_stat, 'server_cpu_us'):>11.0f} µs"
+                cli += f"{gomed(go_stat, 'client_cpu_us'):>11.0f} µs"
+            print(f"{'server CPU per Stat':<22}{'':>14}{srv}")
+            print(f"{'client CPU per Stat':<22}{'':>14}{cli}   (containerd's client is Go)")
 
-            keys = [f"bulk/sha256:{i:064x}" for i in range(args.snapshots) if i % 5 != 4]
             print()
             print(
-                f"## Stat from {args.clients} concurrent clients ({args.seconds:.0f} s each, "
-                "threads; socket: one channel per thread)"
+                f"## Stat from {args.clients} concurrent clients ({args.seconds:g} s each; "
+                "Python: threads, a channel each; Go: goroutines, a connection each, "
+                "or all on one connection like containerd's proxy)"
             )
             inproc_rate = concurrent_stats(lambda: inproc, keys, args.clients, args.seconds)
             cpu0 = cpu_seconds(server.proc.pid)
+            t0 = time.perf_counter()
             sock_rate = concurrent_stats(
                 lambda: Client(server.address), keys, args.clients, args.seconds
             )
-            cpu = cpu_seconds(server.proc.pid) - cpu0
+            cpu = (cpu_seconds(server.proc.pid) - cpu0) / (time.perf_counter() - t0)
+            conc: dict[str, dict[str, object]] = {}
+            if go:
+                go_args = ("-c", args.clients, "-seconds", args.seconds, "-keys", all_keys_file)
+                conc["own"] = go.run("stat-concurrent", *go_args)
+                conc["one"] = go.run("stat-concurrent", *go_args, "-conns", 1)
+            line = f"{inproc_rate:>12,.0f}/s{sock_rate:>12,.0f}/s"
+            line += "".join(f"{float(c['calls_per_s']):>12,.0f}/s" for c in conc.values())  # type: ignore[arg-type]
             print(
-                f"{'Stat/s':<22}{inproc_rate:>12,.0f}/s{sock_rate:>12,.0f}/s"
-                f"   target >= 3,000/s (socket)"
+                f"{'Stat/s':<22}{'in-process':>14}{'socket (Py)':>14}"
+                + ("" if not conc else f"{'Go, 32 conns':>14}{'Go, 1 conn':>14}")
             )
-            print(f"{'server CPU':<22}{'':>14}{cpu / args.seconds:>10.2f} cores")
+            print(f"{'':<22}{line}   target >= 3,000/s (socket)")
+            line = f"{cpu:>10.2f} cores"
+            line += "".join(f"{float(c['server_cores']):>8.2f} cores" for c in conc.values())  # type: ignore[arg-type]
+            print(f"{'server CPU':<22}{'':>14}{line}")
+            if conc:
+                line = "".join(
+                    f"{float(c['p50_us']) / 1e3:>6.1f}/{float(c['p99_us']) / 1e3:<5.1f}ms"  # type: ignore[arg-type]
+                    for c in conc.values()
+                )
+                print(f"{'Go p50/p99 latency':<22}{'':>14}{'':>14}{line}")
 
             print()
             print("## List of every snapshot (median of 5; the in-process one is walk())")
             a, na = time_list(inproc, 5)
             b, nb = time_list(client, 5)
-            print(
-                f"{'List ' + f'{nb:,}':<22}{ms(a):>14}{ms(b):>14}{b / a:>8.1f}x"
-                "   target <= 300 ms (socket)"
-            )
+            line = f"{ms(a):>14}{ms(b):>14}"
+            if go:
+                gl = go.run("list", "-repeat", 5)
+                line += f"{ms(float(gl['median_s'])):>14}"  # type: ignore[arg-type]
+                assert gl["infos"] == nb, (gl["infos"], nb)
+            print(f"{'':<22}{cols}")
+            print(f"{'List ' + f'{nb:,}':<22}{line}   target <= 300 ms (socket)")
             assert na == nb, (na, nb)
             print(f"\n# load average at the end: {os.getloadavg()[0]:.2f} (the machine is shared)")
         finally:

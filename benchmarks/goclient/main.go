@@ -7,6 +7,11 @@
 //	goclient -address /run/ss.sock -mode stat-concurrent -c 32 -seconds 3 -key K
 //	goclient -address /run/ss.sock -mode pairs -n 200 -prefix r0
 //	goclient -address /run/ss.sock -mode list
+//	goclient -address /run/ss.sock -mode round -n 200 -stats 2000 -prefix r0 -key K
+//
+// round is one round of benchmarks/grpc.py: n prepare+commit pairs, then
+// -stats sequential Stats of the new layers, then n removes (after -warmup
+// untimed Stats of -key on the fresh connection).
 //
 // Build offline against Debian's packages (GOPATH mode):
 //
@@ -50,6 +55,8 @@ type options struct {
 	prefix      string
 	remove      bool
 	repeat      int
+	stats       int
+	serverPid   int
 }
 
 func main() {
@@ -58,7 +65,7 @@ func main() {
 	flag.StringVar(&o.address, "address", "", "unix socket of the server (a path or unix://path)")
 	flag.StringVar(&o.snapshotter, "snapshotter", "stratasnap", "the request's snapshotter field")
 	flag.StringVar(&o.namespace, "namespace", "default", "containerd-namespace metadata (\"\": none)")
-	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs or list")
+	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs, list or round")
 	flag.IntVar(&o.n, "n", 3000, "calls (stat) or prepare+commit pairs (pairs)")
 	flag.IntVar(&o.warmup, "warmup", 200, "untimed calls first (stat, stat-concurrent: per client)")
 	flag.IntVar(&o.clients, "c", 32, "concurrent clients (stat-concurrent)")
@@ -69,6 +76,8 @@ func main() {
 	flag.StringVar(&o.prefix, "prefix", "go", "key prefix of pairs: PREFIX/extract-i, PREFIX/layer-i")
 	flag.BoolVar(&o.remove, "remove", false, "pairs: then remove every PREFIX/layer-i (timed)")
 	flag.IntVar(&o.repeat, "repeat", 5, "Lists (list: the median is reported)")
+	flag.IntVar(&o.stats, "stats", 2000, "round: Stats of PREFIX/layer-(i%n) between the pairs and the removes")
+	flag.IntVar(&o.serverPid, "server-pid", 0, "also report this process's CPU over the timed Stats")
 	flag.Parse()
 
 	if o.address == "" {
@@ -96,6 +105,8 @@ func main() {
 		out, err = runPairs(o)
 	case "list":
 		out, err = runList(o)
+	case "round":
+		out, err = runRound(o)
 	default:
 		err = fmt.Errorf("unknown -mode %q", o.mode)
 	}
@@ -228,6 +239,7 @@ func runStat(o options) (map[string]interface{}, error) {
 		}
 	}
 	lat := make([]time.Duration, o.n)
+	scpu0 := procCPU(o.serverPid)
 	cpu0 := cpuSeconds()
 	start := time.Now()
 	for i := 0; i < o.n; i++ {
@@ -241,7 +253,7 @@ func runStat(o options) (map[string]interface{}, error) {
 	cpu := cpuSeconds() - cpu0
 	mean := meanMicros(lat)
 	sortDurations(lat)
-	return map[string]interface{}{
+	out := map[string]interface{}{
 		"n":             o.n,
 		"p50_us":        pct(lat, 0.5),
 		"p99_us":        pct(lat, 0.99),
@@ -249,7 +261,9 @@ func runStat(o options) (map[string]interface{}, error) {
 		"calls_per_s":   float64(o.n) / wall.Seconds(),
 		"client_cpu_us": cpu / float64(o.n) * 1e6,
 		"wall_s":        wall.Seconds(),
-	}, nil
+	}
+	serverCPU(o, scpu0, o.n, out)
+	return out, nil
 }
 
 func runStatConcurrent(o options) (map[string]interface{}, error) {
@@ -318,6 +332,7 @@ func runStatConcurrent(o options) (map[string]interface{}, error) {
 		}(w)
 	}
 	ready.Wait()
+	scpu0 := procCPU(o.serverPid)
 	cpu0 := cpuSeconds()
 	start := time.Now()
 	close(begin)
@@ -336,7 +351,7 @@ func runStatConcurrent(o options) (map[string]interface{}, error) {
 		all = append(all, lats[w]...)
 	}
 	sortDurations(all)
-	return map[string]interface{}{
+	out := map[string]interface{}{
 		"clients":       o.clients,
 		"connections":   nconns,
 		"calls":         total,
@@ -346,7 +361,12 @@ func runStatConcurrent(o options) (map[string]interface{}, error) {
 		"client_cpu_us": cpu / float64(max(total, 1)) * 1e6,
 		"client_cores":  cpu / wall.Seconds(),
 		"wall_s":        wall.Seconds(),
-	}, nil
+	}
+	if scpu := procCPU(o.serverPid); scpu0 >= 0 && scpu >= 0 {
+		out["server_cores"] = (scpu - scpu0) / wall.Seconds()
+		serverCPU(o, scpu0, total, out)
+	}
+	return out, nil
 }
 
 func max(a, b int) int {
@@ -364,6 +384,21 @@ func runPairs(o options) (map[string]interface{}, error) {
 	defer conn.Close()
 	client := snapshotsapi.NewSnapshotsClient(conn)
 	ctx := o.ctx()
+	out, err := pairs(client, ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	if o.remove {
+		if err := removeLayers(client, ctx, o, out); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// pairs runs o.n prepare+commit pairs (PREFIX/extract-i committed as
+// PREFIX/layer-i, no parent, one label) and reports their times.
+func pairs(client snapshotsapi.SnapshotsClient, ctx context.Context, o options) (map[string]interface{}, error) {
 	prep := make([]time.Duration, o.n)
 	commit := make([]time.Duration, o.n)
 	pair := make([]time.Duration, o.n)
@@ -395,19 +430,22 @@ func runPairs(o options) (map[string]interface{}, error) {
 	sortDurations(pair)
 	out["pair_p50_us"] = pct(pair, 0.5)
 	out["pair_p99_us"] = pct(pair, 0.99)
-	if o.remove {
-		t0 := time.Now()
-		for i := 0; i < o.n; i++ {
-			name := fmt.Sprintf("%s/layer-%d", o.prefix, i)
-			if _, err := client.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{
-				Snapshotter: o.snapshotter, Key: name,
-			}); err != nil {
-				return nil, fmt.Errorf("remove %s: %w", name, err)
-			}
-		}
-		out["remove_mean_us"] = micros(time.Since(t0)) / float64(max(o.n, 1))
-	}
 	return out, nil
+}
+
+// removeLayers removes PREFIX/layer-0..n-1 and reports the mean time.
+func removeLayers(client snapshotsapi.SnapshotsClient, ctx context.Context, o options, out map[string]interface{}) error {
+	t0 := time.Now()
+	for i := 0; i < o.n; i++ {
+		name := fmt.Sprintf("%s/layer-%d", o.prefix, i)
+		if _, err := client.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: name,
+		}); err != nil {
+			return fmt.Errorf("remove %s: %w", name, err)
+		}
+	}
+	out["remove_mean_us"] = micros(time.Since(t0)) / float64(max(o.n, 1))
+	return nil
 }
 
 func runList(o options) (map[string]interface{}, error) {
@@ -448,4 +486,79 @@ func runList(o options) (map[string]interface{}, error) {
 		"median_s": times[len(times)/2].Seconds(),
 		"min_s":    times[0].Seconds(),
 	}, nil
+}
+
+// procCPU is utime+stime of process pid (all its threads) in seconds, from
+// /proc (clock ticks: meaningful over many calls only); -1 without a pid.
+func procCPU(pid int) float64 {
+	if pid <= 0 {
+		return -1
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return -1
+	}
+	s := string(data)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(fields) < 13 {
+		return -1
+	}
+	var utime, stime float64
+	fmt.Sscan(fields[11], &utime)
+	fmt.Sscan(fields[12], &stime)
+	return (utime + stime) / clockTicks
+}
+
+// clockTicks is USER_HZ, 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
+func serverCPU(o options, before float64, calls int, out map[string]interface{}) {
+	after := procCPU(o.serverPid)
+	if before < 0 || after < 0 || calls == 0 {
+		return
+	}
+	out["server_cpu_us"] = (after - before) / float64(calls) * 1e6
+}
+
+func runRound(o options) (map[string]interface{}, error) {
+	conn, err := dial(o.address)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	client := snapshotsapi.NewSnapshotsClient(conn)
+	ctx := o.ctx()
+	for i := 0; i < o.warmup && len(o.keys) > 0; i++ {
+		if _, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: o.keys[i%len(o.keys)],
+		}); err != nil {
+			return nil, err
+		}
+	}
+	out, err := pairs(client, ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	lat := make([]float64, o.stats)
+	var sum time.Duration
+	cpu0 := procCPU(o.serverPid)
+	for i := 0; i < o.stats; i++ {
+		key := fmt.Sprintf("%s/layer-%d", o.prefix, i%max(o.n, 1))
+		t0 := time.Now()
+		if _, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: key,
+		}); err != nil {
+			return nil, fmt.Errorf("stat %s: %w", key, err)
+		}
+		d := time.Since(t0)
+		sum += d
+		lat[i] = micros(d)
+	}
+	serverCPU(o, cpu0, o.stats, out)
+	out["stat_mean_us"] = micros(sum) / float64(max(o.stats, 1))
+	out["stat_lat_us"] = lat
+	if err := removeLayers(client, ctx, o, out); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
