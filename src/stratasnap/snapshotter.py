@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
-from .errors import InvalidArgument, Unimplemented, from_os_error
+from .errors import FailedPrecondition, InvalidArgument, Unimplemented, from_os_error
 from .filters import parse as parse_filters
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree
@@ -31,6 +32,8 @@ from .metastore import MetaStore, Record, clean_labels, validate_key
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
 __all__ = ["BaseSnapshotter", "Snapshotter"]
+
+log = logging.getLogger("stratasnap")
 
 
 @runtime_checkable
@@ -288,22 +291,32 @@ class BaseSnapshotter:
                 os.rename(moved[1], moved[0])
             raise
         if moved is not None and self.sync_remove:
-            self._delete(moved[1])
+            try:
+                self._delete(moved[1])
+            except OSError as exc:
+                # The snapshot is gone (the transaction committed); its storage
+                # waits for cleanup(). Failing here would abort containerd's GC pass.
+                log.warning("removed %s; storage %s left for cleanup: %s", key, moved[1], exc)
 
     def _rename_aside(self, src: Path, dst: Path) -> bool:
-        """Rename storage out of the way; unmount and retry once when it is busy."""
+        """Rename storage out of the way; unmount and retry once when it is busy.
+
+        Any failure is FailedPrecondition ("try again later"): containerd's GC
+        skips such a snapshot and goes on, where any other error would end
+        the whole pass.
+        """
         try:
             os.rename(src, dst)
         except FileNotFoundError:
             return False
         except OSError as exc:
             if exc.errno != errno.EBUSY:
-                raise from_os_error(exc, f"removing {src}") from exc
-            unmount_all_under(src)
+                raise FailedPrecondition(f"cannot move {src} aside: {exc.strerror}") from exc
             try:
+                unmount_all_under(src)
                 os.rename(src, dst)
             except OSError as again:
-                raise from_os_error(again, f"removing {src}") from again
+                raise FailedPrecondition(f"{src} is busy: {again.strerror}") from again
         return True
 
     def stat(self, key: str) -> Info:
