@@ -163,6 +163,15 @@ func dial(address string) (*grpc.ClientConn, error) {
 	)
 }
 
+// connect dials the socket and returns a snapshots client and the function that closes it.
+func connect(address string) (snapshotsapi.SnapshotsClient, func(), error) {
+	conn, err := dial(address)
+	if err != nil {
+		return nil, nil, err
+	}
+	return snapshotsapi.NewSnapshotsClient(conn), func() { conn.Close() }, nil
+}
+
 func (o options) ctx() context.Context {
 	ctx := context.Background()
 	if o.namespace != "" {
@@ -220,12 +229,11 @@ func runStat(o options) (map[string]interface{}, error) {
 	if err := o.needKeys(); err != nil {
 		return nil, err
 	}
-	conn, err := dial(o.address)
+	client, closeConn, err := connect(o.address)
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	client := snapshotsapi.NewSnapshotsClient(conn)
+	defer closeConn()
 	ctx := o.ctx()
 	stat := func(i int) error {
 		_, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
@@ -279,12 +287,12 @@ func runStatConcurrent(o options) (map[string]interface{}, error) {
 	}
 	clients := make([]snapshotsapi.SnapshotsClient, nconns)
 	for i := range clients {
-		conn, err := dial(o.address)
+		client, closeConn, err := connect(o.address)
 		if err != nil {
 			return nil, err
 		}
-		defer conn.Close()
-		clients[i] = snapshotsapi.NewSnapshotsClient(conn)
+		defer closeConn()
+		clients[i] = client
 	}
 	ctx := o.ctx()
 
@@ -377,12 +385,11 @@ func max(a, b int) int {
 }
 
 func runPairs(o options) (map[string]interface{}, error) {
-	conn, err := dial(o.address)
+	client, closeConn, err := connect(o.address)
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	client := snapshotsapi.NewSnapshotsClient(conn)
+	defer closeConn()
 	ctx := o.ctx()
 	out, err := pairs(client, ctx, o)
 	if err != nil {
@@ -449,12 +456,11 @@ func removeLayers(client snapshotsapi.SnapshotsClient, ctx context.Context, o op
 }
 
 func runList(o options) (map[string]interface{}, error) {
-	conn, err := dial(o.address)
+	client, closeConn, err := connect(o.address)
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	client := snapshotsapi.NewSnapshotsClient(conn)
+	defer closeConn()
 	ctx := o.ctx()
 	var times []time.Duration
 	count, messages := 0, 0
@@ -521,12 +527,11 @@ func serverCPU(o options, before float64, calls int, out map[string]interface{})
 }
 
 func runRound(o options) (map[string]interface{}, error) {
-	conn, err := dial(o.address)
+	client, closeConn, err := connect(o.address)
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
-	client := snapshotsapi.NewSnapshotsClient(conn)
+	defer closeConn()
 	ctx := o.ctx()
 	for i := 0; i < o.warmup && len(o.keys) > 0; i++ {
 		if _, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
