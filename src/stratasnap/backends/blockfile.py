@@ -42,7 +42,7 @@ from ..fs.image import (
     used_inodes,
 )
 from ..fs.mountinfo import read_mountinfo
-from ..fs.usage import syncfs
+from ..fs.usage import fsync_path, syncfs
 from ..metastore import Record, validate_key
 from ..snapshotter import BaseSnapshotter
 from ..types import Kind, Mount, Usage
@@ -165,15 +165,15 @@ class BlockfileSnapshotter(BaseSnapshotter):
             if request.size > start:
                 grow_image(image, request.size, probe_fs_type(image) or self.fs_type)
             else:
-                _fsync(image)
+                fsync_path(image)
             if vm_source is not None:
                 (work / "vm").mkdir(mode=0o700)
                 copy_file(vm_source, work / VM_IMAGE)
-                _fsync(work / VM_IMAGE)
-                _fsync(work / "vm")
+                fsync_path(work / VM_IMAGE)
+                fsync_path(work / "vm")
         except MissingTool as exc:
             raise FailedPrecondition(f"growing the image: {exc.strerror}") from exc
-        _fsync(work)
+        fsync_path(work)
 
     def _vm_template(self) -> Path:
         path = self.config.vm_scratch_template
@@ -257,7 +257,7 @@ class BlockfileSnapshotter(BaseSnapshotter):
             for where in image_mountpoints(image):
                 with suppress(OSError):
                     syncfs(where)
-            _fsync(image)
+            fsync_path(image)
 
     # -- removal ---------------------------------------------------------------------
 
@@ -308,14 +308,6 @@ class BlockfileSnapshotter(BaseSnapshotter):
     def _storage_busy(self, path: Path) -> bool:
         # Never delete an image a loop device still holds (cleanup() retries later).
         return bool(self._let_go(path))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _allocated(path: Path) -> int:

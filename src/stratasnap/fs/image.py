@@ -27,6 +27,7 @@ from . import loop
 from ._libc import StrPath
 from .mount import mount, unmount
 from .mountinfo import read_mountinfo
+from .usage import fsync_path
 
 __all__ = [
     "FS_TYPES",
@@ -161,30 +162,27 @@ def make_image(
         finally:
             os.close(fd)
         _run([mkfs, *MKFS_ARGS[fs_type], *mkfs_args, tmp])
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync(dst.parent)
+    fsync_path(dst.parent)
 
 
-def _fsync(path: StrPath) -> None:
+def _superblock_head(path: StrPath) -> bytes:
+    """The image's first bytes: enough for the xfs and the ext superblock fields we read."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        return os.pread(fd, _EXT_SB + 64, 0)
     finally:
         os.close(fd)
 
 
 def probe_fs_type(path: StrPath) -> str | None:
     """``"ext4"`` or ``"xfs"`` from the image's superblock magic; None for anything else."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = os.pread(fd, _EXT_SB + 64, 0)
-    finally:
-        os.close(fd)
+    head = _superblock_head(path)
     if head[:4] == _XFS_MAGIC:
         return "xfs"
     if len(head) >= _EXT_SB + 58:
@@ -201,11 +199,7 @@ def used_inodes(path: StrPath) -> int:
     mounted image prefer ``statvfs`` of its mount point (see
     :func:`image_mountpoints`). Unknown image types count 0.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = os.pread(fd, _EXT_SB + 64, 0)
-    finally:
-        os.close(fd)
+    head = _superblock_head(path)
     if head[:4] == _XFS_MAGIC:
         icount, ifree = _XFS_COUNTS.unpack_from(head, 128)
         return max(int(icount) - int(ifree), 0)
@@ -253,7 +247,7 @@ def grow_image(path: StrPath, size: int, fs_type: str | None = None) -> None:
         _run([resize2fs, os.fspath(path)])
     else:
         _grow_xfs(Path(path), growfs)
-    _fsync(path)
+    fsync_path(path)
 
 
 def _grow_xfs(path: Path, growfs: str) -> None:

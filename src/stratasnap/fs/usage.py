@@ -17,7 +17,7 @@ import stat
 from ..types import Usage
 from ._libc import StrPath, check, libc
 
-__all__ = ["disk_usage", "flush_tree", "syncfs"]
+__all__ = ["disk_usage", "flush_tree", "fsync_path", "syncfs"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _syncfs = libc.syncfs
@@ -108,7 +108,8 @@ def _collect(root: str, limit: int) -> tuple[list[str], list[str]] | None:
     return files, dirs
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: StrPath) -> None:
+    """fsync(2) of a file or directory by path (not through a symlink)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -126,7 +127,7 @@ def flush_tree(path: StrPath, fsync_limit: int = FSYNC_LIMIT) -> None:
     """
     root = os.fspath(path)
     if not stat.S_ISDIR(os.lstat(root).st_mode):
-        _fsync(root)
+        fsync_path(root)
         return
     found = _collect(root, fsync_limit)
     if found is None:
@@ -134,7 +135,7 @@ def flush_tree(path: StrPath, fsync_limit: int = FSYNC_LIMIT) -> None:
         return
     files, dirs = found
     for f in files:
-        _fsync(f)
+        fsync_path(f)
     # Entries after contents, deepest directories first.
     for d in reversed(dirs):
-        _fsync(d)
+        fsync_path(d)
