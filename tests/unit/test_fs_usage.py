@@ -107,13 +107,13 @@ def test_flush_tree_small_fsyncs_each(scratch: Path, monkeypatch: pytest.MonkeyP
     os.symlink("a", root / "link")
     os.mkfifo(root / "fifo")  # opening it would block: must be skipped
     synced: list[str] = []
-    real = usage._fsync
+    real = usage.fsync_path
 
     def spy(path: str) -> None:
         synced.append(path)
         real(path)
 
-    monkeypatch.setattr(usage, "_fsync", spy)
+    monkeypatch.setattr(usage, "fsync_path", spy)
     monkeypatch.setattr(usage, "syncfs", lambda p: pytest.fail("syncfs on a small tree"))
     flush_tree(root)
     rel = [os.path.relpath(p, root) for p in synced]
@@ -128,7 +128,7 @@ def test_flush_tree_large_uses_syncfs(scratch: Path, monkeypatch: pytest.MonkeyP
         (root / str(i)).write_text("x")
     calls: list[object] = []
     monkeypatch.setattr(usage, "syncfs", calls.append)
-    monkeypatch.setattr(usage, "_fsync", lambda p: pytest.fail("fsync per file"))
+    monkeypatch.setattr(usage, "fsync_path", lambda p: pytest.fail("fsync per file"))
     flush_tree(root, fsync_limit=5)
     assert calls == [str(root)]
 
