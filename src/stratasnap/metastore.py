@@ -469,13 +469,21 @@ class MetaStore:
     @contextmanager
     def write(self) -> Iterator[WriteTx]:
         """A write transaction: committed when the block ends, rolled back on error."""
+        with self._immediate() as conn:
+            yield WriteTx(conn)
+
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE under the process write lock; COMMIT at the end, ROLLBACK on error."""
         conn = self._conn()
         if conn.in_transaction:
+            # Nesting would deadlock on the write lock (and a reserved id must be
+            # durable on its own, before the caller's transaction).
             raise RuntimeError("write transaction inside another transaction on this thread")
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield WriteTx(conn)
+                yield conn
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -494,23 +502,12 @@ class MetaStore:
         """An id no snapshot has had or will have, made durable before it is returned."""
         with self._ids_lock:
             if not self._ids:
-                conn = self._conn()
-                if conn.in_transaction:
-                    # The reservation must be durable on its own, before the caller's
-                    # transaction; nesting would also deadlock on the write lock.
-                    raise RuntimeError("reserve_id() inside a transaction on this thread")
-                with self._write_lock:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        (last,) = conn.execute(
-                            "UPDATE sequence SET value = value + ? WHERE name = 'snapshot' "
-                            "RETURNING value",
-                            (self._id_batch,),
-                        ).fetchone()
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
-                    self._commit(conn)
+                with self._immediate() as conn:
+                    (last,) = conn.execute(
+                        "UPDATE sequence SET value = value + ? WHERE name = 'snapshot' "
+                        "RETURNING value",
+                        (self._id_batch,),
+                    ).fetchone()
                 self._ids = list(range(int(last), int(last) - self._id_batch, -1))
                 self._id_batch = min(self._id_batch * 2, _ID_BATCH_MAX)
             return self._ids.pop()
@@ -518,37 +515,30 @@ class MetaStore:
     # -- schema --------------------------------------------------------------
 
     def _migrate(self) -> None:
-        conn = self._conn()
-        with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                has_meta = conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        with self._immediate() as conn:
+            has_meta = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            if not has_meta:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            else:
+                (version,) = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'schema_version'"
                 ).fetchone()
-                if not has_meta:
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            conn.execute(stmt)
-                    conn.execute(
-                        "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                version = int(version)
+                if version > SCHEMA_VERSION:
+                    raise Unavailable(
+                        f"metadata {self.path} has schema version {version}; this "
+                        f"stratasnap understands up to {SCHEMA_VERSION}: upgrade stratasnap"
                     )
-                else:
-                    (version,) = conn.execute(
-                        "SELECT value FROM meta WHERE name = 'schema_version'"
-                    ).fetchone()
-                    version = int(version)
-                    if version > SCHEMA_VERSION:
-                        raise Unavailable(
-                            f"metadata {self.path} has schema version {version}; this "
-                            f"stratasnap understands up to {SCHEMA_VERSION}: upgrade stratasnap"
-                        )
-                    while version < SCHEMA_VERSION:
-                        MIGRATIONS[version](conn)
-                        version += 1
-                    conn.execute(
-                        "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
-                    )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            self._commit(conn)
+                while version < SCHEMA_VERSION:
+                    MIGRATIONS[version](conn)
+                    version += 1
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
+                )
