@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
@@ -179,8 +178,11 @@ class BaseSnapshotter:
         The default unmounts everything still mounted below ``path``.
         """
         if mounts_under(path):
-            with suppress(OSError):
+            try:
                 unmount_all_under(path)
+            except OSError as exc:
+                # _delete() sees the mount that stayed and keeps the directory.
+                log.warning("storage %s is busy, left for a later cleanup(): %s", path, exc)
 
     def _storage_busy(self, path: Path) -> bool:
         """Whether storage below ``path`` is still in use where the mount table does not show.
@@ -357,7 +359,9 @@ class BaseSnapshotter:
         doomed: list[Path] = []
         with self._store.write() as tx:
             owned = tx.id_map()
-            for entry in os.scandir(self.snapshots_dir):
+            with os.scandir(self.snapshots_dir) as it:
+                entries = list(it)  # closed even when a rename below fails
+            for entry in entries:
                 path = Path(entry.path)
                 name = entry.name
                 if name.isdigit():
@@ -401,7 +405,9 @@ class BaseSnapshotter:
         """
         with self._store.write() as tx:
             owned = tx.id_map()
-            for entry in os.scandir(self.snapshots_dir):
+            with os.scandir(self.snapshots_dir) as it:
+                entries = list(it)
+            for entry in entries:
                 sid = entry.name[3:]
                 if entry.name.startswith("rm-") and sid.isdigit() and int(sid) in owned:
                     back = self.storage_dir(int(sid))

@@ -99,10 +99,11 @@ class BlockfileSnapshotter(BaseSnapshotter):
     def _ensure_template(self) -> None:
         # A template build killed half-way leaves its temporary file; under
         # the lock nobody else is building one, so it can go.
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(f".{TEMPLATE}.tmp-"):
-                with suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+        with os.scandir(self.root) as it:
+            leftovers = [e.path for e in it if e.name.startswith(f".{TEMPLATE}.tmp-")]
+        for path in leftovers:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
         cfg = self.config
         if cfg.recreate_scratch or not self.template.exists():
             try:
