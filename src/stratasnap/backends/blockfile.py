@@ -255,9 +255,12 @@ class BlockfileSnapshotter(BaseSnapshotter):
             # Still mounted: syncfs writes the data and the committed metadata
             # through the loop device into the image, so the layer reads right
             # even through a read-only mount that does not replay the journal.
+            # An I/O error there fails the commit: the layer would not be durable.
             for where in image_mountpoints(image):
-                with suppress(OSError):
+                try:
                     syncfs(where)
+                except FileNotFoundError:
+                    continue  # unmounted and its directory removed meanwhile
             fsync_path(image)
 
     # -- removal ---------------------------------------------------------------------
