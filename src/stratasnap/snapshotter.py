@@ -30,7 +30,7 @@ from .fs.usage import disk_usage, flush_tree
 from .metastore import MetaStore, Record, clean_labels, validate_key
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["BaseSnapshotter", "Snapshotter"]
+__all__ = ["BaseSnapshotter", "Snapshotter", "unknown_options"]
 
 log = logging.getLogger("stratasnap")
 
@@ -126,9 +126,7 @@ class BaseSnapshotter:
 
     def __init__(self, root: str | Path, **options: object) -> None:
         if options:
-            raise InvalidArgument(
-                f"unknown option(s) {', '.join(sorted(options))} for backend {self.backend_name!r}"
-            )
+            raise unknown_options(self.backend_name, options)
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
@@ -427,6 +425,12 @@ class BaseSnapshotter:
             return False
         _rmtree(path)
         return True
+
+
+def unknown_options(backend: str, options: Mapping[str, object]) -> InvalidArgument:
+    """The error for options a backend does not know (its own ones taken out first)."""
+    names = ", ".join(sorted(options))
+    return InvalidArgument(f"unknown option(s) {names} for backend {backend!r}")
 
 
 def _rmtree(path: Path) -> None:

@@ -44,7 +44,7 @@ from ..fs.image import (
 from ..fs.mountinfo import read_mountinfo
 from ..fs.usage import fsync_path, syncfs
 from ..metastore import Record, validate_key
-from ..snapshotter import BaseSnapshotter
+from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Kind, Mount, Usage
 from .blockfile_config import VM_SCRATCH_LABEL, BlockfileConfig, ScratchRequest
 
@@ -68,6 +68,13 @@ class BlockfileSnapshotter(BaseSnapshotter):
     """
 
     backend_name = "blockfile"
+
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        _, rest = BlockfileConfig.from_options(options)  # refuses what opening would
+        if rest:
+            raise unknown_options(cls.backend_name, rest)
+        return cls.capabilities
 
     def __init__(self, root: str | Path, **options: object) -> None:
         self.config, rest = BlockfileConfig.from_options(options)
