@@ -351,6 +351,10 @@ class BaseSnapshotter:
         with self._store.read() as tx:
             return tx.count_by_kind()
 
+    def commit_batch_sizes(self) -> dict[int, int]:
+        """How many metadata commits made how many write calls durable (for metrics)."""
+        return self._store.batch_sizes()
+
     def cleanup(self) -> Reclaimed:
         doomed: list[Path] = []
         with self._store.write() as tx:
