@@ -37,10 +37,12 @@ MAX_BATCH = 64
 class _Batch:
     """One open transaction and the callers waiting for it to be durable."""
 
-    __slots__ = ("done", "error", "members")
+    __slots__ = ("done", "error", "finished", "members")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        # Made only when a caller is left waiting: a lone caller commits itself.
+        self.done: threading.Event | None = None
+        self.finished = False
         self.error: BaseException | None = None
         self.members = 0  # operations that succeeded inside it
 
@@ -98,11 +100,13 @@ class GroupCommit:
         if self.current() is not None:
             # The turn is not reentrant: nesting would wait for itself forever.
             raise RuntimeError("write transaction inside another one on this thread")
-        with self._queue_lock:
-            self._queued += 1
-        self._turn.acquire()
-        with self._queue_lock:
-            self._queued -= 1
+        if not self._turn.acquire(blocking=False):
+            # Counted while waiting, so that the holder leaves the batch open for us.
+            with self._queue_lock:
+                self._queued += 1
+            self._turn.acquire()
+            with self._queue_lock:
+                self._queued -= 1
         batch = self._batch
         first = batch is None
         try:
@@ -133,7 +137,9 @@ class GroupCommit:
         self._local.conn = None
         batch.members += 1
         self._end_turn()
-        batch.done.wait()
+        if not batch.finished:
+            assert batch.done is not None  # made when the turn was handed on
+            batch.done.wait()
         if batch.error is not None:
             raise batch.error
 
@@ -168,13 +174,15 @@ class GroupCommit:
                 batch.error = sqlite3.OperationalError(
                     "the shared write transaction was rolled back before its commit"
                 )
-            self._turn.release()
-            batch.done.set()
+            self._finish(batch)
             return
-        with self._queue_lock:
-            queued = self._queued
-        if queued and batch.members < self.max_batch:
-            self._turn.release()  # the next caller's operation joins this batch
+        if self._queued and batch.members < self.max_batch:
+            # The next caller's operation joins this batch. (Reading the count
+            # unlocked is safe: a caller counts itself before it waits for the
+            # turn, so one we miss finds the turn free or the batch committed.)
+            if batch.done is None:
+                batch.done = threading.Event()
+            self._turn.release()
             return
         self._batch = None
         try:
@@ -188,5 +196,11 @@ class GroupCommit:
             if batch.members:
                 with self._queue_lock:
                     self._sizes[batch.members] += 1
-            self._turn.release()
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        """Give up the turn and wake the batch's callers (its outcome is set)."""
+        batch.finished = True
+        self._turn.release()
+        if batch.done is not None:
             batch.done.set()
