@@ -24,12 +24,18 @@ _syncfs = libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
 _syncfs.restype = ctypes.c_int
 
-# Above this many files and directories, one syncfs(2) instead of an fsync per file. Each
-# fsync on ext4 is a journal commit plus a device flush; measured on an ext4
-# loop image on this VM's disk (4 KiB files): 8 files 4.5 ms fsync each vs
-# 1.2 ms syncfs, 128 files 72 vs 3 ms, 2048 files 1.16 s vs 25 ms. syncfs
-# also writes back whatever *else* is dirty on the filesystem, an unbounded
-# cost on a busy node, so a handful of files still get their own fsync.
+# Above this many files and directories, one syncfs(2) instead of an fsync
+# each. Each fsync on ext4 is a journal commit plus a device flush; syncfs is
+# one of each, but it also writes back whatever *else* is dirty on the
+# filesystem, an unbounded cost on a busy node; so a handful of entries get
+# their own fsync. benchmarks/flush.py on a fresh ext4 loop (shared machine,
+# medians of 5): four 64 KiB files, fsync each 34 ms, syncfs 11 ms; the same
+# with 256 MiB of other data dirty on the filesystem, fsync each 19 ms, syncfs
+# 274 ms (14x); ten 1 MiB files (containerd's benchsuite layer) fsync each 62
+# ms, syncfs 22 ms; 30,000 files of 4 KiB, syncfs 0.9 s (an fsync each would
+# take minutes). Starting writeback of every file first with
+# sync_file_range(SYNC_FILE_RANGE_WRITE) and then fsyncing each gained little
+# (0.82x-1.14x of plain fsyncs), so it is not used.
 FSYNC_LIMIT = 8
 
 
