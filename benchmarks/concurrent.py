@@ -1,4 +1,4 @@
-"""Concurrent mixed load in-process: group commit on against off, same store, alternated.
+"""Concurrent mixed load: group commit on against off (in-process), or two servers (socket).
 
 Run: ``.venv/bin/python benchmarks/concurrent.py [--backend overlay] [--clients 64]``
 as root (the store goes on a fresh ext4 loop filesystem; ``--fs`` picks
@@ -12,6 +12,14 @@ shows that a lone caller pays nothing for it. Prints ops/s per round, the
 medians and their ratio (on / off), and how many write calls each commit
 carried.
 
+``--socket REF_SRC`` measures through the unix socket instead: this checkout's
+server (``python -m stratasnap.server serve``) against the same command run from
+another checkout's ``src`` directory (e.g. ``git archive <rev> src | tar -x -C
+/tmp/ref``, a commit before group commit), each on its own root on the same
+scratch filesystem, rounds alternated; every client thread has its own
+:class:`~stratasnap.server.client.Client` (Python: about 170 µs of client CPU
+per call, so on a small machine the clients share the CPU with the server).
+
 The machine this runs on may be shared: compare ratios from one run, not
 figures from different runs. Figures, never pass/fail.
 """
@@ -19,34 +27,50 @@ figures from different runs. Figures, never pass/fail.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+# benchmarks/grpc.py would shadow the grpc package: import the real one first.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import grpc  # noqa: E402, F401
 
-from _scratch import scratch_fs
+sys.path.insert(0, str(HERE))
 
-from stratasnap import open_snapshotter
-from stratasnap.group_commit import MAX_BATCH
-from stratasnap.snapshotter import BaseSnapshotter
+from _scratch import scratch_fs  # noqa: E402
+
+from stratasnap import open_snapshotter  # noqa: E402
+from stratasnap.group_commit import MAX_BATCH  # noqa: E402
+from stratasnap.server.client import Client  # noqa: E402
+from stratasnap.snapshotter import Snapshotter  # noqa: E402
 
 OPS_PER_CYCLE = 6  # prepare, stat, commit, stat, list, remove
 
 
-def round_ops(sn: BaseSnapshotter, clients: int, seconds: float, tag: str) -> float:
-    """Calls per second from ``clients`` threads running mixed cycles for ``seconds``."""
+def round_ops(
+    connect: Callable[[], Snapshotter], clients: int, seconds: float, tag: str, own: bool = False
+) -> float:
+    """Calls per second from ``clients`` threads running mixed cycles for ``seconds``.
+
+    Each thread calls through its own ``connect()`` (closed at the end when ``own``).
+    """
     counts = [0] * clients
     errors: list[BaseException] = []
     start = threading.Barrier(clients + 1)
     stop = threading.Event()
 
     def work(n: int) -> None:
-        own = f'labels."client"=={tag}-{n}'
+        mine = f'labels."client"=={tag}-{n}'
         labels = {"client": f"{tag}-{n}"}
+        sn = connect()
         start.wait()
         i = 0
         try:
@@ -56,12 +80,15 @@ def round_ops(sn: BaseSnapshotter, clients: int, seconds: float, tag: str) -> fl
                 sn.stat(key)
                 sn.commit(name, key, labels)
                 sn.stat(name)
-                list(sn.walk(own))
+                list(sn.walk(mine))
                 sn.remove(name)
                 counts[n] += OPS_PER_CYCLE
                 i += 1
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            if own:
+                sn.close()
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(clients)]
     for t in threads:
@@ -78,6 +105,73 @@ def round_ops(sn: BaseSnapshotter, clients: int, seconds: float, tag: str) -> fl
     return sum(counts) / elapsed
 
 
+class Server:
+    """``python -m stratasnap.server serve`` on ``root`` (overlay), from the ``src`` given."""
+
+    def __init__(self, src: Path, backend: str, root: Path, log: Path) -> None:
+        self.address = root.parent / f"{root.name}.sock"
+        argv = [sys.executable, "-m", "stratasnap.server", "serve", "--root", str(root)]
+        argv += ["--backend", backend, "--address", str(self.address), "--log-level", "warning"]
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        self.log = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not self.address.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def socket_main(args: argparse.Namespace) -> None:
+    here = Path(__file__).resolve().parents[1] / "src"
+    sides = {"this": here, "ref": Path(args.socket).resolve()}
+    with scratch_fs(args.fs, "4G") as (mnt, desc):
+        print(f"# {args.backend} through the socket on {desc}; {args.clients} Python clients")
+        print(f"# this = {here}, ref = {sides['ref']}; the machine may be shared: read ratios")
+        servers = {
+            name: Server(src, args.backend, mnt / f"root-{name}", mnt / f"{name}.log")
+            for name, src in sides.items()
+        }
+        try:
+            for server in servers.values():
+                with Client(server.address) as c:
+                    c.prepare("base-a")
+                    c.commit("base", "base-a")
+            results: dict[str, list[float]] = {name: [] for name in servers}
+            for r in range(args.rounds):
+                order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
+                for name in order:
+                    address = servers[name].address
+                    rate = round_ops(
+                        lambda a=address: Client(a), args.clients, args.seconds, f"r{r}", own=True
+                    )
+                    results[name].append(rate)
+                    print(f"round {r + 1}: {name:>4}: {rate:8,.0f} ops/s")
+        finally:
+            for server in servers.values():
+                server.stop()
+    this, ref = (statistics.median(results[n]) for n in ("this", "ref"))
+    print(f"\nmedians: this {this:,.0f} ops/s, ref {ref:,.0f} ops/s: {this / ref:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--backend", default="overlay", help="overlay (default) or native")
@@ -85,7 +179,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64, help="concurrent threads (default 64)")
     ap.add_argument("--seconds", type=float, default=4.0, help="per round (default 4)")
     ap.add_argument("--rounds", type=int, default=3, help="per setting (default 3)")
+    ap.add_argument("--socket", metavar="REF_SRC", help="through the socket, against this src")
     args = ap.parse_args()
+    if args.socket:
+        socket_main(args)
+        return
 
     with scratch_fs(args.fs, "4G") as (mnt, desc):
         print(f"# {args.backend} on {desc}; {args.clients} clients, {args.seconds:g} s rounds")
@@ -104,13 +202,15 @@ def main() -> None:
                     group.max_batch = MAX_BATCH if setting == "on" else 1
                     before = Counter(sn.commit_batch_sizes())
                     seconds = args.seconds if clients > 1 else args.seconds / 2
-                    rate = round_ops(sn, clients, seconds, f"r{n}")
+                    rate = round_ops(lambda: sn, clients, seconds, f"r{n}")
                     n += 1
                     if setting == "on" and clients > 1:
                         batches += Counter(sn.commit_batch_sizes()) - before
                     results.setdefault((clients, setting), []).append(rate)
-                    print(f"round {r + 1}: {clients:>3} clients, group commit {setting:>3}: "
-                          f"{rate:8,.0f} ops/s")
+                    print(
+                        f"round {r + 1}: {clients:>3} clients, group commit {setting:>3}: "
+                        f"{rate:8,.0f} ops/s"
+                    )
         sn.close()
     print()
     print(f"{'clients':>8} {'on ops/s':>10} {'off ops/s':>10} {'on/off':>7}")
@@ -121,8 +221,10 @@ def main() -> None:
     commits = sum(batches.values())
     calls = sum(size * k for size, k in batches.items())
     print()
-    print(f"with {args.clients} clients, group commit on: {calls:,} write calls in "
-          f"{commits:,} commits ({calls / max(commits, 1):.1f} per commit)")
+    print(
+        f"with {args.clients} clients, group commit on: {calls:,} write calls in "
+        f"{commits:,} commits ({calls / max(commits, 1):.1f} per commit)"
+    )
     print("  batch size: " + ", ".join(f"{s}: {batches[s]}" for s in sorted(batches)))
 
 
