@@ -19,6 +19,10 @@ another checkout's ``src`` directory (e.g. ``git archive <rev> src | tar -x -C
 scratch filesystem, rounds alternated; every client thread has its own
 :class:`~stratasnap.server.client.Client` (Python: about 170 µs of client CPU
 per call, so on a small machine the clients share the CPU with the server).
+With ``--go`` the clients are goroutines of ``goclient/`` (containerd's generated
+Go client, mode ``mixed-concurrent``, all on one connection as containerd's proxy
+plugin calls), built offline as ``goclient/main.go`` says (needs ``golang-go`` and
+``golang-github-containerd-containerd-dev``).
 
 The machine this runs on may be shared: compare ratios from one run, not
 figures from different runs. Figures, never pass/fail.
@@ -27,6 +31,7 @@ figures from different runs. Figures, never pass/fail.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -140,11 +145,39 @@ class Server:
         self.log.close()
 
 
+def build_goclient(out: Path) -> Path:
+    """``goclient`` built offline against Debian's Go packages (GOPATH mode)."""
+    binary = out / "goclient"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode"}
+    env.setdefault("GOCACHE", str(out / "gocache"))
+    done = subprocess.run(
+        ["go", "build", "-o", str(binary), "."],
+        cwd=HERE / "goclient",
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"cannot build goclient (--go):\n{done.stderr}")
+    return binary
+
+
+def go_round(binary: Path, address: Path, clients: int, seconds: float, tag: str) -> float:
+    argv = [str(binary), "-address", f"unix://{address}", "-mode", "mixed-concurrent"]
+    argv += ["-c", str(clients), "-conns", "1", "-seconds", str(seconds)]
+    argv += ["-prefix", tag, "-key", "base"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"goclient failed: {done.stderr.strip()}")
+    return float(json.loads(done.stdout)["ops_per_s"])
+
+
 def socket_main(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parents[1] / "src"
     sides = {"this": here, "ref": Path(args.socket).resolve()}
     with scratch_fs(args.fs, "4G") as (mnt, desc):
-        print(f"# {args.backend} through the socket on {desc}; {args.clients} Python clients")
+        kind = "Go (one connection)" if args.go else "Python"
+        print(f"# {args.backend} through the socket on {desc}; {args.clients} {kind} clients")
         print(f"# this = {here}, ref = {sides['ref']}; the machine may be shared: read ratios")
         servers = {
             name: Server(src, args.backend, mnt / f"root-{name}", mnt / f"{name}.log")
@@ -156,13 +189,17 @@ def socket_main(args: argparse.Namespace) -> None:
                     c.prepare("base-a")
                     c.commit("base", "base-a")
             results: dict[str, list[float]] = {name: [] for name in servers}
+            binary = build_goclient(mnt) if args.go else None
             for r in range(args.rounds):
                 order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
                 for name in order:
                     address = servers[name].address
-                    rate = round_ops(
-                        lambda a=address: Client(a), args.clients, args.seconds, f"r{r}", own=True
-                    )
+                    if binary is not None:
+                        rate = go_round(binary, address, args.clients, args.seconds, f"r{r}")
+                    else:
+                        rate = round_ops(
+                            lambda a=address: Client(a), args.clients, args.seconds, f"r{r}", True
+                        )
                     results[name].append(rate)
                     print(f"round {r + 1}: {name:>4}: {rate:8,.0f} ops/s")
         finally:
@@ -180,7 +217,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="per round (default 4)")
     ap.add_argument("--rounds", type=int, default=3, help="per setting (default 3)")
     ap.add_argument("--socket", metavar="REF_SRC", help="through the socket, against this src")
+    ap.add_argument("--go", action="store_true", help="--socket with Go clients (goclient/)")
     args = ap.parse_args()
+    if args.go and not args.socket:
+        ap.error("--go needs --socket")
     if args.socket:
         socket_main(args)
         return
