@@ -12,11 +12,13 @@ shows that a lone caller pays nothing for it. Prints ops/s per round, the
 medians and their ratio (on / off), and how many write calls each commit
 carried.
 
-``--socket REF_SRC`` measures through the unix socket instead: this checkout's
-server (``python -m stratasnap.server serve``) against the same command run from
-another checkout's ``src`` directory (e.g. ``git archive <rev> src | tar -x -C
-/tmp/ref``, a commit before group commit), each on its own root on the same
-scratch filesystem, rounds alternated; every client thread has its own
+``--socket REF`` measures through the unix socket instead: this checkout's
+server (``python -m stratasnap.server serve``) against REF, each on its own root
+on the same scratch filesystem, rounds alternated. REF is another checkout's
+``src`` directory (e.g. ``git archive <rev> src | tar -x -C /tmp/ref``, a commit
+before group commit: the same command run from there), or ``containerd``:
+containerd's own overlay snapshotter served by ``goproxy/`` (Go, containerd's
+snapshotservice, built like goclient). Without ``--go`` every client thread has its own
 :class:`~stratasnap.server.client.Client` (Python: about 170 µs of client CPU
 per call, so on a small machine the clients share the CPU with the server).
 With ``--go`` the clients are goroutines of ``goclient/`` (containerd's generated
@@ -111,12 +113,17 @@ def round_ops(
 
 
 class Server:
-    """``python -m stratasnap.server serve`` on ``root`` (overlay), from the ``src`` given."""
+    """A snapshots server on ``root``: ``python -m stratasnap.server serve`` from ``src``,
+    or, when ``src`` is a ``goproxy`` binary, containerd's overlay snapshotter."""
 
     def __init__(self, src: Path, backend: str, root: Path, log: Path) -> None:
         self.address = root.parent / f"{root.name}.sock"
-        argv = [sys.executable, "-m", "stratasnap.server", "serve", "--root", str(root)]
-        argv += ["--backend", backend, "--address", str(self.address), "--log-level", "warning"]
+        if src.name == "goproxy":
+            argv = [str(src), "-root", str(root), "-address", str(self.address)]
+        else:
+            argv = [sys.executable, "-m", "stratasnap.server", "serve", "--root", str(root)]
+            argv += ["--backend", backend, "--address", str(self.address)]
+            argv += ["--log-level", "warning"]
         env = {**os.environ, "PYTHONPATH": str(src)}
         self.log = open(log, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
@@ -145,20 +152,20 @@ class Server:
         self.log.close()
 
 
-def build_goclient(out: Path) -> Path:
-    """``goclient`` built offline against Debian's Go packages (GOPATH mode)."""
-    binary = out / "goclient"
+def build_go(name: str, out: Path) -> Path:
+    """``goclient`` or ``goproxy`` built offline against Debian's Go packages (GOPATH mode)."""
+    binary = out / name
     env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode"}
     env.setdefault("GOCACHE", str(out / "gocache"))
     done = subprocess.run(
         ["go", "build", "-o", str(binary), "."],
-        cwd=HERE / "goclient",
+        cwd=HERE / name,
         env=env,
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        raise SystemExit(f"cannot build goclient (--go):\n{done.stderr}")
+        raise SystemExit(f"cannot build {name}:\n{done.stderr}")
     return binary
 
 
@@ -174,8 +181,12 @@ def go_round(binary: Path, address: Path, clients: int, seconds: float, tag: str
 
 def socket_main(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parents[1] / "src"
-    sides = {"this": here, "ref": Path(args.socket).resolve()}
     with scratch_fs(args.fs, "4G") as (mnt, desc):
+        if args.socket == "containerd":
+            ref = build_go("goproxy", mnt)
+        else:
+            ref = Path(args.socket).resolve()
+        sides = {"this": here, "ref": ref}
         kind = "Go (one connection)" if args.go else "Python"
         print(f"# {args.backend} through the socket on {desc}; {args.clients} {kind} clients")
         print(f"# this = {here}, ref = {sides['ref']}; the machine may be shared: read ratios")
@@ -189,7 +200,7 @@ def socket_main(args: argparse.Namespace) -> None:
                     c.prepare("base-a")
                     c.commit("base", "base-a")
             results: dict[str, list[float]] = {name: [] for name in servers}
-            binary = build_goclient(mnt) if args.go else None
+            binary = build_go("goclient", mnt) if args.go else None
             for r in range(args.rounds):
                 order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
                 for name in order:
@@ -216,7 +227,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64, help="concurrent threads (default 64)")
     ap.add_argument("--seconds", type=float, default=4.0, help="per round (default 4)")
     ap.add_argument("--rounds", type=int, default=3, help="per setting (default 3)")
-    ap.add_argument("--socket", metavar="REF_SRC", help="through the socket, against this src")
+    ap.add_argument(
+        "--socket", metavar="REF", help="through the socket, against a src dir or 'containerd'"
+    )
     ap.add_argument("--go", action="store_true", help="--socket with Go clients (goclient/)")
     args = ap.parse_args()
     if args.go and not args.socket:
