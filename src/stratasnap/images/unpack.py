@@ -1,0 +1,245 @@
+"""Unpack an image's layers into snapshots, the way containerd does.
+
+Each layer is prepared on its parent's chain ID, applied, checked against
+the config's ``rootfs.diff_ids``, and committed under its own chain ID (the
+OCI image spec's definition), so images share layers and a layer that is
+already committed is skipped. A layer that fails (a digest or diff-ID
+mismatch, a hostile entry, a full disk) is removed again: nothing of it is
+committed.
+
+Only the public Snapshotter API is used. Where a layer lands is read from
+the mounts ``prepare`` returns: a bind mount is written in place, an overlay
+mount's upperdir is written with overlay whiteouts, anything else is mounted
+on a temporary directory (root only). A backend with a faster whole-layer
+path (a tar → EROFS converter) offers it through :class:`LayerHook`; unpack
+never asks which backend it has.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..errors import AlreadyExists, NotFound, from_os_error
+from ..snapshotter import Snapshotter
+from ..types import Kind, Mount
+from .apply import ApplyStats, Target, apply_tar
+from .content import ContentStore, DigestMismatch
+from .layer_stream import LayerStream
+from .manifest import ImageConfig, Manifest, chain_ids, layer_compression
+from .reference import Digest
+
+__all__ = [
+    "LAYER_LABEL",
+    "LayerBlob",
+    "LayerHook",
+    "UnpackStats",
+    "landing",
+    "unpack",
+]
+
+#: Set on every layer snapshot unpack commits (value: the layer's diff ID), so that
+#: ``image rm`` reclaims only layers it made, never containerd's.
+LAYER_LABEL = "stratasnap.io/image.layer"
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A layer as a backend hook sees it: the verified blob file and what it must hold."""
+
+    path: Path
+    digest: Digest
+    compression: str
+    diff_id: Digest
+
+
+@runtime_checkable
+class LayerHook(Protocol):
+    """Optional backend method: take a whole layer into the active snapshot ``key``.
+
+    Return the diff ID of what was written (the caller compares it with the
+    config's), or None to decline and let the generic applier do it.
+    """
+
+    def apply_layer(self, key: str, blob: LayerBlob) -> Digest | None: ...
+
+
+@dataclass
+class UnpackStats:
+    """What an unpack did, and where the time went."""
+
+    layers: int = 0
+    applied: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    files: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, what: str, seconds: float) -> None:
+        self.seconds[what] = self.seconds.get(what, 0.0) + seconds
+
+
+def _split_lowers(value: str) -> tuple[str, ...]:
+    """An overlay ``lowerdir=`` value split on unescaped ``:``, with escapes removed."""
+    out, cur, esc = [], [], False
+    for ch in value:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ":":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return tuple(p for p in out if p)
+
+
+def _unescape(value: str) -> str:
+    return "".join(_split_lowers(value.replace(":", "\\:")))
+
+
+@contextmanager
+def landing(mounts: Sequence[Mount]) -> Iterator[Target]:
+    """Where to write a layer for a snapshot with ``mounts``."""
+    if len(mounts) == 1 and mounts[0].type in ("bind", "rbind") and not mounts[0].target:
+        yield Target(root=mounts[0].source)
+        return
+    if len(mounts) == 1 and mounts[0].type == "overlay":
+        opts = dict(o.partition("=")[::2] for o in mounts[0].options)
+        if "upperdir" in opts:
+            yield Target(
+                root=_unescape(opts["upperdir"]),
+                overlay=True,
+                lowers=_split_lowers(opts.get("lowerdir", "")),
+                xattr_prefix="user." if "userxattr" in mounts[0].options else "trusted.",
+            )
+            return
+    # Any other kind of mount (a loop-mounted image, a filesystem of its own): mount it.
+    from ..fs.idmapped import apply_idmapped_mounts
+    from ..fs.mount import unmount_all_under
+
+    where = Path(tempfile.mkdtemp(prefix="stratasnap-unpack-"))
+    try:
+        apply_idmapped_mounts(mounts, where)
+        try:
+            yield Target(root=str(where))
+        finally:
+            unmount_all_under(where)
+    finally:
+        os.rmdir(where)
+
+
+def _exists(sn: Snapshotter, name: str) -> bool:
+    try:
+        return sn.stat(name).kind is Kind.COMMITTED
+    except NotFound:
+        return False
+
+
+def unpack(
+    sn: Snapshotter,
+    content: ContentStore,
+    manifest: Manifest,
+    config: ImageConfig,
+    progress: Callable[[int], None] | None = None,
+    on_layer: Callable[[int, Digest, str], None] | None = None,
+) -> UnpackStats:
+    """Unpack every layer of ``manifest`` into committed snapshots named by chain ID.
+
+    ``progress`` is called with compressed bytes as they are read;
+    ``on_layer(index, chain_id, "skipped"|"applied")`` after each layer.
+    """
+    chains = chain_ids(config.diff_ids)
+    stats = UnpackStats(layers=len(chains))
+    parent = ""
+    for i, (desc, diff_id, chain) in enumerate(
+        zip(manifest.layers, config.diff_ids, chains, strict=True)
+    ):
+        name = str(chain)
+        if _exists(sn, name):
+            stats.skipped += 1
+            if progress:
+                progress(desc.size)
+            if on_layer:
+                on_layer(i, chain, "skipped")
+            parent = name
+            continue
+        compression = layer_compression(desc)
+        blob = LayerBlob(content.path(desc.digest), desc.digest, compression, diff_id)
+        key = f"extract-{uuid.uuid4().hex[:12]} {name}"
+        t0 = time.perf_counter()
+        mounts = sn.prepare(key, parent, {LAYER_LABEL: str(diff_id)})
+        stats.add_time("prepare", time.perf_counter() - t0)
+        try:
+            applied = _apply_layer(sn, key, mounts, blob, progress, stats)
+            stats.files += applied.files
+            stats.bytes += applied.bytes
+            t0 = time.perf_counter()
+            sn.commit(name, key, {LAYER_LABEL: str(diff_id)})
+            stats.add_time("commit", time.perf_counter() - t0)
+        except AlreadyExists:
+            # Another unpack committed the same layer meanwhile: use theirs.
+            _discard(sn, key)
+        except BaseException:
+            _discard(sn, key)
+            raise
+        stats.applied += 1
+        if on_layer:
+            on_layer(i, chain, "applied")
+        parent = name
+    return stats
+
+
+def _discard(sn: Snapshotter, key: str) -> None:
+    with suppress(NotFound):
+        sn.remove(key)
+
+
+def _apply_layer(
+    sn: Snapshotter,
+    key: str,
+    mounts: Sequence[Mount],
+    blob: LayerBlob,
+    progress: Callable[[int], None] | None,
+    stats: UnpackStats,
+) -> ApplyStats:
+    if isinstance(sn, LayerHook):
+        got = sn.apply_layer(key, blob)
+        if got is not None:
+            if str(got) != str(blob.diff_id):
+                raise DigestMismatch(
+                    f"layer {blob.digest}: uncompressed content has diff ID {got}, "
+                    f"the image config says {blob.diff_id}"
+                )
+            if progress:
+                progress(os.path.getsize(blob.path))
+            return ApplyStats()
+    t0 = time.perf_counter()
+    try:
+        with open(blob.path, "rb") as src, landing(mounts) as target:
+            stream = LayerStream(src, blob.compression, blob.digest, blob.diff_id, progress)
+            try:
+                applied = apply_tar(stream, target)  # type: ignore[arg-type]
+                stream.finish()
+            finally:
+                stream.close()
+    except FileNotFoundError as exc:
+        if exc.filename == str(blob.path):
+            raise NotFound(f"layer blob {blob.digest} is not in the content store") from None
+        raise from_os_error(exc, f"applying layer {blob.digest}") from exc
+    except OSError as exc:
+        raise from_os_error(exc, f"applying layer {blob.digest}") from exc
+    total = time.perf_counter() - t0
+    stats.add_time("apply", total)
+    stats.add_time("decompress+hash (overlapped)", stream.decompress_seconds)
+    return applied
