@@ -68,6 +68,70 @@ def image() -> None:
     """
 
 
+@image.command()
+@click.argument("ref")
+@_platform_option
+@click.option(
+    "--user",
+    "-u",
+    default="",
+    metavar="USER:PASSWORD",
+    help="Registry credentials [default: from ~/.docker/config.json].",
+)
+@click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
+@click.option(
+    "--hosts-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="STRATASNAP_HOSTS_DIR",
+    show_envvar=True,
+    help="containerd-style registry host configs (DIR/<registry>/hosts.toml: mirrors, TLS).",
+)
+@click.option("--no-unpack", is_flag=True, help="Only download the blobs.")
+@_json_option
+def pull(
+    ref: str,
+    platform: str | None,
+    user: str,
+    plain_http: bool,
+    hosts_dir: Path | None,
+    no_unpack: bool,
+    as_json: bool,
+) -> None:
+    """Pull image REF from its registry and unpack it.
+
+    REF is [REGISTRY/]REPOSITORY[:TAG][@DIGEST]; without a registry it is
+    on Docker Hub (alpine = docker.io/library/alpine:latest). A pull that is
+    interrupted resumes its downloads when run again.
+
+    \b
+    Examples:
+      stratasnap --backend overlay image pull alpine:3.20
+      stratasnap image pull --plain-http -u ci:secret 127.0.0.1:5000/app:1
+      stratasnap image pull --platform linux/arm64 --hosts-dir /etc/containerd/certs.d nginx
+    """
+    from ..images.pull import PullOptions
+    from ..images.pull import pull as do_pull
+
+    options = PullOptions(
+        platform=Platform.parse(platform) if platform else None,
+        user=user,
+        plain_http=plain_http,
+        hosts_dir=hosts_dir,
+        unpack=not no_unpack,
+    )
+    with _store() as store, progress_bar(f"pull {ref}", enabled=not as_json) as bar:
+        result = do_pull(store, ref, options, bar.advance, bar.set_total)
+    rec = result.record
+    if as_json:
+        out: dict[str, Any] = {"name": rec.name, "digest": rec.digest, "platform": rec.platform}
+        if result.stats:
+            out |= {"layers": result.stats.layers, "unpacked": result.stats.applied}
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"{rec.name}  {rec.digest}")
+
+
 @image.command("import")
 @click.argument("archive", type=click.Path(exists=True, path_type=Path))
 @click.option(

@@ -153,11 +153,14 @@ def unpack(
     config: ImageConfig,
     progress: Callable[[int], None] | None = None,
     on_layer: Callable[[int, Digest, str], None] | None = None,
+    ready: Callable[[int], None] | None = None,
 ) -> UnpackStats:
     """Unpack every layer of ``manifest`` into committed snapshots named by chain ID.
 
     ``progress`` is called with compressed bytes as they are read;
-    ``on_layer(index, chain_id, "skipped"|"applied")`` after each layer.
+    ``on_layer(index, chain_id, "skipped"|"applied")`` after each layer;
+    ``ready(index)`` blocks until layer ``index``'s blob is in the content store
+    (a pull downloads while earlier layers unpack).
     """
     chains = chain_ids(config.diff_ids)
     stats = UnpackStats(layers=len(chains))
@@ -175,6 +178,10 @@ def unpack(
             parent = name
             continue
         compression = layer_compression(desc)
+        if ready:
+            t0 = time.perf_counter()
+            ready(i)
+            stats.add_time("waiting for download", time.perf_counter() - t0)
         blob = LayerBlob(content.path(desc.digest), desc.digest, compression, diff_id)
         key = f"extract-{uuid.uuid4().hex[:12]} {name}"
         t0 = time.perf_counter()
