@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
 from .edit import commit, label, mounts, prepare, rm, view
-from .image import image
+from .image import diff, image
 from .query import cleanup, info, ls, tree, usage
 
 __all__ = ["Session", "cli", "default_root", "main", "pass_snapshotter"]
@@ -29,6 +29,7 @@ _VERBS = (
     tree,
     cleanup,
     image,
+    diff,
     config,
 )
 for _verb in _VERBS:

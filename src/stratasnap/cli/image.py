@@ -19,7 +19,7 @@ from ._format import human_size, rfc3339, table
 from ._mount import mount_at
 from ._progress import progress_bar
 
-__all__ = ["image"]
+__all__ = ["diff", "image"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -325,3 +325,67 @@ def mount(ref: str, target: Path, key: str, rw: bool) -> None:
             sn.remove(key)
             raise
     click.echo(key)
+
+
+@click.command()
+@click.argument("key")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the layer to FILE (atomically) instead of standard output.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "none"]),
+    default="gzip",
+    show_default=True,
+    help="Compression of the layer tar.",
+)
+@_json_option
+def diff(key: str, output: Path | None, compression: str, as_json: bool) -> None:
+    """Write the changes of active snapshot KEY against its parent as an OCI layer.
+
+    Deletions become OCI whiteouts. Prints the layer's digest, diff ID
+    and size (JSON with --json) when writing to a file.
+
+    \b
+    Examples:
+      stratasnap --backend overlay image mount alpine /mnt/a --rw --key work-1
+      echo hi > /mnt/a/hello && umount /mnt/a
+      stratasnap --backend overlay diff work-1 -o layer.tar.gz
+      stratasnap diff work-1 --compression zstd > layer.tar.zst
+    """
+    import os
+    import sys
+
+    from ..images.diff import write_diff
+
+    session = click.get_current_context().find_object(Session)
+    assert session is not None
+    sn = session.snapshotter()
+    if output is None:
+        if sys.stdout.isatty():
+            raise click.UsageError("the layer is binary: redirect standard output or use -o FILE")
+        write_diff(sn, key, sys.stdout.buffer, compression)
+        return
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            layer = write_diff(sn, key, f, compression)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    desc = {
+        "mediaType": layer.media_type,
+        "digest": str(layer.digest),
+        "size": layer.size,
+        "diffID": str(layer.diff_id),
+    }
+    if as_json:
+        click.echo(json.dumps(desc, indent=2))
+    else:
+        click.echo(f"{output}  {layer.digest}  diffID {layer.diff_id}  {human_size(layer.size)}")

@@ -75,6 +75,7 @@ class DecompressingReader(io.RawIOBase):
         self._pending = b""  # compressed input not yet given to the decompressor
         self._started = False  # a member/frame has begun (so EOF now means truncation)
         self._done = False
+        self._spill = memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -83,12 +84,16 @@ class DecompressingReader(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         if self._obj is None:
             return self._src.readinto(view)  # type: ignore[attr-defined,no-any-return]
-        while not self._done:
-            out = self._step(len(view))
-            if out:
-                view[: len(out)] = out
-                return len(out)
-        return 0
+        if not self._spill:
+            while not self._done:
+                self._spill = memoryview(self._step(len(view)))
+                if self._spill:
+                    break
+        # zstd's decompressobj has no output bound: what does not fit waits here.
+        n = min(len(view), len(self._spill))
+        view[:n] = self._spill[:n]
+        self._spill = self._spill[n:]
+        return n
 
     def _step(self, want: int) -> bytes:
         assert self._obj is not None and self._factory is not None
