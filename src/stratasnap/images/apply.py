@@ -30,22 +30,33 @@ import errno
 import os
 import shutil
 import stat
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 from ..errors import InvalidArgument, Unimplemented
+from . import tarstream as ts
+from .tarstream import Entry, TarReader
+from .writers import FileJob, FileWriters
 
 __all__ = ["ApplyStats", "Target", "UnsafeLayer", "apply_tar"]
 
-#: Largest PAX or GNU long-name header we read (tarfile would read any size into memory).
-MAX_HEADER_BYTES = 1 << 20
 _MAX_SYMLINKS = 40
 _COPY_CHUNK = 1 << 20
+#: Files up to this size are written by the writer threads (their data held in memory).
+_THREADED_MAX = 1 << 20
+#: Writer threads: creating files is syscall-bound, and syscalls release the GIL.
+DEFAULT_THREADS = 3
+_NO_PENDING: frozenset[str] = frozenset()
 _WH = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _IS_ROOT = os.geteuid() == 0
+
+
+def _umask() -> int:
+    # Read once: os.umask can only be read by setting it (restored at once).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class UnsafeLayer(InvalidArgument):
@@ -71,27 +82,6 @@ class ApplyStats:
     bytes: int = 0
     whiteouts: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """TarInfo that refuses oversized extended headers before tarfile reads them whole."""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if (
-            self.type
-            in (
-                tarfile.XHDTYPE,
-                tarfile.XGLTYPE,
-                tarfile.SOLARIS_XHDTYPE,
-                tarfile.GNUTYPE_LONGNAME,
-                tarfile.GNUTYPE_LONGLINK,
-            )
-            and self.size > MAX_HEADER_BYTES
-        ):
-            raise UnsafeLayer(
-                f"layer has a {self.size}-byte extended header (limit {MAX_HEADER_BYTES})"
-            )
-        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
 
 
 def _clean(name: str) -> str:
@@ -120,8 +110,9 @@ def _is_whiteout_dev(st: os.stat_result) -> bool:
 
 
 class _Applier:
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, writers: FileWriters | None = None) -> None:
         self.t = target
+        self._writers = writers
         self.root = target.root.rstrip("/") or "/"
         self.stats = ApplyStats()
         #: Relative directory path as named in the layer -> its real relative path.
@@ -130,6 +121,9 @@ class _Applier:
         self._written: set[str] = set()
         self._dir_times: list[tuple[str, int]] = []
         self._opaque_xattr = target.xattr_prefix + "overlay.opaque"
+        self._umask = _umask()
+        # New files are ours: chown only when the layer wants another owner.
+        self._uid, self._gid = os.geteuid(), os.getegid()
 
     def abs(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -225,7 +219,9 @@ class _Applier:
 
     # -- changes ---------------------------------------------------------------------
 
-    def _remove(self, rel: str, st: os.stat_result) -> None:
+    def _remove(self, rel: str, st: os.stat_result, synced: bool = False) -> None:
+        if not synced:
+            self.sync()
         path = self.abs(rel)
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path)
@@ -235,11 +231,26 @@ class _Applier:
             if stat.S_ISLNK(st.st_mode):
                 self._dirs = {"": ""}
 
+    @property
+    def _pending(self) -> set[str] | frozenset[str]:
+        return self._writers.pending if self._writers is not None else _NO_PENDING
+
+    def sync(self) -> None:
+        """Wait for the file writers; redo (here) the files whose names were taken."""
+        if self._writers is None:
+            return
+        for job, _exc in self._writers.drain():
+            st = _lstat(job.path)
+            if st is not None:
+                self._remove(job.rel, st, synced=True)
+            self._writers.write_here(job)
+
     def whiteout(self, parent: str, name: str) -> None:
         if name in ("", ".", "..") or "/" in name:
             raise UnsafeLayer(f"layer has a whiteout for {name!r}")
         rel = _join(parent, name)
         self.stats.whiteouts += 1
+        self.sync()
         if rel in self._written:
             return  # a whiteout hides lower layers only
         st = _lstat(self.abs(rel))
@@ -251,6 +262,7 @@ class _Applier:
 
     def opaque(self, parent: str) -> None:
         self.stats.whiteouts += 1
+        self.sync()
         if self.t.overlay:
             os.setxattr(self.abs(parent), self._opaque_xattr, b"y", follow_symlinks=False)
             return
@@ -270,8 +282,8 @@ class _Applier:
                 raise
             # Unprivileged (native backend without root): files stay ours, as with rootless tar.
 
-    def entry(self, tar: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
-        name = _clean(ti.name)
+    def entry(self, tar: TarReader, e: Entry) -> None:
+        name = _clean(e.name)
         self.stats.entries += 1
         head, _, base = name.rpartition("/")
         if base.startswith(_WH):
@@ -282,15 +294,20 @@ class _Applier:
                 self.whiteout(parent, base[len(_WH) :])
             return
         if not name:  # the root directory itself: only its metadata
-            if ti.isdir():
-                self._metadata(ti, "")
-                self._dir_times.append(("", _ns(ti.mtime)))
+            if e.type == ts.DIR:
+                self._metadata(e, self.root, fd=None)
+                self._dir_times.append(("", e.mtime_ns))
             return
         parent, base = self.resolve(name)
         rel = _join(parent, base)
         path = self.abs(rel)
+        if e.is_reg:
+            self._regular(tar, e, rel, path)
+            return
+        if path in self._pending:
+            self.sync()
         st = _lstat(path)
-        if ti.isdir():
+        if e.type == ts.DIR:
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 self._remove(rel, st)
                 st = None
@@ -298,53 +315,77 @@ class _Applier:
                 os.mkdir(path, 0o700)
             self._written.add(rel)
             self._dirs[name] = rel
-            self._metadata(ti, rel)
-            self._dir_times.append((rel, _ns(ti.mtime)))
+            self._metadata(e, path, fd=None, fresh_mode=0o700 if st is None else -1)
+            self._dir_times.append((rel, e.mtime_ns))
             return
         if st is not None:
             self._remove(rel, st)
-        if ti.islnk():
-            self._hardlink(ti, rel)
+        if e.type == ts.LNK:
+            self._hardlink(e, rel)
             self._written.add(rel)
             return
-        if ti.isreg():
-            self._regular(tar, ti, path)
-        elif ti.issym():
-            os.symlink(ti.linkname, path)
-        elif ti.ischr() or ti.isblk():
-            kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, os.makedev(ti.devmajor, ti.devminor))
-        elif ti.isfifo():
+        if e.type == ts.SYM:
+            os.symlink(e.linkname, path)
+        elif e.type in (ts.CHR, ts.BLK):
+            kind = stat.S_IFCHR if e.type == ts.CHR else stat.S_IFBLK
+            os.mknod(path, kind | 0o600, os.makedev(e.devmajor, e.devminor))
+        elif e.type == ts.FIFO:
             os.mkfifo(path, 0o600)
         else:
-            raise Unimplemented(f"layer entry {ti.name!r} has unsupported tar type {ti.type!r}")
+            raise Unimplemented(f"layer entry {e.name!r} has unsupported tar type {e.type!r}")
         self._written.add(rel)
-        self._metadata(ti, rel)
-        ns = _ns(ti.mtime)
-        os.utime(path, ns=(ns, ns), follow_symlinks=False)
+        self._metadata(e, path, fd=None, fresh_mode=0o600 if e.type != ts.SYM else -1)
+        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
-    def _regular(self, tar: tarfile.TarFile, ti: tarfile.TarInfo, path: str) -> None:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+    def _regular(self, tar: TarReader, e: Entry, rel: str, path: str) -> None:
+        if self._writers is not None and e.size <= _THREADED_MAX and path not in self._pending:
+            data = tar.read_data(e.size) if e.size else b""
+            if len(data) < e.size:  # a short read from a pipe: collect the rest
+                data += b"".join(iter(lambda: tar.read_data(e.size - len(data)), b""))
+            fresh = e.mode & 0o777 & ~self._umask
+            chown = (e.uid, e.gid) if (e.uid, e.gid) != (self._uid, self._gid) else None
+            chmod = e.mode if (e.mode != fresh or chown or e.xattrs) else None
+            job = FileJob(path, data, e.mode & 0o777, e.mtime_ns, chown, chmod, e.xattrs, rel)
+            self._writers.submit(job)
+            self._written.add(rel)
+            self.stats.files += 1
+            self.stats.bytes += e.size
+            return
+        if path in self._pending:
+            self.sync()
+        # The common case (a new file) costs open, write, futimens and close: no lstat
+        # first; only when the name exists is it looked at and replaced.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        create_mode = e.mode & 0o777
         try:
-            if ti.issparse():
-                src = tar.extractfile(ti)
-                assert src is not None
-                _copy(src, fd, ti.size, ti.name)
-            else:
-                # Stream mode: read the data straight from tarfile's stream (it tracks
-                # the position and skips the padding to the next header itself).
-                _copy(tar.fileobj, fd, ti.size, ti.name)  # type: ignore[arg-type]
+            fd = os.open(path, flags, create_mode)
+        except FileExistsError:
+            st = _lstat(path)
+            if st is not None:
+                self._remove(rel, st)
+            fd = os.open(path, flags, create_mode)
+        try:
+            left = e.size
+            while left:
+                chunk = tar.read_data(min(left, _COPY_CHUNK))
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                left -= len(chunk)
+            self._metadata(e, path, fd=fd, fresh_mode=create_mode & ~self._umask)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
+        self._written.add(rel)
         self.stats.files += 1
-        self.stats.bytes += ti.size
+        self.stats.bytes += e.size
 
-    def _hardlink(self, ti: tarfile.TarInfo, rel: str) -> None:
-        target_name = _clean(ti.linkname)
+    def _hardlink(self, e: Entry, rel: str) -> None:
+        self.sync()
+        target_name = _clean(e.linkname)
         if not target_name:
-            raise UnsafeLayer(f"layer entry {ti.name!r} is a hard link to the root")
+            raise UnsafeLayer(f"layer entry {e.name!r} is a hard link to the root")
         tparent, tbase = self.resolve(target_name)
         trel = _join(tparent, tbase)
         tst = _lstat(self.abs(trel))
@@ -355,56 +396,55 @@ class _Applier:
                 tst = _lstat(self.abs(trel))
         if tst is None or _is_whiteout_dev(tst):
             raise InvalidArgument(
-                f"layer entry {ti.name!r} is a hard link to {ti.linkname!r}, which does not exist"
+                f"layer entry {e.name!r} is a hard link to {e.linkname!r}, which does not exist"
             )
         if stat.S_ISDIR(tst.st_mode):
-            raise UnsafeLayer(f"layer entry {ti.name!r} is a hard link to a directory")
+            raise UnsafeLayer(f"layer entry {e.name!r} is a hard link to a directory")
         os.link(self.abs(trel), self.abs(rel), follow_symlinks=False)
 
-    def _metadata(self, ti: tarfile.TarInfo, rel: str) -> None:
-        path = self.abs(rel)
-        # chown first: it clears setuid bits and security.capability, so those come after.
-        self._chown(path, ti.uid, ti.gid)
-        for key, value in ti.pax_headers.items():
-            if key.startswith("SCHILY.xattr."):
-                self._xattr(path, key[len("SCHILY.xattr.") :], value, ti.name)
-        if not ti.issym():
-            os.chmod(path, ti.mode & 0o7777)
+    def _metadata(self, e: Entry, path: str, fd: int | None, fresh_mode: int = -1) -> None:
+        """Owner, xattrs and mode, in that order: chown clears setuid bits and
+        security.capability. Calls that would change nothing are skipped
+        (``fresh_mode`` is the mode the entry was created with, -1 if unknown)."""
+        if e.uid != self._uid or e.gid != self._gid or fresh_mode < 0:
+            try:
+                if fd is not None:
+                    os.fchown(fd, e.uid, e.gid)
+                else:
+                    os.lchown(path, e.uid, e.gid)
+            except PermissionError:
+                if _IS_ROOT:
+                    raise
+                # Unprivileged (native backend without root): files stay ours, like rootless tar.
+        for key, value in e.xattrs.items():
+            self._xattr(path if fd is None else fd, key, value)
+        if e.type == ts.SYM:
+            return
+        if e.mode != fresh_mode or e.xattrs or e.uid != self._uid or e.gid != self._gid:
+            if fd is not None:
+                os.fchmod(fd, e.mode)
+            else:
+                os.chmod(path, e.mode)
 
-    def _xattr(self, path: str, name: str, value: str, entry: str) -> None:
-        if ".overlay." in name and name.split(".", 1)[1].startswith("overlay."):
+    def _xattr(self, target: str | int, name: str, value: bytes) -> None:
+        if name.split(".", 1)[-1].startswith("overlay."):
             return  # never let a layer forge overlayfs' own attributes
-        raw = value.encode("utf-8", "surrogateescape")
         try:
-            os.setxattr(path, name, raw, follow_symlinks=False)
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
+            else:
+                os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as exc:
             if exc.errno in (errno.ENOTSUP, errno.EPERM) and not name.startswith("user."):
                 return  # e.g. trusted.* unprivileged, or a filesystem without them
             raise
 
     def finish(self) -> None:
+        self.sync()
         # Directory times last, children before parents: writing inside a directory
         # changes its mtime.
         for rel, ns in reversed(self._dir_times):
             os.utime(self.abs(rel), ns=(ns, ns), follow_symlinks=False)
-
-
-def _ns(mtime: float) -> int:
-    """A tar mtime (PAX allows fractions) in nanoseconds."""
-    return round(mtime * 1_000_000_000)
-
-
-def _copy(src: IO[bytes], fd: int, size: int, name: str) -> None:
-    left = size
-    while left:
-        chunk = src.read(min(left, _COPY_CHUNK))
-        if not chunk:
-            raise InvalidArgument(f"layer ends inside the data of {name!r} (truncated)")
-        view = memoryview(chunk)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        left -= len(chunk)
 
 
 def _copy_up(src: str, dst: str, st: os.stat_result) -> None:
@@ -418,32 +458,37 @@ def _copy_up(src: str, dst: str, st: os.stat_result) -> None:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
-def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while True:
-        try:
-            ti = tar.next()
-        except tarfile.HeaderError as exc:
-            raise InvalidArgument(f"layer tar is corrupt: {exc}") from None
-        except tarfile.ReadError as exc:
-            raise InvalidArgument(f"layer tar is corrupt or truncated: {exc}") from None
-        if ti is None:
+def _set_fd_xattr(fd: int, name: str, value: bytes) -> None:
+    if name.split(".", 1)[-1].startswith("overlay."):
+        return  # never let a layer forge overlayfs' own attributes
+    try:
+        os.setxattr(fd, name, value)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM) and not name.startswith("user."):
             return
-        yield ti
+        raise
 
 
-def apply_tar(stream: BinaryIO, target: Target) -> ApplyStats:
+def apply_tar(stream: BinaryIO, target: Target, threads: int = DEFAULT_THREADS) -> ApplyStats:
     """Apply the uncompressed layer tar read from ``stream`` to ``target``.
 
     Raises :class:`UnsafeLayer` or InvalidArgument on a hostile or broken
     layer; what was written by then stays in ``target.root``, which the caller
     discards.
     """
-    applier = _Applier(target)
+    writers = FileWriters(threads, _set_fd_xattr) if threads else None
+    applier = _Applier(target, writers)
+    reader = TarReader(stream)
     try:
-        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tar:
-            for ti in _members(tar):
-                applier.entry(tar, ti)
-    except tarfile.ReadError as exc:
-        raise InvalidArgument(f"layer is not a tar archive: {exc}") from None
-    applier.finish()
+        for entry in reader:
+            applier.entry(reader, entry)
+        applier.finish()
+    finally:
+        if writers is not None:
+            try:
+                writers.drain()
+            except BaseException:
+                pass  # the layer failed already; its first error is what counts
+            finally:
+                writers.close()
     return applier.stats
