@@ -27,6 +27,7 @@ is committed.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import stat
@@ -478,6 +479,9 @@ def apply_tar(stream: BinaryIO, target: Target, threads: int = DEFAULT_THREADS) 
     """
     writers = FileWriters(threads, _set_fd_xattr) if threads else None
     applier = _Applier(target, writers)
+    if not isinstance(stream, io.BufferedIOBase):
+        # Headers are read 512 bytes at a time: let a C buffer serve those reads.
+        stream = io.BufferedReader(stream, _COPY_CHUNK)  # type: ignore[type-var]
     reader = TarReader(stream)
     try:
         for entry in reader:

@@ -80,6 +80,13 @@ class DecompressingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def readall(self) -> bytes:
+        # RawIOBase's readall would ask for 8 KiB at a time.
+        parts = []
+        while chunk := self.read(1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         if self._obj is None:
