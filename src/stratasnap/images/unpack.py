@@ -18,6 +18,7 @@ never asks which backend it has.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -207,6 +208,16 @@ def unpack(
     return stats
 
 
+def _empty(root: str) -> None:
+    with suppress(OSError), os.scandir(root) as it:
+        for entry in list(it):
+            with suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+
+
 def _discard(sn: Snapshotter, key: str) -> None:
     with suppress(NotFound):
         sn.remove(key)
@@ -238,6 +249,11 @@ def _apply_layer(
             try:
                 applied = apply_tar(stream, target)  # type: ignore[arg-type]
                 stream.finish()
+            except BaseException:
+                # The snapshot is thrown away next; empty it first, so that a full disk
+                # has room again for the store to record the removal.
+                _empty(target.root)
+                raise
             finally:
                 stream.close()
     except FileNotFoundError as exc:
