@@ -49,7 +49,8 @@ def _json_option(f: F) -> F:
 
 
 def _unpack(store: ImageStore, image: Image, quiet: bool) -> None:
-    with progress_bar(f"unpack {image.record.name}", image.size, enabled=not quiet) as bar:
+    layers = sum(layer.size for layer in image.manifest.layers)
+    with progress_bar(f"unpack {image.record.name}", layers, enabled=not quiet) as bar:
         store.unpack(image, bar.advance)
 
 
