@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import need
 
-from stratasnap import FailedPrecondition, open_snapshotter
+from stratasnap import FailedPrecondition, NotFound, Unavailable, open_snapshotter
 from stratasnap.images.manifest import Platform
 from stratasnap.images.pull import PullOptions, pull
 from stratasnap.images.store import ImageStore
 
 from .oci import ImageInfo, Layer, write_oci_archive
-from .registry import AuthProxy, LocalRegistry, push
+from .registry import AuthProxy, LocalRegistry, free_port, push
 from .tree import listing
 
 USERS = {"ci": "s3cret"}
@@ -262,3 +262,16 @@ def test_pull_killed_halfway_then_repeated(registry: LocalRegistry, scratch: Pat
         assert _rootfs(store, ref)["big"]["size"] == 4_000_000
     finally:
         proxy.close()
+
+
+def test_pull_errors_say_what_to_do(registry: LocalRegistry, scratch: Path) -> None:
+    _publish(registry.address, scratch, "errors/app:1")
+    store = _store(scratch)
+    with pytest.raises(Exception, match="--plain-http"):
+        pull(store, f"{registry.address}/errors/app:1")  # HTTPS to an HTTP registry
+    with pytest.raises(NotFound, match=r"errors/missing.*HTTP 404"):
+        pull(store, f"{registry.address}/errors/missing:1", PullOptions(plain_http=True))
+    closed = f"127.0.0.1:{free_port()}"
+    with pytest.raises(Unavailable, match=f"registry {closed}.*attempts"):
+        pull(store, f"{closed}/x:1", PullOptions(plain_http=True))
+    assert list(store.sn.walk()) == []

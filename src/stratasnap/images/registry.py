@@ -135,6 +135,12 @@ class Registry:
             try:
                 conn.request(method, url.path, headers={"User-Agent": _USER_AGENT, **headers})
                 resp = conn.getresponse()
+            except ssl.SSLError as exc:
+                self._drop(url)
+                raise RegistryError(
+                    f"registry {url.host}: TLS failed ({exc.reason or exc}); if it serves "
+                    "plain HTTP, use --plain-http (or an http:// host in hosts.toml)"
+                ) from None
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(url)
                 last = f"{type(exc).__name__}: {exc}"
@@ -267,7 +273,9 @@ class Registry:
                 errors.append(exc)
                 continue
             if resp.status != 200:
-                errors.append(self._status_error(resp, host, f"manifest {obj}"))
+                sep = "@" if is_digest else ":"
+                what = f"manifest {self.ref.repository}{sep}{obj}"
+                errors.append(self._status_error(resp, host, what))
                 continue
             data = resp.read(_MAX_MANIFEST + 1)
             if len(data) > _MAX_MANIFEST:
@@ -317,7 +325,8 @@ class Registry:
                         progress(-w.offset)
                     w.restart()  # the server ignored the Range: start over
                 elif resp.status not in (200, 206):
-                    raise self._status_error(resp, host, f"blob {desc.digest}")
+                    what = f"blob {desc.digest} of {self.ref.repository}"
+                    raise self._status_error(resp, host, what)
                 try:
                     while chunk := resp.read(_CHUNK):
                         w.write(chunk)
