@@ -4,57 +4,16 @@ from __future__ import annotations
 
 import gzip
 import os
-import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from e2e.hostile import HOSTILE, entry
 from e2e.oci import Layer, write_oci_archive
 
 from stratasnap import InvalidArgument, open_snapshotter
 from stratasnap.images.archive import import_archive
 from stratasnap.images.content import DigestMismatch
 from stratasnap.images.store import ImageStore
-
-
-def _ti(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type, ti.linkname, ti.mode = kind, link, 0o644
-    return ti
-
-
-def _huge_pax() -> bytes:
-    """A tar whose first header announces a 64 MiB PAX extended header."""
-    hdr = tarfile.TarInfo("././@PaxHeader")
-    hdr.type, hdr.size = tarfile.XHDTYPE, 64 << 20
-    return hdr.tobuf(format=tarfile.USTAR_FORMAT) + b"x" * 4096
-
-
-HOSTILE: dict[str, Callable[[], bytes]] = {
-    "dotdot": lambda: Layer().raw(_ti("../escaped"), b"x").tar(),
-    "dotdot-inside": lambda: Layer().dir("a").raw(_ti("a/../../escaped"), b"x").tar(),
-    "absolute": lambda: Layer().raw(_ti("/etc/escaped"), b"x").tar(),
-    "symlink-parent-absolute": lambda: (
-        Layer().symlink("evil", "/tmp").raw(_ti("evil/escaped"), b"x").tar()
-    ),
-    "symlink-parent-dotdot": lambda: (
-        Layer().symlink("evil", "../../..").raw(_ti("evil/escaped"), b"x").tar()
-    ),
-    "symlink-chain": lambda: (
-        Layer()
-        .dir("d")
-        .symlink("d/up", "..")
-        .symlink("lnk", "d/up/..")
-        .raw(_ti("lnk/escaped"), b"x")
-        .tar()
-    ),
-    "hardlink-outside": lambda: Layer().raw(_ti("h", tarfile.LNKTYPE, "../../etc/passwd")).tar(),
-    "hardlink-absolute": lambda: Layer().raw(_ti("h", tarfile.LNKTYPE, "/etc/passwd")).tar(),
-    "hardlink-through-symlink": lambda: (
-        Layer().symlink("evil", "/etc").raw(_ti("h", tarfile.LNKTYPE, "evil/passwd")).tar()
-    ),
-    "huge-header": _huge_pax,
-}
 
 
 def _store(scratch: Path) -> tuple[ImageStore, Path]:
@@ -143,7 +102,7 @@ def test_layer_not_a_tar(scratch: Path) -> None:
 
 def test_symlinked_parent_inside_tree_is_followed(scratch: Path) -> None:
     """usrmerge: ``lib -> usr/lib`` then ``lib/x`` lands in usr/lib (stays inside)."""
-    layer = Layer().dirs("usr/lib").symlink("lib", "usr/lib").raw(_ti("lib/x"), b"x")
+    layer = Layer().dirs("usr/lib").symlink("lib", "usr/lib").raw(entry("lib/x"), b"x")
     archive = scratch / "img.tar"
     info = write_oci_archive(archive, "example.com/usrmerge:1", [layer])
     store, root = _store(scratch)
