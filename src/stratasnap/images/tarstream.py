@@ -69,6 +69,10 @@ class Entry:
 
 
 def _num(field_: bytes, what: str) -> int:
+    try:  # the common case: NUL- or space-terminated octal
+        return int(field_.split(b"\0", 1)[0] or b"0", 8)
+    except ValueError:
+        pass
     if field_ and field_[0] & 0x80:  # GNU base-256
         value = int.from_bytes(field_[1:], "big")
         if field_[0] & 0x40:  # negative
@@ -186,7 +190,7 @@ class TarReader:
                 chk = _num(chk_b, "checksum")
             except TarError:
                 chk = -1
-            if chk != sum(block[:148]) + _CHKSUM_BLANK + sum(block[156:]):
+            if chk != sum(block) - sum(chk_b) + _CHKSUM_BLANK:
                 # Some old writers sum signed bytes: accept that too.
                 signed = sum(struct.unpack("148b", block[:148])) + _CHKSUM_BLANK
                 signed += sum(struct.unpack("356b", block[156:]))

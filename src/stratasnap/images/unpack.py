@@ -87,26 +87,21 @@ class UnpackStats:
         self.seconds[what] = self.seconds.get(what, 0.0) + seconds
 
 
-def _split_lowers(value: str) -> tuple[str, ...]:
-    """An overlay ``lowerdir=`` value split on unescaped ``:``, with escapes removed."""
-    out, cur, esc = [], [], False
-    for ch in value:
-        if esc:
-            cur.append(ch)
-            esc = False
-        elif ch == "\\":
-            esc = True
-        elif ch == ":":
+def _split_escaped(value: str, sep: str = "") -> list[str]:
+    """An overlay option value with ``\\`` escapes removed, split on unescaped ``sep``."""
+    out: list[str] = []
+    cur: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            cur.append(next(chars, ""))
+        elif sep and ch == sep:
             out.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
     out.append("".join(cur))
-    return tuple(p for p in out if p)
-
-
-def _unescape(value: str) -> str:
-    return "".join(_split_lowers(value.replace(":", "\\:")))
+    return out
 
 
 @contextmanager
@@ -119,9 +114,9 @@ def landing(mounts: Sequence[Mount]) -> Iterator[Target]:
         opts = dict(o.partition("=")[::2] for o in mounts[0].options)
         if "upperdir" in opts:
             yield Target(
-                root=_unescape(opts["upperdir"]),
+                root=_split_escaped(opts["upperdir"])[0],
                 overlay=True,
-                lowers=_split_lowers(opts.get("lowerdir", "")),
+                lowers=tuple(p for p in _split_escaped(opts.get("lowerdir", ""), ":") if p),
                 xattr_prefix="user." if "userxattr" in mounts[0].options else "trusted.",
             )
             return
