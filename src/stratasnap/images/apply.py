@@ -418,7 +418,7 @@ class _Applier:
                     raise
                 # Unprivileged (native backend without root): files stay ours, like rootless tar.
         for key, value in e.xattrs.items():
-            self._xattr(path if fd is None else fd, key, value)
+            set_xattr(path if fd is None else fd, key, value)
         if e.type == ts.SYM:
             return
         if e.mode != fresh_mode or e.xattrs or e.uid != self._uid or e.gid != self._gid:
@@ -426,19 +426,6 @@ class _Applier:
                 os.fchmod(fd, e.mode)
             else:
                 os.chmod(path, e.mode)
-
-    def _xattr(self, target: str | int, name: str, value: bytes) -> None:
-        if name.split(".", 1)[-1].startswith("overlay."):
-            return  # never let a layer forge overlayfs' own attributes
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, name, value)
-            else:
-                os.setxattr(target, name, value, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EPERM) and not name.startswith("user."):
-                return  # e.g. trusted.* unprivileged, or a filesystem without them
-            raise
 
     def finish(self) -> None:
         self.sync()
@@ -459,14 +446,18 @@ def _copy_up(src: str, dst: str, st: os.stat_result) -> None:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
-def _set_fd_xattr(fd: int, name: str, value: bytes) -> None:
+def set_xattr(target: str | int, name: str, value: bytes) -> None:
+    """Set a layer entry's xattr on a path (not followed) or an open fd."""
     if name.split(".", 1)[-1].startswith("overlay."):
         return  # never let a layer forge overlayfs' own attributes
     try:
-        os.setxattr(fd, name, value)
+        if isinstance(target, int):
+            os.setxattr(target, name, value)
+        else:
+            os.setxattr(target, name, value, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM) and not name.startswith("user."):
-            return
+            return  # e.g. trusted.* unprivileged, or a filesystem without them
         raise
 
 
@@ -477,7 +468,7 @@ def apply_tar(stream: BinaryIO, target: Target, threads: int = DEFAULT_THREADS) 
     layer; what was written by then stays in ``target.root``, which the caller
     discards.
     """
-    writers = FileWriters(threads, _set_fd_xattr) if threads else None
+    writers = FileWriters(threads, set_xattr) if threads else None
     applier = _Applier(target, writers)
     if not isinstance(stream, io.BufferedIOBase):
         # Headers are read 512 bytes at a time: let a C buffer serve those reads.

@@ -21,7 +21,6 @@ from .content import ContentStore
 from .manifest import (
     ImageConfig,
     Manifest,
-    Platform,
     chain_ids,
     parse_config,
     parse_document,
@@ -170,7 +169,3 @@ class ImageStore:
                 candidates.remove(name)
                 progress = True
         return removed
-
-
-def platform_of(image: Image) -> Platform:
-    return image.config.platform
