@@ -144,3 +144,36 @@ def test_backend_hook_takes_whole_layers(scratch: Path) -> None:
     assert (view / "by-hook").exists() and not (view / "a").exists()
     store.close()
     sn.close()
+
+
+def test_import_killed_mid_unpack_then_repeated(scratch: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from e2e.oci import generated_layers
+
+    archive = scratch / "big.tar"
+    info = write_oci_archive(archive, "example.com/big:1", generated_layers(2, 1500, 20_000))
+    root = scratch / "root"
+    cmd = [sys.executable, "-m", "stratasnap", "--root", str(root), "image", "import", str(archive)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_active = False
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (root / "metadata.db").exists():
+            with open_snapshotter(root) as sn:
+                if any(True for _ in sn.walk("kind==active")):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_active = True
+                    break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_active, "the import finished before it could be killed mid-layer"
+    # Run again: the abandoned layer snapshot is removed, the image completes.
+    _run(root, "image", "import", str(archive))
+    with open_snapshotter(root) as sn:
+        assert {i.name for i in sn.walk()} == set(info.chain_ids)
+        assert sn.cleanup() is not None

@@ -26,7 +26,7 @@ from .manifest import (
     parse_document,
 )
 from .reference import Digest, parse_digest, parse_reference
-from .unpack import LAYER_LABEL, UnpackStats, unpack
+from .unpack import LAYER_LABEL, UnpackStats, remove_abandoned, unpack
 
 __all__ = ["Image", "ImageStore"]
 
@@ -144,7 +144,8 @@ class ImageStore:
             keep_blobs.update(str(layer.digest) for layer in image.manifest.layers)
             keep_layers.update(str(c) for c in image.chain_ids)
         reclaimed = self.content.gc(parse_digest(d) for d in keep_blobs)
-        removed = self._gc_layers(keep_layers)
+        removed = [f"snapshot {key}" for key in remove_abandoned(self.sn)]
+        removed += self._gc_layers(keep_layers)
         return Reclaimed(paths=reclaimed.paths + tuple(removed), size=reclaimed.size)
 
     def _gc_layers(self, keep: set[str]) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..errors import AlreadyExists, NotFound, from_os_error
+from ..errors import AlreadyExists, FailedPrecondition, NotFound, from_os_error
 from ..snapshotter import Snapshotter
 from ..types import Kind, Mount
 from .apply import ApplyStats, Target, apply_tar
@@ -43,12 +43,16 @@ __all__ = [
     "LayerHook",
     "UnpackStats",
     "landing",
+    "remove_abandoned",
     "unpack",
 ]
 
 #: Set on every layer snapshot unpack commits (value: the layer's diff ID), so that
 #: ``image rm`` reclaims only layers it made, never containerd's.
 LAYER_LABEL = "stratasnap.io/image.layer"
+#: On the active snapshot a layer is applied in: the process applying it. A snapshot
+#: whose process is gone (killed mid-unpack) is removed by the next unpack or gc.
+UNPACK_PID_LABEL = "stratasnap.io/unpack.pid"
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def unpack(
     """
     chains = chain_ids(config.diff_ids)
     stats = UnpackStats(layers=len(chains))
+    remove_abandoned(sn)
     parent = ""
     for i, (desc, diff_id, chain) in enumerate(
         zip(manifest.layers, config.diff_ids, chains, strict=True)
@@ -181,7 +186,9 @@ def unpack(
         blob = LayerBlob(content.path(desc.digest), desc.digest, compression, diff_id)
         key = f"extract-{uuid.uuid4().hex[:12]} {name}"
         t0 = time.perf_counter()
-        mounts = sn.prepare(key, parent, {LAYER_LABEL: str(diff_id)})
+        mounts = sn.prepare(
+            key, parent, {LAYER_LABEL: str(diff_id), UNPACK_PID_LABEL: _process_id()}
+        )
         stats.add_time("prepare", time.perf_counter() - t0)
         try:
             applied = _apply_layer(sn, key, mounts, blob, progress, stats)
@@ -201,6 +208,33 @@ def unpack(
             on_layer(i, chain, "applied")
         parent = name
     return stats
+
+
+def _process_id() -> str:
+    """This process, as ``pid:start-time`` (a recycled pid has another start time)."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # Field 22 (starttime), counted after the parenthesised command name.
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def remove_abandoned(sn: Snapshotter) -> list[str]:
+    """Remove the snapshots of unpacks whose process has died; return their keys."""
+    removed = []
+    for info in sn.walk(f'labels."{UNPACK_PID_LABEL}",kind==active'):
+        pid_text, _, started = info.labels.get(UNPACK_PID_LABEL, "").partition(":")
+        if pid_text.isdigit() and _start_time(int(pid_text)) == started and started:
+            continue  # still running (maybe in another process)
+        with suppress(NotFound, FailedPrecondition):
+            sn.remove(info.name)
+            removed.append(info.name)
+    return removed
 
 
 def _empty(root: str) -> None:
