@@ -177,3 +177,21 @@ def test_import_killed_mid_unpack_then_repeated(scratch: Path) -> None:
     with open_snapshotter(root) as sn:
         assert {i.name for i in sn.walk()} == set(info.chain_ids)
         assert sn.cleanup() is not None
+
+
+def test_import_layout_dir_names(scratch: Path) -> None:
+    layout = scratch / "layout"
+    write_oci_archive(layout, "example.com/named:7", [Layer().file("f", "f")], layout_dir=True)
+    index = json.loads((layout / "index.json").read_text())
+    root = scratch / "root"
+    # The containerd annotation names the image.
+    assert "example.com/named:7" in _run(root, "image", "import", str(layout))
+    # Only a bare tag: the name comes from --name, and without it the error says so.
+    del index["manifests"][0]["annotations"]["io.containerd.image.name"]
+    (layout / "index.json").write_text(json.dumps(index))
+    assert "name it with --name" in _run(root, "image", "import", str(layout), code=3)
+    out = _run(root, "image", "import", str(layout), "--name", "registry.local/app", "--json")
+    assert json.loads(out)[0]["name"] == "registry.local/app:7"
+    empty = scratch / "empty"
+    empty.mkdir()
+    assert "neither an OCI image layout" in _run(root, "image", "import", str(empty), code=3)
