@@ -54,7 +54,14 @@ def _unpack(store: ImageStore, image: Image, quiet: bool) -> None:
         store.unpack(image, bar.advance)
 
 
-@click.group()
+class _InOrder(click.Group):
+    """Lists the verbs in the order of the workflow, not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_InOrder)
 def image() -> None:
     """Pull, import, list, inspect, remove and mount OCI images, without containerd.
 
