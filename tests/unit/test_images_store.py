@@ -123,3 +123,33 @@ def test_import_rm_reclaims(scratch: Path) -> None:
         assert list(sn.walk()) == []
         assert list(store.content.digests()) == []
         store.close()
+
+
+def test_concurrent_writers_of_one_blob(scratch: Path) -> None:
+    import threading
+    import time
+
+    cs = ContentStore(scratch / "content")
+    data = os.urandom(200_000)
+    d = _digest(data)
+    first = cs.writer(d, len(data))
+    first.write(data[:1000])
+    seen: list[bool] = []
+
+    def second() -> None:
+        # Waits for the first writer, then finds the blob stored: nothing to write.
+        with cs.writer(d, len(data)) as w:
+            seen.append(w.already_stored)
+            w.restart()
+            w.write(data)
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.3)
+    assert t.is_alive()  # blocked on the first writer's lock
+    with first:
+        first.write(data[1000:])
+    t.join(10)
+    assert seen == [True]
+    assert cs.path(d).read_bytes() == data
+    assert list(cs.ingest.iterdir()) == []

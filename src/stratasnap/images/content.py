@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
@@ -32,6 +33,8 @@ from .reference import Digest, parse_digest
 __all__ = ["BlobWriter", "ContentStore", "DigestMismatch"]
 
 _CHUNK = 1 << 20
+#: How long a writer waits for another process writing the same blob.
+_WAIT_FOR_WRITER_S = 600.0
 
 
 class DigestMismatch(InvalidArgument):
@@ -188,16 +191,49 @@ class BlobWriter:
         self.size = size
         self.partial = store.ingest / f"{digest.algorithm}-{digest.hex}"
         self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise Unavailable(
-                f"blob {digest} is being written by another stratasnap process; try again"
-            ) from None
         self._hash = digest.hasher()
         self.offset = 0
-        self._resume()
+        #: Another writer stored the blob while this one waited: nothing to write.
+        self.already_stored = False
+        self._lock_partial()
+        if not self.already_stored and store.has(digest):
+            # Stored by a writer that finished before this one created its partial.
+            self.already_stored = True
+            self._discard()
+        if not self.already_stored:
+            self._resume()
+
+    def _lock_partial(self) -> None:
+        """Lock the live partial file, waiting while another process writes the blob.
+
+        When that writer finishes, the file this one opened has become the stored blob:
+        then there is nothing to write (``already_stored``).
+        """
+        deadline = time.monotonic() + _WAIT_FOR_WRITER_S
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise Unavailable(
+                        f"blob {self.digest} has been written by another stratasnap process "
+                        f"for over {_WAIT_FOR_WRITER_S:.0f} s; try again later"
+                    ) from None
+                time.sleep(0.05)
+                continue
+            mine = os.fstat(self._fd)
+            try:
+                live = os.stat(self.partial)
+            except FileNotFoundError:
+                live = None
+            if live is not None and (live.st_dev, live.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+            self.close()  # the other writer moved it into place (or gave it up)
+            if self.store.has(self.digest):
+                self.already_stored = True
+                return
+            self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _resume(self) -> None:
         end = os.lseek(self._fd, 0, os.SEEK_END)
@@ -211,12 +247,16 @@ class BlobWriter:
 
     def restart(self) -> None:
         """Forget what a partial file held and start from byte 0."""
+        if self.already_stored:
+            return
         os.ftruncate(self._fd, 0)
         os.lseek(self._fd, 0, os.SEEK_SET)
         self._hash = self.digest.hasher()
         self.offset = 0
 
     def write(self, data: bytes | memoryview) -> None:
+        if self.already_stored:
+            return
         if self.size is not None and self.offset + len(data) > self.size:
             self._discard()
             raise DigestMismatch(f"blob {self.digest}: more than the announced {self.size} bytes")
@@ -232,6 +272,8 @@ class BlobWriter:
 
     def commit(self) -> None:
         """Verify size and digest, make the blob durable and move it into place."""
+        if self.already_stored:
+            return
         if self.size is not None and self.offset != self.size:
             self._discard()
             raise DigestMismatch(
@@ -254,6 +296,8 @@ class BlobWriter:
             raise from_os_error(exc, f"storing blob {self.digest}") from exc
 
     def _discard(self) -> None:
+        if self._fd < 0:
+            return  # only the holder of the lock may delete the partial file
         with suppress(OSError):
             self.partial.unlink()
 

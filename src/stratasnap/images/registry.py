@@ -315,6 +315,10 @@ class Registry:
         progress: Callable[[int], None] | None,
     ) -> None:
         with content.writer(desc.digest, desc.size) as w:
+            if w.already_stored:  # another pull stored it while this one waited
+                if progress:
+                    progress(desc.size)
+                return
             if progress and w.offset:
                 progress(w.offset)
             for attempt in range(self.retries):
