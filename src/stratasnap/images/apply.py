@@ -470,15 +470,20 @@ def apply_tar(stream: BinaryIO, target: Target, threads: int = DEFAULT_THREADS) 
     """
     writers = FileWriters(threads, set_xattr) if threads else None
     applier = _Applier(target, writers)
+    buffered = None
     if not isinstance(stream, io.BufferedIOBase):
-        # Headers are read 512 bytes at a time: let a C buffer serve those reads.
-        stream = io.BufferedReader(stream, _COPY_CHUNK)  # type: ignore[type-var]
-    reader = TarReader(stream)
+        # Headers are read 512 bytes at a time: let a C buffer serve those reads. It is
+        # detached at the end: closing it (or its garbage collection) would close
+        # ``stream``, which belongs to the caller.
+        buffered = io.BufferedReader(stream, _COPY_CHUNK)  # type: ignore[type-var]
+    reader = TarReader(buffered or stream)
     try:
         for entry in reader:
             applier.entry(reader, entry)
         applier.finish()
     finally:
+        if buffered is not None:
+            buffered.detach()
         if writers is not None:
             try:
                 writers.drain()

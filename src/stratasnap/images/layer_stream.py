@@ -135,6 +135,8 @@ class LayerStream(io.RawIOBase):
 
     def finish(self) -> None:
         """Read what is left, then check the blob digest and the diff ID."""
+        if self._stop.is_set():
+            raise RuntimeError("LayerStream.finish() after close()")
         while self.read(_CHUNK):
             pass
         self._thread.join()
