@@ -136,8 +136,10 @@ class ContentStore:
     def digests(self) -> Iterator[Digest]:
         """Every stored blob's digest."""
         for alg_dir in self.blobs.iterdir():
-            for entry in os.scandir(alg_dir):
-                yield Digest(alg_dir.name, entry.name)
+            with os.scandir(alg_dir) as it:
+                names = [entry.name for entry in it]
+            for name in names:
+                yield Digest(alg_dir.name, name)
 
     def gc(self, keep: Iterable[Digest | str]) -> Reclaimed:
         """Delete every stored blob not in ``keep``, and partial blobs no writer holds."""
@@ -152,9 +154,9 @@ class ContentStore:
                 total += p.stat().st_size
                 p.unlink()
                 paths.append(str(p))
-        for entry in os.scandir(self.ingest):
-            if _unlink_if_unlocked(Path(entry.path)):
-                paths.append(entry.path)
+        with os.scandir(self.ingest) as it:
+            partials = [Path(entry.path) for entry in it]
+        paths.extend(str(p) for p in partials if _unlink_if_unlocked(p))
         return Reclaimed(paths=tuple(paths), size=total)
 
 
