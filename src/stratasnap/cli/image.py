@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import NotFound
+from ..errors import NotFound, SnapshotError
 from ..images.manifest import Platform, host_platform
 from ..images.store import Image, ImageStore
 from ._app import Session
@@ -209,7 +209,7 @@ def ls(as_json: bool) -> None:
         for rec in store.records():
             try:
                 size = store.load(rec).size
-            except (NotFound, click.ClickException):
+            except SnapshotError:  # a record whose blobs are gone: listed, size unknown
                 size = 0
             rows.append(
                 {
