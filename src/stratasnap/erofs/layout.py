@@ -1,0 +1,236 @@
+"""Metadata layout: inodes, directories, symlinks and shared xattrs after the data.
+
+File data is streamed to the image first (block 1 on), so everything here is
+placed after it, once the whole tar has been read::
+
+    block 0          superblock at byte 1024 (written last)
+    blocks 1..       regular-file data, each file in whole blocks (FLAT_PLAIN)
+    xattr_blkaddr    shared xattr entries
+    meta_blkaddr     inodes, 32-byte slots (nid = slot number); the root first (nid 1)
+                     so it fits the superblock's 16-bit root_nid
+    after them       directory / symlink blocks that did not fit inline
+
+An inode record (inode, xattr body, inline tail) never crosses a block
+boundary: the kernel refuses inline data that does, and reads are simpler.
+Directory blocks hold sorted entries so the kernel can binary-search them.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass
+
+from . import format as fmt
+from .errors import LayerTooLarge
+from .tree import Node
+from .xattrs import SharedXattrs, encodable
+
+__all__ = ["MetaResult", "write_metadata"]
+
+BS = fmt.BLOCK_SIZE
+
+_FTYPES = {
+    stat.S_IFREG: fmt.FT_REG,
+    stat.S_IFDIR: fmt.FT_DIR,
+    stat.S_IFCHR: fmt.FT_CHR,
+    stat.S_IFBLK: fmt.FT_BLK,
+    stat.S_IFIFO: fmt.FT_FIFO,
+    stat.S_IFSOCK: fmt.FT_SOCK,
+    stat.S_IFLNK: fmt.FT_LNK,
+}
+
+
+@dataclass(frozen=True)
+class MetaResult:
+    blocks: int  # total image blocks
+    inodes: int
+    build_time: tuple[int, int]
+    extended_inodes: int
+    shared_xattrs: int
+
+
+def _pad_to(n: int, align: int) -> int:
+    return n + (-n % align)
+
+
+def _dir_payload(entries: list[tuple[bytes, int, int]]) -> bytes:
+    """Directory blocks for sorted (name, nid, ftype) entries; the last block unpadded."""
+    blocks: list[bytes] = []
+    i, n = 0, len(entries)
+    while i < n:
+        j, used = i, 0
+        while j < n and used + fmt.DIRENT_SIZE + len(entries[j][0]) <= BS:
+            used += fmt.DIRENT_SIZE + len(entries[j][0])
+            j += 1
+        nameoff = fmt.DIRENT_SIZE * (j - i)
+        heads = []
+        for name, nid, ftype in entries[i:j]:
+            heads.append(fmt.DIRENT.pack(nid, nameoff, ftype))
+            nameoff += len(name)
+        block = b"".join(heads) + b"".join(e[0] for e in entries[i:j])
+        i = j
+        # A full block's last name ends at a NUL or the block end; the last block ends at i_size.
+        blocks.append(block if i == n else block.ljust(BS, b"\0"))
+    return b"".join(blocks)
+
+
+class _Walk:
+    """The reachable inodes in depth-first order, with link counts and parents."""
+
+    def __init__(self, root: Node) -> None:
+        self.order: list[Node] = [root]
+        self.index: dict[int, int] = {id(root): 0}
+        self.links: list[int] = [2]
+        self.parent: dict[int, Node] = {id(root): root}
+        stack = [root]
+        while stack:
+            d = stack.pop()
+            assert d.children is not None
+            for child in d.children.values():
+                key = id(child)
+                if child.is_dir:
+                    self.links[self.index[id(d)]] += 1
+                    self.parent[key] = d
+                    self.index[key] = len(self.order)
+                    self.order.append(child)
+                    self.links.append(2)
+                    stack.append(child)
+                elif key in self.index:
+                    self.links[self.index[key]] += 1  # another hard link
+                else:
+                    self.index[key] = len(self.order)
+                    self.order.append(child)
+                    self.links.append(1)
+
+
+def _build_time(order: list[Node]) -> tuple[int, int]:
+    # Compact inodes take their mtime from the superblock: use the commonest one.
+    counts = Counter((n.mtime, n.mtime_nsec) for n in order)
+    (sec, nsec), _ = counts.most_common(1)[0]
+    return (sec, nsec) if sec >= 0 else (0, 0)
+
+
+def write_metadata(
+    fd: int, root: Node, first_block: int, uuid: bytes, volume_name: bytes = b""
+) -> MetaResult:
+    """Lay out and write all metadata and the superblock from ``first_block`` on."""
+    walk = _Walk(root)
+    order = walk.order
+    build_time = _build_time(order)
+    keys = [encodable(n.xattrs) for n in order]
+    shared = SharedXattrs(keys)
+    xattr_blkaddr = first_block
+    meta_blkaddr = xattr_blkaddr + _pad_to(len(shared.area), BS) // BS
+
+    # Pass 1: sizes and inode slots. A directory's size depends only on its names.
+    records: list[tuple[bytes, bytes, int, bool]] = []  # (ibody, payload, core size, inline)
+    nids: list[int] = []
+    # nid 0 would be inode number 0, which readdir(3) treats as a deleted entry.
+    pos = fmt.INODE_SLOT
+    extended = 0
+    for i, node in enumerate(order):
+        ibody = shared.ibody(keys[i])
+        if len(ibody) > fmt.XATTR_MAX_IBODY:
+            raise LayerTooLarge("an inode's xattrs exceed what EROFS can hold")
+        if node.children is not None:
+            payload = _dir_payload(_dir_entries(node, walk, [0] * len(order)))
+        elif stat.S_ISLNK(node.mode):
+            payload = node.target
+        else:
+            payload = b""
+        compact = (
+            node.uid <= 0xFFFF
+            and node.gid <= 0xFFFF
+            and walk.links[i] <= 0xFFFF
+            and max(node.size, len(payload)) <= 0xFFFFFFFF
+            and (node.mtime, node.mtime_nsec) == build_time
+        )
+        core = fmt.COMPACT_SIZE if compact else fmt.EXTENDED_SIZE
+        extended += not compact
+        tail = len(payload) % BS
+        inline = bool(tail) and core + len(ibody) + tail <= BS
+        record = core + len(ibody) + (tail if inline else 0)
+        if record > BS or pos % BS + record > BS:
+            pos = _pad_to(pos, BS)
+        nids.append(pos // fmt.INODE_SLOT)
+        pos = _pad_to(pos + record, fmt.INODE_SLOT)
+        records.append((ibody, payload, core, inline))
+    if nids[0] > 0xFFFF:
+        raise AssertionError("the root inode must fit the 16-bit root_nid")
+
+    # Pass 2: directory/symlink blocks after the inodes, then serialise.
+    inode_area = bytearray(_pad_to(pos, BS))
+    extra = bytearray()
+    next_block = meta_blkaddr + len(inode_area) // BS
+    for i, node in enumerate(order):
+        ibody, payload, core, inline = records[i]
+        if node.children is not None:
+            payload = _dir_payload(_dir_entries(node, walk, nids))
+        full = len(payload) - len(payload) % BS if inline else _pad_to(len(payload), BS)
+        i_u = 0
+        size = len(payload)
+        layout = fmt.LAYOUT_FLAT_INLINE if inline else fmt.LAYOUT_FLAT_PLAIN
+        if payload and full:
+            i_u = next_block + len(extra) // BS
+            extra += payload[:full]
+            if len(extra) % BS:
+                extra += bytes(-len(extra) % BS)
+        if stat.S_ISREG(node.mode):
+            i_u, size = node.blkaddr, node.size
+        elif stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
+            i_u = node.rdev
+        common = dict(
+            layout=layout,
+            xattr_icount=fmt.xattr_icount(len(ibody)),
+            mode=node.mode,
+            nlink=walk.links[i],
+            size=size,
+            i_u=i_u,
+            ino=i + 1,
+            uid=node.uid,
+            gid=node.gid,
+        )
+        if core == fmt.COMPACT_SIZE:
+            raw = fmt.pack_compact_inode(**common)
+        else:
+            raw = fmt.pack_extended_inode(**common, mtime=node.mtime, mtime_nsec=node.mtime_nsec)
+        packed = raw + ibody + (payload[full:] if inline else b"")
+        off = nids[i] * fmt.INODE_SLOT
+        inode_area[off : off + len(packed)] = packed
+
+    if shared.area:
+        os.pwrite(fd, shared.area, xattr_blkaddr * BS)
+    os.pwrite(fd, inode_area, meta_blkaddr * BS)
+    if extra:
+        os.pwrite(fd, extra, next_block * BS)
+    blocks = next_block + len(extra) // BS
+    os.ftruncate(fd, blocks * BS)
+    sb = fmt.pack_superblock(
+        root_nid=nids[0],
+        inos=len(order),
+        build_time=build_time[0],
+        build_time_nsec=build_time[1],
+        blocks=blocks,
+        meta_blkaddr=meta_blkaddr,
+        xattr_blkaddr=xattr_blkaddr,
+        uuid=uuid,
+        volume_name=volume_name,
+    )
+    os.pwrite(fd, sb, fmt.SUPER_OFFSET)
+    return MetaResult(blocks, len(order), build_time, extended, len(shared.ids))
+
+
+def _dir_entries(d: Node, walk: _Walk, nids: list[int]) -> list[tuple[bytes, int, int]]:
+    assert d.children is not None
+    index = walk.index
+    entries = [
+        (b".", nids[index[id(d)]], fmt.FT_DIR),
+        (b"..", nids[index[id(walk.parent[id(d)])]], fmt.FT_DIR),
+    ]
+    entries += [
+        (name, nids[index[id(c)]], _FTYPES[stat.S_IFMT(c.mode)]) for name, c in d.children.items()
+    ]
+    entries.sort()
+    return entries

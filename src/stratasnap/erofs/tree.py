@@ -1,0 +1,151 @@
+"""The image's file tree in memory: metadata only, file data is already on disk.
+
+Tar members are applied in order, like an extraction would: a later member
+replaces an earlier one of the same name (a directory over a directory only
+updates its metadata), hard links share one :class:`Node`, and OCI whiteouts
+become their overlayfs form. Link counts are not tracked while building: they
+are counted from the final tree, so replaced or shadowed entries need no
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+from .errors import UnsafeEntry
+from .format import NAME_MAX
+
+__all__ = ["OPAQUE_XATTR", "Node", "Tree", "split_name"]
+
+WHITEOUT_PREFIX = b".wh."
+WHITEOUT_META_PREFIX = b".wh..wh."  # aufs-internal names (.wh..wh.plnk, ...): never content
+OPAQUE_MARKER = b".wh..wh..opq"
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One inode. ``children`` is set for directories only (name -> node)."""
+
+    mode: int  # S_IFxxx | permission bits
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    xattrs: dict[bytes, bytes]
+    size: int = 0  # regular files: data length
+    blkaddr: int = 0  # regular files: first block of the data
+    rdev: int = 0  # devices: encoded device number
+    target: bytes = b""  # symlinks
+    children: dict[bytes, Node] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+def split_name(name: bytes, offset: int) -> tuple[bytes, ...]:
+    """A member name as path components below the image root.
+
+    Per OCI layer rules the archive describes paths relative to the root: a
+    leading ``/`` and ``.`` components are dropped; ``..`` is refused rather
+    than clamped (a layer that needs it is hostile or broken).
+    """
+    if b"\0" in name:
+        raise UnsafeEntry(f"name {name!r} contains NUL", offset=offset)
+    parts = tuple(p for p in name.split(b"/") if p and p != b".")
+    for part in parts:
+        if part == b"..":
+            raise UnsafeEntry(f"name {name!r} climbs out with '..'", offset=offset)
+        if len(part) > NAME_MAX:
+            raise UnsafeEntry(f"name component longer than {NAME_MAX} bytes", offset=offset)
+    return parts
+
+
+class Tree:
+    """The directory tree being built; ``root`` is the image's root directory."""
+
+    def __init__(self, default_mtime: int) -> None:
+        self._default_mtime = default_mtime
+        self.root = self._implicit_dir()
+
+    def _implicit_dir(self) -> Node:
+        # Parents a layer never lists get what containerd's applier would give them
+        # (root-owned 0755); their time is the image's build time, for reproducibility.
+        return Node(stat.S_IFDIR | 0o755, 0, 0, self._default_mtime, 0, {}, children={})
+
+    def directory(self, parts: tuple[bytes, ...], offset: int) -> Node:
+        """The directory at ``parts``, creating missing ones on the way."""
+        node = self.root
+        for part in parts:
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = self._implicit_dir()
+            elif not child.is_dir:
+                raise UnsafeEntry(
+                    f"{b'/'.join(parts)!r}: {part!r} is not a directory", offset=offset
+                )
+            node = child
+        return node
+
+    def lookup(self, parts: tuple[bytes, ...]) -> Node | None:
+        node: Node | None = self.root
+        for part in parts:
+            if node is None or node.children is None:
+                return None
+            node = node.children.get(part)
+        return node
+
+    def put(self, parts: tuple[bytes, ...], node: Node, offset: int) -> None:
+        """Place ``node`` at ``parts`` (non-empty), replacing what was there."""
+        parent = self.directory(parts[:-1], offset)
+        assert parent.children is not None
+        old = parent.children.get(parts[-1])
+        if old is not None and old.is_dir and node.is_dir:
+            # Re-listing a directory re-applies its metadata; its contents (and an
+            # opaque marker met earlier) stay.
+            old.mode, old.uid, old.gid = node.mode, node.uid, node.gid
+            old.mtime, old.mtime_nsec = node.mtime, node.mtime_nsec
+            old.xattrs.update(node.xattrs)
+            return
+        parent.children[parts[-1]] = node
+
+    def set_root(self, node: Node, offset: int) -> None:
+        if not node.is_dir:
+            raise UnsafeEntry("the archive root must be a directory", offset=offset)
+        self.root.mode, self.root.uid, self.root.gid = node.mode, node.uid, node.gid
+        self.root.mtime, self.root.mtime_nsec = node.mtime, node.mtime_nsec
+        self.root.xattrs.update(node.xattrs)
+
+    def whiteout(self, parts: tuple[bytes, ...], entry_node: Node, offset: int) -> str | None:
+        """Apply an OCI whiteout member; returns "opaque", "whiteout" or None (ignored).
+
+        ``.wh..wh..opq`` marks its directory opaque (``trusted.overlay.opaque=y``);
+        ``.wh.NAME`` becomes a 0/0 character device NAME, owned as the member
+        was, which is what overlayfs reads as "deleted below".
+        """
+        base = parts[-1]
+        if base == OPAQUE_MARKER:
+            self.directory(parts[:-1], offset).xattrs[OPAQUE_XATTR] = b"y"
+            return "opaque"
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return None
+        hidden = base[len(WHITEOUT_PREFIX) :]
+        if hidden in (b"", b".", b".."):
+            raise UnsafeEntry(f"whiteout {base!r} names no entry", offset=offset)
+        device = Node(
+            stat.S_IFCHR,
+            entry_node.uid,
+            entry_node.gid,
+            entry_node.mtime,
+            entry_node.mtime_nsec,
+            {},
+        )
+        self.put((*parts[:-1], hidden), device, offset)
+        return "whiteout"
+
+
+def is_whiteout(parts: tuple[bytes, ...]) -> bool:
+    return bool(parts) and parts[-1].startswith(WHITEOUT_PREFIX)
