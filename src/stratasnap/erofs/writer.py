@@ -151,6 +151,7 @@ class _Converter:
             if not e.linkname or b"\0" in e.linkname or len(e.linkname) >= 4096:
                 raise TarFormatError(f"symlink {e.name!r} has a bad target", offset=e.offset)
             node.target = e.linkname
+            node.mode = stat.S_IFLNK | 0o777  # as on any extracted Linux tree (lchmod does not exist)
             self.counts["symlinks"] += 1
         elif e.type in (CHR, BLK):
             node.rdev = fmt.encode_rdev(e.devmajor, e.devminor)
