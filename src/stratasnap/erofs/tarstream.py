@@ -32,6 +32,12 @@ _HEADER_ONLY = frozenset((HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO))
 _MEMBER_TYPES = frozenset((REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO))
 _ZERO_RECORD = bytes(RECORD)
 _XATTR_PAX = b"SCHILY.xattr."
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"\xfd7zXZ\x00": "xz",
+    b"BZh": "bzip2",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +189,15 @@ class TarReader:
         self._remaining -= got
         return got
 
+    def drain(self) -> None:
+        """Read the stream to its end (the record padding after the end marker).
+
+        Callers that hash the stream while it is read (to check a diff ID)
+        need every byte to pass through; a pipe's writer must not see EPIPE.
+        """
+        while chunk := self._f.read(1 << 16):
+            self.position += len(chunk)
+
     # -- members --------------------------------------------------------
     def __iter__(self) -> Iterator[TarEntry]:
         while True:
@@ -197,6 +212,8 @@ class TarReader:
         first = self._f.read(RECORD)
         if not first:
             return None  # a clean end at a record boundary (Go accepts it too)
+        if self.position == 0:
+            self._not_compressed(first)
         self.position += len(first)
         if len(first) < RECORD:
             first += self._read_exact(RECORD - len(first), "a tar header")
@@ -234,6 +251,15 @@ class TarReader:
                     long_link = _cstr(data)
                 continue
             return self._member(block, typ, size, offset, pax, long_name, long_link)
+
+    @staticmethod
+    def _not_compressed(block: bytes) -> None:
+        for magic, name in _COMPRESSED.items():
+            if block.startswith(magic):
+                raise TarFormatError(
+                    f"the input is {name}-compressed; decompress it first (this reads plain tar)",
+                    offset=0,
+                )
 
     @staticmethod
     def _check_sum(block: bytes, offset: int) -> None:

@@ -44,7 +44,7 @@ _TYPE_BITS = {
 class ImageStats:
     """What a conversion read and wrote."""
 
-    tar_bytes: int  # bytes of tar consumed from the stream
+    tar_bytes: int  # bytes consumed from the stream (all of it: read to EOF)
     data_bytes: int  # regular-file bytes stored
     image_bytes: int  # size of the image file
     inodes: int
@@ -151,7 +151,8 @@ class _Converter:
             if not e.linkname or b"\0" in e.linkname or len(e.linkname) >= 4096:
                 raise TarFormatError(f"symlink {e.name!r} has a bad target", offset=e.offset)
             node.target = e.linkname
-            node.mode = stat.S_IFLNK | 0o777  # as on any extracted Linux tree (lchmod does not exist)
+            # As on any extracted Linux tree: symlink permissions cannot be set.
+            node.mode = stat.S_IFLNK | 0o777
             self.counts["symlinks"] += 1
         elif e.type in (CHR, BLK):
             node.rdev = fmt.encode_rdev(e.devmajor, e.devminor)
@@ -211,6 +212,7 @@ def convert_tar(
         conv = _Converter(fd, default_mtime)
         for entry in reader:
             conv.apply(reader, entry)
+        reader.drain()
         conv.data.flush()
         meta = write_metadata(fd, conv.tree.root, conv.data.next_block, uuid, volume_name)
         os.fsync(fd)

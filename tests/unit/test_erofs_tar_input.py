@@ -1,0 +1,190 @@
+"""The converter's tar input: hostile and corrupt archives are refused cleanly.
+
+Every refusal is a typed error (an InvalidArgument) and leaves no file in the
+output directory. Accepted archives are checked without root through
+``fsck.erofs --extract``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import need
+from erofs_layers import Member, build_tar, snapshot
+
+from stratasnap.erofs import (
+    LayerTooLarge,
+    TarFormatError,
+    TruncatedTar,
+    UnsafeEntry,
+    convert_tar,
+)
+from stratasnap.errors import InvalidArgument
+
+
+def _set_field(tar: bytes, header_at: int, start: int, value: bytes) -> bytes:
+    """Overwrite a header field and fix the header checksum."""
+    block = bytearray(tar[header_at : header_at + 512])
+    block[start : start + len(value)] = value
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return tar[:header_at] + bytes(block) + tar[header_at + 512 :]
+
+
+def _refused(tar: bytes, tmp_path: Path, error: type[Exception]) -> Exception:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    with pytest.raises(error) as info:
+        convert_tar(io.BytesIO(tar), out / "layer.erofs")
+    assert isinstance(info.value, InvalidArgument)
+    assert list(out.iterdir()) == [], "a refused tar must leave nothing behind"
+    return info.value
+
+
+def _extract(image: Path, dest: Path) -> dict[str, tuple[str, str, str]]:
+    need(shutil.which("fsck.erofs") is not None, "fsck.erofs (erofs-utils) not installed")
+    r = subprocess.run(
+        ["fsck.erofs", f"--extract={dest}", str(image)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {p: (a.kind, a.digest, a.target) for p, a in snapshot(dest, with_xattrs=False).items()}
+
+
+ONE_FILE = build_tar([Member("f", "file", data=b"x" * 700)])
+
+
+def test_not_a_tar(tmp_path: Path) -> None:
+    err = _refused(os.urandom(4096), tmp_path, TarFormatError)
+    assert "checksum" in str(err)
+
+
+def test_truncated_header(tmp_path: Path) -> None:
+    _refused(ONE_FILE[:300], tmp_path, TruncatedTar)
+
+
+def test_truncated_data(tmp_path: Path) -> None:
+    err = _refused(ONE_FILE[: 512 + 100], tmp_path, TruncatedTar)
+    assert "member data" in str(err)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/../../etc/passwd", "a/..", "x/" + "n" * 256])
+def test_unsafe_names(tmp_path: Path, name: str) -> None:
+    _refused(build_tar([Member(name, "file", data=b"x")]), tmp_path, UnsafeEntry)
+
+
+def test_hardlink_target_outside(tmp_path: Path) -> None:
+    tar = build_tar([Member("a", "hardlink", target="../../etc/shadow")])
+    _refused(tar, tmp_path, UnsafeEntry)
+
+
+def test_absurd_size_in_header(tmp_path: Path) -> None:
+    # base-256 size of 2**60 bytes
+    tar = _set_field(ONE_FILE, 0, 124, b"\x80" + (1 << 60).to_bytes(11, "big"))
+    _refused(tar, tmp_path, LayerTooLarge)
+
+
+def test_absurd_pax_size(tmp_path: Path) -> None:
+    # a PAX header claiming 2**50 bytes of data
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.pax_headers = {"size": str(1 << 50)}
+        tf.addfile(ti)
+    _refused(buf.getvalue(), tmp_path, LayerTooLarge)
+
+
+def test_bad_octal_field(tmp_path: Path) -> None:
+    tar = _set_field(ONE_FILE, 0, 108, b"12z4567\0")  # uid
+    _refused(tar, tmp_path, TarFormatError)
+
+
+@pytest.mark.parametrize("typ", [b"S", b"V", b"A"])
+def test_unsupported_member_types(tmp_path: Path, typ: bytes) -> None:
+    _refused(_set_field(ONE_FILE, 0, 156, typ), tmp_path, TarFormatError)
+
+
+def test_hardlink_to_missing_or_to_a_directory(tmp_path: Path) -> None:
+    _refused(build_tar([Member("a", "hardlink", target="nope")]), tmp_path, TarFormatError)
+    tar = build_tar([Member("d", "dir"), Member("a", "hardlink", target="d")])
+    _refused(tar, tmp_path, TarFormatError)
+
+
+def test_parent_is_not_a_directory(tmp_path: Path) -> None:
+    tar = build_tar([Member("f", "file"), Member("f/x", "file")])
+    _refused(tar, tmp_path, UnsafeEntry)
+    tar = build_tar([Member("l", "symlink", target="/etc"), Member("l/passwd", "file")])
+    _refused(tar, tmp_path, UnsafeEntry)
+
+
+@pytest.mark.parametrize("name", ["d/.wh..", "d/.wh.", "d/.wh.."])
+def test_whiteout_naming_nothing(tmp_path: Path, name: str) -> None:
+    _refused(build_tar([Member(name, "file")]), tmp_path, UnsafeEntry)
+
+
+def test_bad_pax_record(tmp_path: Path) -> None:
+    good = build_tar([Member("f", "file", xattrs={"user.a": "b"})])
+    # The PAX data block follows the first header: corrupt its length prefix.
+    at = good.index(b"SCHILY") - 3
+    bad = good[:at] + b"9" + good[at + 1 :]
+    _refused(bad, tmp_path, TarFormatError)
+
+
+def test_accepted_layer_through_a_pipe(tmp_path: Path) -> None:
+    """Non-seekable input; names normalised (absolute, ./); later members win."""
+    members = [
+        Member("/abs", "dir", mode=0o755),
+        Member("/abs/f", "file", data=b"one"),
+        Member("./abs/./g", "file", data=os.urandom(3 << 20)),
+        Member("abs/f", "file", data=b"two"),  # replaces the first abs/f
+        Member("abs", "dir", mode=0o700),  # re-listing keeps the children
+        Member("d", "file", data=b"file first"),
+        Member("d", "dir"),  # a directory replaces the file
+        Member("d/l", "symlink", target="../abs/f"),
+        Member("x/.wh.gone", "file"),
+    ]
+    tar = build_tar(members)
+    r, w = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(tar)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    with os.fdopen(r, "rb") as stream:
+        stats = convert_tar(stream, tmp_path / "img")
+    t.join()
+    assert stats.tar_bytes <= len(tar)
+    assert stats.whiteouts == 1 and stats.files == 4
+    tree = _extract(tmp_path / "img", tmp_path / "x")
+    assert (tmp_path / "x/abs/f").read_bytes() == b"two"
+    assert tree["abs/g"][0] == "file" and tree["d"][0] == "dir"
+    assert tree["d/l"] == ("symlink", "", "../abs/f")
+    assert tree["x/gone"][0] == "chr"
+    assert sorted(tree) == ["", "abs", "abs/f", "abs/g", "d", "d/l", "x", "x/gone"]
+
+
+def test_end_without_zero_blocks_is_accepted(tmp_path: Path) -> None:
+    # header and two data records; no end-of-archive blocks
+    stats = convert_tar(io.BytesIO(ONE_FILE[:1536]), tmp_path / "img")
+    assert stats.files == 1 and stats.data_bytes == 700
+
+
+def test_existing_image_is_replaced_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "img"
+    target.write_bytes(b"old")
+    _refused_here = tmp_path / "out"
+    _refused_here.mkdir()
+    with pytest.raises(TruncatedTar):
+        convert_tar(io.BytesIO(ONE_FILE[:700]), target)
+    assert target.read_bytes() == b"old"  # a failed conversion leaves the old image
+    convert_tar(io.BytesIO(ONE_FILE), target)
+    assert target.stat().st_size > 4096
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "out"]
