@@ -13,6 +13,9 @@ end even without the two zero blocks; GNU sparse members are refused.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -40,6 +43,18 @@ _COMPRESSED = {
 }
 
 
+_NO_COPY_RANGE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
+
+
+def _regular_file_fd(stream: BinaryIO) -> int | None:
+    """The descriptor of ``stream`` if it is a seekable regular file, else None."""
+    try:
+        fd = stream.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) and stream.seekable() else None
+    except (OSError, ValueError, AttributeError):  # io.BytesIO and friends have no descriptor
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class TarEntry:
     """One member, with PAX and GNU long-name records already applied."""
@@ -65,7 +80,12 @@ def _cstr(field: bytes) -> bytes:
 
 
 def _number(field: bytes, what: str, offset: int) -> int:
-    if field and field[0] & 0x80:  # base-256 (GNU/star) for values octal cannot hold
+    if field[0] < 0x80:
+        try:  # the common case: octal digits, NUL- or space-terminated
+            return int(field.split(b"\0", 1)[0], 8)
+        except ValueError:
+            pass  # empty or all spaces (0), or really malformed: the slow path decides
+    elif field[0] & 0x80:  # base-256 (GNU/star) for values octal cannot hold
         value = int.from_bytes(field[1:], "big")
         if field[0] == 0xFF:
             value -= 1 << (8 * (len(field) - 1))
@@ -139,6 +159,7 @@ class TarReader:
         self._remaining = 0  # data bytes of the current member not yet read
         self._padding = 0  # record padding after the current member's data
         self._global: dict[bytes, bytes] = {}
+        self._src_fd = _regular_file_fd(stream)
 
     # -- raw stream -----------------------------------------------------
     def _read_exact(self, n: int, what: str) -> bytes:
@@ -197,6 +218,37 @@ class TarReader:
         """
         while chunk := self._f.read(1 << 16):
             self.position += len(chunk)
+
+    def copy_to(self, out_fd: int, out_offset: int, n: int) -> bool:
+        """Copy ``n`` data bytes to ``out_fd`` at ``out_offset`` inside the kernel.
+
+        Only when the tar is a regular file (``copy_file_range`` needs one);
+        False, with nothing consumed, when that is not possible here.
+        """
+        if self._src_fd is None or n > self._remaining:
+            return False
+        pos = self._f.tell()
+        done = 0
+        try:
+            while done < n:
+                step = os.copy_file_range(
+                    self._src_fd, out_fd, n - done, pos + done, out_offset + done
+                )
+                if step == 0:
+                    raise TruncatedTar(
+                        f"stream ended inside member data ({n - done} bytes missing)",
+                        offset=self.position + done,
+                    )
+                done += step
+        except OSError as exc:
+            if done or exc.errno not in _NO_COPY_RANGE:
+                raise
+            self._src_fd = None  # e.g. across filesystems: use plain reads from now on
+            return False
+        self._f.seek(pos + n)
+        self.position += n
+        self._remaining -= n
+        return True
 
     # -- members --------------------------------------------------------
     def __iter__(self) -> Iterator[TarEntry]:
@@ -264,7 +316,7 @@ class TarReader:
     @staticmethod
     def _check_sum(block: bytes, offset: int) -> None:
         stored = _number(block[148:156], "checksum", offset)
-        unsigned = sum(block[:148]) + 256 + sum(block[156:])  # the field counts as 8 spaces
+        unsigned = sum(block) - sum(block[148:156]) + 256  # the field counts as 8 spaces
         if stored == unsigned:
             return
         high = sum(1 for i, b in enumerate(block) if b & 0x80 and not 148 <= i < 156)
@@ -290,25 +342,33 @@ class TarReader:
                 name = prefix + b"/" + name
         if typ in (b"\0", b"7"):  # old-style regular file, contiguous file
             typ = DIR if name.endswith(b"/") and typ == b"\0" else REG
+        if typ == b"S" or (pax and any(k.startswith(b"GNU.sparse.") for k in pax)):
+            raise TarFormatError("sparse members are not supported", offset=offset)
         if typ not in _MEMBER_TYPES:
             raise TarFormatError(f"unsupported member type {typ!r}", offset=offset)
-        if any(k.startswith(b"GNU.sparse.") for k in pax) or typ == b"S":
-            raise TarFormatError("sparse members are not supported", offset=offset)
-        name = pax.get(b"path", long_name if long_name is not None else name)
-        if long_link is None:
-            long_link = _cstr(block[157:257])
-        linkname = pax.get(b"linkpath", long_link)
+        if long_name is not None:
+            name = long_name
+        linkname = _cstr(block[157:257]) if long_link is None else long_link
         uid = _number(block[108:116], "uid", offset)
         gid = _number(block[116:124], "gid", offset)
         mtime, mtime_nsec = _number(block[136:148], "mtime", offset), 0
-        if b"size" in pax:
-            size = _pax_int(pax[b"size"], "size", MAX_FILE_SIZE, offset)
-        if b"uid" in pax:
-            uid = _pax_int(pax[b"uid"], "uid", MAX_ID, offset)
-        if b"gid" in pax:
-            gid = _pax_int(pax[b"gid"], "gid", MAX_ID, offset)
-        if b"mtime" in pax:
-            mtime, mtime_nsec = _pax_time(pax[b"mtime"], offset)
+        xattrs: tuple[tuple[bytes, bytes], ...] = ()
+        if pax:
+            name = pax.get(b"path", name)
+            linkname = pax.get(b"linkpath", linkname)
+            if b"size" in pax:
+                size = _pax_int(pax[b"size"], "size", MAX_FILE_SIZE, offset)
+            if b"uid" in pax:
+                uid = _pax_int(pax[b"uid"], "uid", MAX_ID, offset)
+            if b"gid" in pax:
+                gid = _pax_int(pax[b"gid"], "gid", MAX_ID, offset)
+            if b"mtime" in pax:
+                mtime, mtime_nsec = _pax_time(pax[b"mtime"], offset)
+            xattrs = tuple(
+                (key[len(_XATTR_PAX) :], value)
+                for key, value in pax.items()
+                if key.startswith(_XATTR_PAX)
+            )
         if not 0 <= uid <= MAX_ID or not 0 <= gid <= MAX_ID:
             raise TarFormatError(f"owner {uid}:{gid} is out of range", offset=offset)
         devmajor = devminor = 0
@@ -317,11 +377,6 @@ class TarReader:
             devminor = _number(block[337:345], "devminor", offset)
             if not 0 <= devmajor < 1 << 12 or not 0 <= devminor < 1 << 20:
                 raise TarFormatError(f"device {devmajor}:{devminor} is out of range", offset=offset)
-        xattrs = tuple(
-            (key[len(_XATTR_PAX) :], value)
-            for key, value in pax.items()
-            if key.startswith(_XATTR_PAX)
-        )
         if typ in _HEADER_ONLY:
             size = 0
         self._remaining = size

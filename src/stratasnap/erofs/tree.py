@@ -69,6 +69,8 @@ class Tree:
     def __init__(self, default_mtime: int) -> None:
         self._default_mtime = default_mtime
         self.root = self._implicit_dir()
+        # Layers list a directory's members together: remember the last parent.
+        self._last: tuple[tuple[bytes, ...], Node] = ((), self.root)
 
     def _implicit_dir(self) -> Node:
         # Parents a layer never lists get what containerd's applier would give them
@@ -77,6 +79,8 @@ class Tree:
 
     def directory(self, parts: tuple[bytes, ...], offset: int) -> Node:
         """The directory at ``parts``, creating missing ones on the way."""
+        if self._last[0] == parts:
+            return self._last[1]
         node = self.root
         for part in parts:
             assert node.children is not None
@@ -88,6 +92,7 @@ class Tree:
                     f"{b'/'.join(parts)!r}: {part!r} is not a directory", offset=offset
                 )
             node = child
+        self._last = (parts, node)
         return node
 
     def lookup(self, parts: tuple[bytes, ...]) -> Node | None:
@@ -110,6 +115,8 @@ class Tree:
             old.mtime, old.mtime_nsec = node.mtime, node.mtime_nsec
             old.xattrs.update(node.xattrs)
             return
+        if old is not None and old.is_dir:
+            self._last = ((), self.root)  # the remembered parent may be below ``old``
         parent.children[parts[-1]] = node
 
     def set_root(self, node: Node, offset: int) -> None:
