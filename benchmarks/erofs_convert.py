@@ -52,7 +52,10 @@ def make_tar(path: Path, total_mb: int, files: int, seed: int = 1) -> None:
     scale = total_mb * MB / sum(weights)
     sizes = [min(int(w * scale), 24 << 20) for w in weights]
     dirs = [f"usr/d{i // 30:02d}/s{i % 30:02d}" for i in range(300)]
-    with path.open("wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with (
+        path.open("wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf,
+    ):
         for d in ["usr", *sorted({d.rsplit("/", 1)[0] for d in dirs}), *dirs]:
             ti = tarfile.TarInfo(d)
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
@@ -92,32 +95,46 @@ def run_mkfs(src: Path, image: Path) -> None:
 
 def run_tar_mkfs(tar: Path, work: Path, image: Path) -> None:
     work.mkdir()
-    subprocess.run(["tar", "--xattrs", "--numeric-owner", "-xpf", str(tar), "-C", str(work)],
-                   check=True)
+    subprocess.run(
+        ["tar", "--xattrs", "--numeric-owner", "-xpf", str(tar), "-C", str(work)], check=True
+    )
     run_mkfs(work, image)
+
+
+def cpu_seconds() -> float:
+    """User+sys CPU of this process and of its finished children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def peak_rss_mb(tar: Path, image: Path) -> tuple[float, float]:
     """Peak RSS (MB) and seconds of ``stratasnap erofs convert - IMAGE`` fed by a pipe."""
     cmd = [sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image)]
     t0 = time.perf_counter()
-    with tar.open("rb") as f:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        assert proc.stdin is not None
-        shutil.copyfileobj(f, proc.stdin, 1 << 20)
-        proc.stdin.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    cat = subprocess.Popen(["cat", str(tar)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=cat.stdout, stdout=subprocess.DEVNULL)
+    assert cat.stdout is not None
+    cat.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cat.wait()
     if proc.returncode != 0:
         raise SystemExit(f"converter failed with {proc.returncode}")
     return usage.ru_maxrss / 1024, time.perf_counter() - t0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tar", type=Path, help="use this (uncompressed) layer tar instead of a synthetic one")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--tar", type=Path, help="use this (uncompressed) layer tar instead of a synthetic one"
+    )
     ap.add_argument("--size-mb", type=int, default=300, help="synthetic tar: data MB (default 300)")
-    ap.add_argument("--files", type=int, default=30_000, help="synthetic tar: files (default 30000)")
+    ap.add_argument(
+        "--files", type=int, default=30_000, help="synthetic tar: files (default 30000)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds (default 3)")
     ap.add_argument("--fs-size", default="6G", help="loop ext4 size (default 6G)")
     ap.add_argument("--profile", action="store_true", help="also cProfile one converter run")
@@ -133,35 +150,57 @@ def main() -> None:
         tar_mb = tar.stat().st_size / MB
         extracted = mnt / "extracted"
         extracted.mkdir()
-        subprocess.run(["tar", "--numeric-owner", "-xpf", str(tar), "-C", str(extracted)], check=True)
-        version = subprocess.run(["mkfs.erofs", "-V"], capture_output=True, text=True).stdout.strip()
-        print(f"filesystem: {desc}; tar: {tar_mb:.0f} MB; {version.splitlines()[0] if version else ''}")
-        print(f"machine: {os.cpu_count()} CPUs, shared with other work (read ratios, not absolutes)")
+        subprocess.run(
+            ["tar", "--numeric-owner", "-xpf", str(tar), "-C", str(extracted)], check=True
+        )
+        version = subprocess.run(
+            ["mkfs.erofs", "-V"], capture_output=True, text=True
+        ).stdout.strip()
+        first = version.splitlines()[0] if version else "mkfs.erofs"
+        print(f"filesystem: {desc}; tar: {tar_mb:.0f} MB; {first}")
+        print(
+            f"machine: {os.cpu_count()} CPUs, shared with other work (read ratios, not absolutes)"
+        )
         variants: dict[str, Callable[[int], None]] = {
             "stratasnap": lambda r: run_ours(tar, mnt / f"ours-{r}.erofs"),
             "mkfs.erofs (pre-extracted)": lambda r: run_mkfs(extracted, mnt / f"mkfs-{r}.erofs"),
-            "tar -x + mkfs.erofs": lambda r: run_tar_mkfs(tar, mnt / f"x-{r}", mnt / f"tm-{r}.erofs"),
+            "tar -x + mkfs.erofs": lambda r: run_tar_mkfs(
+                tar, mnt / f"x-{r}", mnt / f"tm-{r}.erofs"
+            ),
         }
         times: dict[str, list[float]] = {k: [] for k in variants}
+        cpu: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(args.rounds):
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
                 os.sync()
+                c0 = cpu_seconds()
                 t0 = time.perf_counter()
                 variants[name](r)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_seconds() - c0)
             for p in mnt.iterdir():  # keep the filesystem from filling up
                 if p.name not in ("layer.tar", "extracted", "lost+found"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         ours = statistics.median(times["stratasnap"])
-        print(f"{'variant':28} {'median s':>9} {'MB/s':>8} {'x stratasnap':>13}   runs")
+        head = (
+            f"{'variant':27} {'wall s':>7} {'MB/s':>5} {'x ours':>6} {'CPU s':>6} {'MB/CPU-s':>8}"
+        )
+        print(f"{head}   wall of each run")
         for name, ts in times.items():
             med = statistics.median(ts)
             runs = " ".join(f"{t:.2f}" for t in ts)
-            print(f"{name:28} {med:9.2f} {tar_mb / med:8.0f} {med / ours:13.2f}   {runs}")
+            c = statistics.median(cpu[name])
+            print(
+                f"{name:27} {med:7.2f} {tar_mb / med:5.0f} {med / ours:6.2f} {c:6.2f} "
+                f"{tar_mb / c:8.0f}   {runs}"
+            )
+        print("(medians; wall includes the fsync; CPU s: user+sys of the process(es) doing")
+        print(" the work, less sensitive than wall to other work on a shared machine)")
         rss, secs = peak_rss_mb(tar, mnt / "rss.erofs")
         print(f"converter as a process fed by a pipe: {secs:.2f}s, peak RSS {rss:.0f} MB")
-        print(f"(this benchmark process itself: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"(this benchmark process itself, tar generation included: {own:.0f} MB)")
         if args.profile:
             import cProfile
             import pstats

@@ -8,10 +8,16 @@ layer extracted by GNU tar.
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
 import subprocess
+import sys
+import tarfile
 import tempfile
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from conftest import need, need_root
@@ -138,3 +144,59 @@ def test_same_tree_as_mkfs_erofs_from_the_extracted_layer(scratch: Path) -> None
         theirs_tree, ours_tree = snapshot(m1), snapshot(m2)
     assert ours_tree == theirs_tree
     assert ours_tree == expected_tree(members)
+
+
+def _big_layer(stream: BinaryIO, big_size: int, marker_every: int, small_files: int) -> None:
+    """Write a tar with one ``big_size`` file (mostly zero chunks) and many small files."""
+    chunk = 1 << 20
+    ti = tarfile.TarInfo("var/lib/big.img")
+    ti.size = big_size
+    stream.write(ti.tobuf(tarfile.PAX_FORMAT))
+    zero = bytes(chunk)
+    for i in range(big_size // chunk):
+        stream.write(bytes([i % 251 + 1]) * chunk if i % marker_every == 0 else zero)
+    stream.write(bytes(-big_size % 512))
+    for i in range(small_files):
+        ti = tarfile.TarInfo(f"etc/small-{i}")
+        ti.size = 100
+        stream.write(ti.tobuf(tarfile.PAX_FORMAT) + b"s" * 100 + bytes(412))
+    stream.write(bytes(1024))
+
+
+def test_memory_stays_bounded_on_a_multi_gb_layer(scratch: Path) -> None:
+    """3 GiB of file data through a pipe: peak RSS stays that of a small process."""
+    need_root()
+    big, every = 3 << 30, 64
+    image = scratch / "big.erofs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image), "--json"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    feeder = threading.Thread(
+        target=lambda: (_big_layer(proc.stdin, big, every, 5000), proc.stdin.close())
+    )  # type: ignore[union-attr]
+    feeder.start()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    feeder.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+    stats = json.loads(out)
+    assert stats["data_bytes"] == big + 5000 * 100
+    peak_mb = usage.ru_maxrss / 1024
+    print(f"peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB for a 3 GiB layer"
+    # Zero chunks stayed holes: the image takes little more than the marker chunks.
+    assert image.stat().st_blocks * 512 < big // every * 2 + (64 << 20)
+    _fsck(image)
+    with mounted_image(image, scratch / "mnt") as mnt:
+        f = mnt / "var/lib/big.img"
+        assert f.stat().st_size == big
+        with f.open("rb") as fh:
+            for i in (0, every, 5 * every, big // (1 << 20) - every):
+                fh.seek(i << 20)
+                assert fh.read(1 << 20) == bytes([i % 251 + 1]) * (1 << 20)
+            fh.seek((every + 1) << 20)
+            assert fh.read(1 << 20) == bytes(1 << 20)
+        assert (mnt / "etc/small-4999").read_bytes() == b"s" * 100

@@ -105,7 +105,6 @@ def i_format(version: int, layout: int) -> int:
 
 
 def pack_compact_inode(
-    *,
     layout: int,
     xattr_icount: int,
     mode: int,
@@ -132,7 +131,6 @@ def pack_compact_inode(
 
 
 def pack_extended_inode(
-    *,
     layout: int,
     xattr_icount: int,
     mode: int,

@@ -76,6 +76,19 @@ def _dir_payload(entries: list[tuple[bytes, int, int]]) -> bytes:
     return b"".join(blocks)
 
 
+def _dir_size(d: Node) -> int:
+    """The size ``_dir_payload`` will give ``d``: same greedy packing, names only."""
+    assert d.children is not None
+    size = used = 0
+    for name in sorted([b".", b"..", *d.children]):
+        need = fmt.DIRENT_SIZE + len(name)
+        if used + need > BS:
+            size += BS
+            used = 0
+        used += need
+    return size + used
+
+
 class _Walk:
     """The reachable inodes in depth-first order, with link counts and parents."""
 
@@ -135,7 +148,7 @@ def write_metadata(
         if len(ibody) > fmt.XATTR_MAX_IBODY:
             raise LayerTooLarge("an inode's xattrs exceed what EROFS can hold")
         if node.children is not None:
-            payload = _dir_payload(_dir_entries(node, walk, [0] * len(order)))
+            payload = bytes(_dir_size(node))  # a stand-in of the right size
         elif stat.S_ISLNK(node.mode):
             payload = node.target
         else:
@@ -181,21 +194,25 @@ def write_metadata(
             i_u, size = node.blkaddr, node.size
         elif stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
             i_u = node.rdev
-        common = dict(
-            layout=layout,
-            xattr_icount=fmt.xattr_icount(len(ibody)),
-            mode=node.mode,
-            nlink=walk.links[i],
-            size=size,
-            i_u=i_u,
-            ino=i + 1,
-            uid=node.uid,
-            gid=node.gid,
-        )
+        icount = fmt.xattr_icount(len(ibody))
         if core == fmt.COMPACT_SIZE:
-            raw = fmt.pack_compact_inode(**common)
+            raw = fmt.pack_compact_inode(
+                layout, icount, node.mode, walk.links[i], size, i_u, i + 1, node.uid, node.gid
+            )
         else:
-            raw = fmt.pack_extended_inode(**common, mtime=node.mtime, mtime_nsec=node.mtime_nsec)
+            raw = fmt.pack_extended_inode(
+                layout,
+                icount,
+                node.mode,
+                walk.links[i],
+                size,
+                i_u,
+                i + 1,
+                node.uid,
+                node.gid,
+                node.mtime,
+                node.mtime_nsec,
+            )
         packed = raw + ibody + (payload[full:] if inline else b"")
         off = nids[i] * fmt.INODE_SLOT
         inode_area[off : off + len(packed)] = packed

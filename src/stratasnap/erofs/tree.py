@@ -55,11 +55,10 @@ def split_name(name: bytes, offset: int) -> tuple[bytes, ...]:
     if b"\0" in name:
         raise UnsafeEntry(f"name {name!r} contains NUL", offset=offset)
     parts = tuple(p for p in name.split(b"/") if p and p != b".")
-    for part in parts:
-        if part == b"..":
-            raise UnsafeEntry(f"name {name!r} climbs out with '..'", offset=offset)
-        if len(part) > NAME_MAX:
-            raise UnsafeEntry(f"name component longer than {NAME_MAX} bytes", offset=offset)
+    if b".." in parts:
+        raise UnsafeEntry(f"name {name!r} climbs out with '..'", offset=offset)
+    if parts and max(map(len, parts)) > NAME_MAX:
+        raise UnsafeEntry(f"name component longer than {NAME_MAX} bytes", offset=offset)
     return parts
 
 
