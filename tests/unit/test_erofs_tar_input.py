@@ -188,3 +188,19 @@ def test_existing_image_is_replaced_atomically(tmp_path: Path) -> None:
     convert_tar(io.BytesIO(ONE_FILE), target)
     assert target.stat().st_size > 4096
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img", "out"]
+
+
+def test_xattrs_erofs_cannot_hold_are_counted_not_fatal(tmp_path: Path) -> None:
+    tar = build_tar(
+        [
+            Member(
+                "f",
+                "file",
+                xattrs={"user.ok": "1", "system.nfs4_acl": "x", "user.big": "v" * 70000},
+            ),
+            Member("g", "file", xattrs={"user.ok": "1"}),
+        ]
+    )
+    stats = convert_tar(io.BytesIO(tar), tmp_path / "img")
+    assert stats.dropped_xattrs == 2
+    assert stats.shared_xattrs == 1  # user.ok=1 on two inodes is stored once

@@ -49,6 +49,7 @@ class MetaResult:
     build_time: tuple[int, int]
     extended_inodes: int
     shared_xattrs: int
+    dropped_xattrs: int
 
 
 def _pad_to(n: int, align: int) -> int:
@@ -132,7 +133,8 @@ def write_metadata(
     walk = _Walk(root)
     order = walk.order
     build_time = _build_time(order)
-    keys = [encodable(n.xattrs) for n in order]
+    keys = [encodable(n.xattrs) if n.xattrs else [] for n in order]
+    dropped = sum(len(n.xattrs) for n in order) - sum(map(len, keys))
     shared = SharedXattrs(keys)
     xattr_blkaddr = first_block
     meta_blkaddr = xattr_blkaddr + _pad_to(len(shared.area), BS) // BS
@@ -236,7 +238,7 @@ def write_metadata(
         volume_name=volume_name,
     )
     os.pwrite(fd, sb, fmt.SUPER_OFFSET)
-    return MetaResult(blocks, len(order), build_time, extended, len(shared.ids))
+    return MetaResult(blocks, len(order), build_time, extended, len(shared.ids), dropped)
 
 
 def _dir_entries(d: Node, walk: _Walk, nids: list[int]) -> list[tuple[bytes, int, int]]:

@@ -62,6 +62,10 @@ class ImageStats:
     opaque_dirs: int  # .wh..wh..opq turned into trusted.overlay.opaque=y
     extended_inodes: int
     shared_xattrs: int
+    # xattrs EROFS cannot hold (a prefix other than user./trusted./security./POSIX ACLs,
+    # or a value over 64 KiB), left out as containerd's applier leaves out what
+    # setxattr refuses
+    dropped_xattrs: int
 
 
 class _DataRegion:
@@ -290,4 +294,5 @@ def convert_tar(
         opaque_dirs=c["opaque"],
         extended_inodes=meta.extended_inodes,
         shared_xattrs=meta.shared_xattrs,
+        dropped_xattrs=meta.dropped_xattrs,
     )
