@@ -203,3 +203,17 @@ def test_memory_stays_bounded_on_a_multi_gb_layer(scratch: Path) -> None:
             fh.seek((every + 1) << 20)
             assert fh.read(1 << 20) == bytes(1 << 20)
         assert (mnt / "etc/small-4999").read_bytes() == b"s" * 100
+
+
+def test_xattr_bodies_larger_than_a_block(scratch: Path) -> None:
+    """Inode records over 4 KiB (big xattrs) start on a block and keep their data out of line."""
+    need_root()
+    big = {f"user.k{i}": chr(ord("a") + i) * 3000 for i in range(10)}
+    shared = {f"user.s{i}": "shared" * 100 for i in range(5)}
+    members = [
+        Member("d", "dir", xattrs={"user.dir": "x" * 6000}),
+        Member("d/f", "file", data=b"tail" * 100, xattrs=big),
+        *[Member(f"d/g{i}", "file", data=b"g", xattrs=shared) for i in range(20)],
+        Member("d/l", "symlink", target="t" * 3000),
+    ]
+    assert _convert_and_mount(members, scratch) == expected_tree(members)
