@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -40,9 +41,12 @@ def test_convert_from_stdin_with_uuid(tmp_path: Path) -> None:
 
 def test_convert_from_file(tmp_path: Path) -> None:
     (tmp_path / "l.tar").write_bytes(TAR)
-    r = CliRunner().invoke(cli, ["erofs", "convert", str(tmp_path / "l.tar"), str(tmp_path / "i")])
+    r = CliRunner().invoke(
+        cli, ["erofs", "convert", str(tmp_path / "l.tar"), str(tmp_path / "i"), "--digest"]
+    )
     assert r.exit_code == 0, r.output
-    assert "2 inodes" not in r.output and "3 inodes" in r.output
+    assert "3 inodes" in r.output
+    assert f"diff ID: sha256:{hashlib.sha256(TAR).hexdigest()}" in r.output
 
 
 def test_bad_input_exit_code_and_no_file(tmp_path: Path) -> None:

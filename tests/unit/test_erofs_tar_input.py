@@ -7,6 +7,7 @@ output directory. Accepted archives are checked without root through
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -204,3 +205,15 @@ def test_xattrs_erofs_cannot_hold_are_counted_not_fatal(tmp_path: Path) -> None:
     stats = convert_tar(io.BytesIO(tar), tmp_path / "img")
     assert stats.dropped_xattrs == 2
     assert stats.shared_xattrs == 1  # user.ok=1 on two inodes is stored once
+
+
+def test_digest_is_the_sha256_of_the_whole_stream(tmp_path: Path) -> None:
+    tar = build_tar([Member("f", "file", data=os.urandom(2 << 20)), Member("g", "file")])
+    (tmp_path / "l.tar").write_bytes(tar)
+    with (tmp_path / "l.tar").open("rb") as f:
+        stats = convert_tar(f, tmp_path / "img", digest=True)
+    assert stats.tar_digest == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert stats.tar_bytes == len(tar)
+    assert convert_tar(io.BytesIO(tar), tmp_path / "img2").tar_digest == ""
+    # Same content whether data was copied in the kernel or hashed on the way.
+    assert (tmp_path / "img").read_bytes()[4096:] == (tmp_path / "img2").read_bytes()[4096:]

@@ -34,9 +34,15 @@ def erofs() -> None:
     metavar="SECONDS",
     help="mtime of parent directories the tar does not list.",
 )
+@click.option("--digest", is_flag=True, help="Also print the tar's sha256 (the layer's diff ID).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def convert(
-    layer: str, image: Path, uuid_text: str | None, default_mtime: int, as_json: bool
+    layer: str,
+    image: Path,
+    uuid_text: str | None,
+    default_mtime: int,
+    digest: bool,
+    as_json: bool,
 ) -> None:
     """Convert an uncompressed layer tar LAYER into an EROFS image IMAGE.
 
@@ -65,11 +71,15 @@ def convert(
         raise click.BadParameter(f"{uuid_text!r} is not a UUID", param_hint="'--uuid'") from None
     start = time.monotonic()
     if layer == "-":
-        stats = convert_tar(sys.stdin.buffer, image, uuid=fs_uuid, default_mtime=default_mtime)
+        stats = convert_tar(
+            sys.stdin.buffer, image, uuid=fs_uuid, default_mtime=default_mtime, digest=digest
+        )
     else:
         stream: BinaryIO
         with open(layer, "rb", buffering=1 << 20) as stream:
-            stats = convert_tar(stream, image, uuid=fs_uuid, default_mtime=default_mtime)
+            stats = convert_tar(
+                stream, image, uuid=fs_uuid, default_mtime=default_mtime, digest=digest
+            )
     elapsed = time.monotonic() - start
     if as_json:
         click.echo(json.dumps({**asdict(stats), "seconds": round(elapsed, 3)}))
@@ -80,3 +90,5 @@ def convert(
         f"({stats.files} files, {stats.directories} dirs, {stats.whiteouts} whiteouts) "
         f"from {human_size(stats.tar_bytes)} of tar in {elapsed:.2f}s ({rate:.0f} MB/s)"
     )
+    if digest:
+        click.echo(f"diff ID: {stats.tar_digest}")
