@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import resource
@@ -110,18 +111,17 @@ def cpu_seconds() -> float:
 
 def peak_rss_mb(tar: Path, image: Path) -> tuple[float, float]:
     """Peak RSS (MB) and seconds of ``stratasnap erofs convert - IMAGE`` fed by a pipe."""
-    cmd = [sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image)]
+    cmd = [sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image), "--json"]
     t0 = time.perf_counter()
     cat = subprocess.Popen(["cat", str(tar)], stdout=subprocess.PIPE)
-    proc = subprocess.Popen(cmd, stdin=cat.stdout, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdin=cat.stdout, stdout=subprocess.PIPE)
     assert cat.stdout is not None
     cat.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, _ = proc.communicate()
     cat.wait()
     if proc.returncode != 0:
         raise SystemExit(f"converter failed with {proc.returncode}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+    return json.loads(out)["peak_rss_kib"] / 1024, time.perf_counter() - t0
 
 
 def main() -> None:

@@ -82,7 +82,8 @@ def convert(
             )
     elapsed = time.monotonic() - start
     if as_json:
-        click.echo(json.dumps({**asdict(stats), "seconds": round(elapsed, 3)}))
+        extra = {"seconds": round(elapsed, 3), "peak_rss_kib": _peak_rss_kib()}
+        click.echo(json.dumps({**asdict(stats), **extra}))
         return
     rate = stats.tar_bytes / elapsed / 1e6 if elapsed > 0 else 0.0
     click.echo(
@@ -92,3 +93,18 @@ def convert(
     )
     if digest:
         click.echo(f"diff ID: {stats.tar_digest}")
+
+
+def _peak_rss_kib() -> int | None:
+    """This process's peak resident memory since exec (VmHWM), None off Linux.
+
+    Not getrusage's ru_maxrss: that also counts what the parent had at fork.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
