@@ -41,6 +41,19 @@ class Member:
     xattrs: dict[str, str] = field(default_factory=dict)
 
 
+def libarchive_tar() -> bytes:
+    """A member with xattrs as bsdtar writes them: URL-encoded names, base64 values."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.pax_headers = {
+            "LIBARCHIVE.xattr.user.with%20space": "AP9iaW4",  # b"\x00\xffbin", unpadded
+            "LIBARCHIVE.xattr.trusted.t": "dg==",
+        }
+        tf.addfile(ti)
+    return buf.getvalue()
+
+
 _TYPES = {
     "file": tarfile.REGTYPE,
     "dir": tarfile.DIRTYPE,

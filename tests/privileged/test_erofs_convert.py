@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -22,7 +23,15 @@ from typing import BinaryIO
 
 import pytest
 from conftest import need, need_root
-from erofs_layers import Member, build_tar, expected_tree, layers, mounted_image, snapshot
+from erofs_layers import (
+    Member,
+    build_tar,
+    expected_tree,
+    layers,
+    libarchive_tar,
+    mounted_image,
+    snapshot,
+)
 from hypothesis import HealthCheck, given, settings
 
 from stratasnap.erofs import convert_tar
@@ -226,3 +235,13 @@ def test_xattr_bodies_larger_than_a_block(scratch: Path) -> None:
         Member("d/l", "symlink", target="t" * 3000),
     ]
     assert _convert_and_mount(members, scratch) == expected_tree(members)
+
+
+def test_libarchive_xattrs_reach_the_mounted_tree(scratch: Path) -> None:
+    need_root()
+    image = scratch / "l.erofs"
+    convert_tar(io.BytesIO(libarchive_tar()), image)
+    _fsck(image)
+    with mounted_image(image, scratch / "mnt") as mnt:
+        assert os.getxattr(mnt / "f", "user.with space") == b"\x00\xffbin"
+        assert os.getxattr(mnt / "f", "trusted.t") == b"v"

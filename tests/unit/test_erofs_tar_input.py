@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import need
-from erofs_layers import Member, build_tar, snapshot
+from erofs_layers import Member, build_tar, libarchive_tar, snapshot
 
 from stratasnap.erofs import (
     LayerTooLarge,
@@ -217,3 +217,22 @@ def test_digest_is_the_sha256_of_the_whole_stream(tmp_path: Path) -> None:
     assert convert_tar(io.BytesIO(tar), tmp_path / "img2").tar_digest == ""
     # Same content whether data was copied in the kernel or hashed on the way.
     assert (tmp_path / "img").read_bytes()[4096:] == (tmp_path / "img2").read_bytes()[4096:]
+
+
+def test_extended_header_then_end_is_truncated(tmp_path: Path) -> None:
+    tar = build_tar([Member("f", "file", xattrs={"user.a": "b"})])
+    pax_only = tar[:1024]  # the PAX header and its record, no member header after it
+    _refused(pax_only, tmp_path, TruncatedTar)
+    _refused(pax_only + bytes(1024), tmp_path, TruncatedTar)
+
+
+def test_libarchive_xattrs(tmp_path: Path) -> None:
+    stats = convert_tar(io.BytesIO(libarchive_tar()), tmp_path / "img")
+    assert stats.dropped_xattrs == 0 and stats.files == 1
+    image = (tmp_path / "img").read_bytes()
+    assert b"with space\x00\xffbin" in image  # name suffix then value, in one xattr entry
+
+
+def test_libarchive_bad_base64(tmp_path: Path) -> None:
+    tar = libarchive_tar().replace(b"AP9iaW4", b"A*9iaW4")
+    _refused(tar, tmp_path, TarFormatError)

@@ -13,9 +13,12 @@ end even without the two zero blocks; GNU sparse members are refused.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import os
 import stat
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -35,6 +38,7 @@ _HEADER_ONLY = frozenset((HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO))
 _MEMBER_TYPES = frozenset((REG, HARDLINK, SYMLINK, CHR, BLK, DIR, FIFO))
 _ZERO_RECORD = bytes(RECORD)
 _XATTR_PAX = b"SCHILY.xattr."
+_XATTR_LIBARCHIVE = b"LIBARCHIVE.xattr."
 _COMPRESSED = {
     b"\x1f\x8b": "gzip",
     b"\x28\xb5\x2f\xfd": "zstd",
@@ -122,6 +126,24 @@ def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
         out[key] = value
         pos = end
     return out
+
+
+def _pax_xattrs(pax: dict[bytes, bytes], offset: int) -> tuple[tuple[bytes, bytes], ...]:
+    """xattrs as Go and GNU tar write them (SCHILY.xattr.NAME=raw value) and as
+    libarchive does (LIBARCHIVE.xattr.URL-ENCODED-NAME=base64 value)."""
+    out = []
+    for key, value in pax.items():
+        if key.startswith(_XATTR_PAX):
+            out.append((key[len(_XATTR_PAX) :], value))
+        elif key.startswith(_XATTR_LIBARCHIVE):
+            try:
+                name = urllib.parse.unquote_to_bytes(key[len(_XATTR_LIBARCHIVE) :])
+                out.append(
+                    (name, base64.b64decode(value + b"=" * (-len(value) % 4), validate=True))
+                )
+            except binascii.Error:
+                raise TarFormatError(f"bad base64 in PAX record {key!r}", offset=offset) from None
+    return tuple(out)
 
 
 def _pax_time(value: bytes, offset: int) -> tuple[int, int]:
@@ -278,10 +300,10 @@ class TarReader:
         while True:
             offset = self.position
             block = self._header()
-            if block is None:
+            if block is None or block == _ZERO_RECORD:  # clean end, or the end marker
+                if pax or long_name is not None or long_link is not None:
+                    raise TruncatedTar("archive ends after an extended header", offset=offset)
                 return None
-            if block == _ZERO_RECORD:
-                return None  # end-of-archive marker; what follows is not read
             self._check_sum(block, offset)
             typ = block[156:157]
             size = _number(block[124:136], "size", offset)
@@ -364,11 +386,7 @@ class TarReader:
                 gid = _pax_int(pax[b"gid"], "gid", MAX_ID, offset)
             if b"mtime" in pax:
                 mtime, mtime_nsec = _pax_time(pax[b"mtime"], offset)
-            xattrs = tuple(
-                (key[len(_XATTR_PAX) :], value)
-                for key, value in pax.items()
-                if key.startswith(_XATTR_PAX)
-            )
+            xattrs = _pax_xattrs(pax, offset)
         if not 0 <= uid <= MAX_ID or not 0 <= gid <= MAX_ID:
             raise TarFormatError(f"owner {uid}:{gid} is out of range", offset=offset)
         devmajor = devminor = 0
