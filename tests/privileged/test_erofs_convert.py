@@ -35,6 +35,7 @@ from erofs_layers import (
 from hypothesis import HealthCheck, given, settings
 
 from stratasnap.erofs import convert_tar
+from stratasnap.errors import ResourceExhausted
 
 pytestmark = pytest.mark.privileged
 
@@ -245,3 +246,17 @@ def test_libarchive_xattrs_reach_the_mounted_tree(scratch: Path) -> None:
     with mounted_image(image, scratch / "mnt") as mnt:
         assert os.getxattr(mnt / "f", "user.with space") == b"\x00\xffbin"
         assert os.getxattr(mnt / "f", "trusted.t") == b"v"
+
+
+def test_full_disk_is_resource_exhausted_and_leaves_nothing(scratch: Path) -> None:
+    need_root()
+    small = scratch / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        tar = build_tar([Member(f"f{i}", "file", data=os.urandom(300_000)) for i in range(20)])
+        with pytest.raises(ResourceExhausted):
+            convert_tar(io.BytesIO(tar), small / "layer.erofs")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

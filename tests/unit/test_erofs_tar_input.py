@@ -7,6 +7,7 @@ output directory. Accepted archives are checked without root through
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -236,3 +237,47 @@ def test_libarchive_xattrs(tmp_path: Path) -> None:
 def test_libarchive_bad_base64(tmp_path: Path) -> None:
     tar = libarchive_tar().replace(b"AP9iaW4", b"A*9iaW4")
     _refused(tar, tmp_path, TarFormatError)
+
+
+def test_truncated_large_member_of_a_tar_file(tmp_path: Path) -> None:
+    """A tar *file* cut inside a large member (the kernel-copy path) is refused too."""
+    tar = build_tar([Member("big", "file", data=os.urandom(3 << 20))])
+    (tmp_path / "cut.tar").write_bytes(tar[: 2 << 20])
+    out = tmp_path / "out"
+    out.mkdir()
+    with (tmp_path / "cut.tar").open("rb") as f, pytest.raises(TruncatedTar):
+        convert_tar(f, out / "img")
+    assert list(out.iterdir()) == []
+
+
+def test_large_members_from_a_file_and_from_a_stream_agree(tmp_path: Path) -> None:
+    zeros_then_data = bytes(5 << 20) + os.urandom(3 << 20) + bytes(100)
+    tar = build_tar([Member("a", "file", data=zeros_then_data), Member("b", "file", data=b"b")])
+    (tmp_path / "l.tar").write_bytes(tar)
+    with (tmp_path / "l.tar").open("rb") as f:
+        convert_tar(f, tmp_path / "from-file", uuid=bytes(16))
+    convert_tar(io.BytesIO(tar), tmp_path / "from-stream", uuid=bytes(16))
+    assert (tmp_path / "from-file").read_bytes() == (tmp_path / "from-stream").read_bytes()
+    # The stream path left the leading zero MiBs as holes.
+    assert (tmp_path / "from-stream").stat().st_blocks * 512 < (6 << 20)
+
+
+def test_a_failed_data_write_fails_the_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data is written on a background thread; its errors must still reach the caller."""
+    import types
+
+    from stratasnap.erofs import datawriter
+    from stratasnap.errors import SnapshotError
+
+    def broken_pwrite(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    fake_os = types.SimpleNamespace(**{**vars(os), "pwrite": broken_pwrite})
+    monkeypatch.setattr(datawriter, "os", fake_os)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SnapshotError, match="Input/output error"):
+        convert_tar(io.BytesIO(build_tar([Member("f", "file", data=b"x" * 5000)])), out / "i")
+    assert list(out.iterdir()) == []

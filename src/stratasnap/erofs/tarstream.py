@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import os
 import stat
 import urllib.parse
@@ -45,9 +44,6 @@ _COMPRESSED = {
     b"\xfd7zXZ\x00": "xz",
     b"BZh": "bzip2",
 }
-
-
-_NO_COPY_RANGE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF))
 
 
 def _regular_file_fd(stream: BinaryIO) -> int | None:
@@ -241,36 +237,23 @@ class TarReader:
         while chunk := self._f.read(1 << 16):
             self.position += len(chunk)
 
-    def copy_to(self, out_fd: int, out_offset: int, n: int) -> bool:
-        """Copy ``n`` data bytes to ``out_fd`` at ``out_offset`` inside the kernel.
+    def skip_in_file(self, n: int) -> tuple[int, int] | None:
+        """Pass over ``n`` data bytes of a tar that is a regular file, unread.
 
-        Only when the tar is a regular file (``copy_file_range`` needs one);
-        False, with nothing consumed, when that is not possible here.
+        Returns (descriptor, offset) where those bytes are, for the caller to
+        copy inside the kernel; None (nothing consumed) for other streams.
         """
         if self._src_fd is None or n > self._remaining:
-            return False
+            return None
         pos = self._f.tell()
-        done = 0
-        try:
-            while done < n:
-                step = os.copy_file_range(
-                    self._src_fd, out_fd, n - done, pos + done, out_offset + done
-                )
-                if step == 0:
-                    raise TruncatedTar(
-                        f"stream ended inside member data ({n - done} bytes missing)",
-                        offset=self.position + done,
-                    )
-                done += step
-        except OSError as exc:
-            if done or exc.errno not in _NO_COPY_RANGE:
-                raise
-            self._src_fd = None  # e.g. across filesystems: use plain reads from now on
-            return False
+        if os.fstat(self._src_fd).st_size < pos + n:
+            raise TruncatedTar(
+                f"stream ended inside member data ({n} bytes wanted)", offset=self.position
+            )
         self._f.seek(pos + n)
         self.position += n
         self._remaining -= n
-        return True
+        return self._src_fd, pos
 
     # -- members --------------------------------------------------------
     def __iter__(self) -> Iterator[TarEntry]:

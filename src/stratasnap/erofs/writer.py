@@ -1,15 +1,13 @@
 """``convert_tar``: one pass over a layer tar, an EROFS image out.
 
-File data goes to the image as it arrives (small files batched into large
-writes, large ones copied in 1 MiB chunks, all-zero chunks left as holes);
-only metadata is kept in memory and written after the data (see
+File data goes to the image as it arrives (see :mod:`.datawriter`); only
+metadata is kept in memory and written after the data (see
 :mod:`.layout`). The image is built under a temporary name next to the
 target, fsynced, and renamed into place: on any error nothing is left behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import secrets
@@ -19,9 +17,9 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ..errors import from_os_error
-from ..fs._libc import libc
 from . import format as fmt
-from .errors import LayerTooLarge, TarFormatError
+from .datawriter import DataRegion
+from .errors import TarFormatError
 from .layout import write_metadata
 from .tarstream import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, TarReader
 from .tree import Node, Tree, is_whiteout, split_name
@@ -29,13 +27,6 @@ from .tree import Node, Tree, is_whiteout, split_name
 __all__ = ["ImageStats", "convert_tar"]
 
 BS = fmt.BLOCK_SIZE
-CHUNK = 1 << 20  # large files are copied in chunks of this size
-BATCH = 8 << 20  # small files are gathered into writes of up to this size
-SMALL = 256 << 10  # files up to this size go through the batch
-MAX_BLOCKS = 0xFFFFFFFF  # block addresses are 32-bit
-WRITEBACK_EVERY = 32 << 20  # start the disk writing each time this much is written
-_ZERO_CHUNK = bytes(CHUNK)
-_SYNC_FILE_RANGE_WRITE = 2
 _TYPE_BITS = {
     REG: stat.S_IFREG,
     DIR: stat.S_IFDIR,
@@ -70,95 +61,6 @@ class ImageStats:
     tar_digest: str = ""  # "sha256:<hex>" of the whole stream when asked for (the diff ID)
 
 
-class _DataRegion:
-    """Appends file data in whole blocks from block 1 on (block 0 holds the superblock).
-
-    Small files are read straight into one reusable batch buffer (no per-file
-    allocation) and written together; a large file is flushed past the batch:
-    copied in the kernel when the tar is a regular file, else in chunks.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self.next_block = 1
-        self._buf = bytearray(BATCH)
-        self._view = memoryview(self._buf)
-        self._fill = 0  # bytes of the batch in use
-        self._batch_block = 1  # where the batch goes
-        self._chunk = bytearray(CHUNK)
-        self.data_bytes = 0
-        self._written_to = BS  # bytes before this offset were handed to the kernel
-        self._writeback_from = 0
-
-    def _wrote(self, end: int) -> None:
-        """Start writeback of what was written so far, without waiting for it.
-
-        The final fsync then finds most of the data already on its way to the
-        disk: the disk works while the tar is parsed instead of after.
-        """
-        self._written_to = max(self._written_to, end)
-        if self._written_to - self._writeback_from >= WRITEBACK_EVERY:
-            length = self._written_to - self._writeback_from
-            libc.sync_file_range(
-                self._fd,
-                ctypes.c_int64(self._writeback_from),
-                ctypes.c_int64(length),
-                _SYNC_FILE_RANGE_WRITE,
-            )
-            self._writeback_from = self._written_to
-
-    def _reserve(self, size: int) -> int:
-        blkaddr = self.next_block
-        self.next_block += -(-size // BS)
-        if self.next_block > MAX_BLOCKS:
-            raise LayerTooLarge("layer data exceeds the 16 TiB an EROFS image can address")
-        self.data_bytes += size
-        return blkaddr
-
-    def flush(self) -> None:
-        if self._fill:
-            os.pwrite(self._fd, self._view[: self._fill], self._batch_block * BS)
-            self._wrote(self._batch_block * BS + self._fill)
-            self._fill = 0
-        self._batch_block = self.next_block
-
-    def add(self, reader: TarReader, size: int) -> int:
-        """Copy the current member's ``size`` data bytes; returns their first block."""
-        if size == 0:
-            return 0
-        padded = size + (-size % BS)
-        if padded <= SMALL:
-            if self._fill + padded > BATCH:
-                self.flush()
-            blkaddr = self._reserve(size)
-            fill = self._fill
-            reader.readinto(self._view[fill : fill + size])
-            self._view[fill + size : fill + padded] = _ZERO_CHUNK[: padded - size]
-            self._fill = fill + padded
-            return blkaddr
-        self.flush()
-        blkaddr = self._reserve(size)
-        offset = blkaddr * BS
-        if reader.copy_to(self._fd, offset, size):
-            self._wrote(offset + size)
-        else:
-            self._stream(reader, size, offset)
-        self._batch_block = self.next_block
-        return blkaddr
-
-    def _stream(self, reader: TarReader, size: int, offset: int) -> None:
-        view = memoryview(self._chunk)
-        left = size
-        while left:
-            n = reader.readinto(view[: min(left, CHUNK)])
-            # A whole zero chunk stays a hole: sparse images for sparse-ish data.
-            if n != CHUNK or self._chunk != _ZERO_CHUNK:
-                os.pwrite(self._fd, view[:n], offset)
-            offset += n
-            self._wrote(offset)
-            left -= n
-
-
 class _Sha256Stream:
     """Hashes what the tar reader reads. It has no fileno(), so no kernel-side copy skips it."""
 
@@ -181,7 +83,7 @@ class _Sha256Stream:
 class _Converter:
     def __init__(self, fd: int, default_mtime: int) -> None:
         self.tree = Tree(default_mtime)
-        self.data = _DataRegion(fd)
+        self.data = DataRegion(fd)
         self.counts = dict.fromkeys(
             ("files", "directories", "symlinks", "hardlinks", "devices", "whiteouts", "opaque"), 0
         )
@@ -277,6 +179,7 @@ def convert_tar(
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise from_os_error(exc, f"creating {tmp}") from exc
+    conv: _Converter | None = None
     try:
         hashed = _Sha256Stream(stream) if digest else None
         reader = TarReader(cast(BinaryIO, hashed) if hashed else stream)
@@ -284,10 +187,12 @@ def convert_tar(
         for entry in reader:
             conv.apply(reader, entry)
         reader.drain()
-        conv.data.flush()
+        conv.data.finish()
         meta = write_metadata(fd, conv.tree.root, conv.data.next_block, uuid, volume_name)
         os.fsync(fd)
     except BaseException as exc:
+        if conv is not None:
+            conv.data.abort()  # the writer thread must be gone before fd is closed
         os.close(fd)
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
