@@ -8,6 +8,7 @@ output directory. Accepted archives are checked without root through
 from __future__ import annotations
 
 import errno
+import gzip
 import hashlib
 import io
 import os
@@ -281,3 +282,13 @@ def test_a_failed_data_write_fails_the_conversion(
     with pytest.raises(SnapshotError, match="Input/output error"):
         convert_tar(io.BytesIO(build_tar([Member("f", "file", data=b"x" * 5000)])), out / "i")
     assert list(out.iterdir()) == []
+
+
+def test_wrapped_file_streams_are_read_not_copied_by_descriptor(tmp_path: Path) -> None:
+    """gzip.GzipFile answers fileno() with the compressed file's descriptor: never use it."""
+    tar = build_tar([Member("big", "file", data=os.urandom(1 << 20))])
+    (tmp_path / "l.tar.gz").write_bytes(gzip.compress(tar))
+    with gzip.open(tmp_path / "l.tar.gz", "rb") as f:
+        convert_tar(f, tmp_path / "from-gzip", uuid=bytes(16))
+    convert_tar(io.BytesIO(tar), tmp_path / "from-bytes", uuid=bytes(16))
+    assert (tmp_path / "from-gzip").read_bytes() == (tmp_path / "from-bytes").read_bytes()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import stat
 import urllib.parse
@@ -47,7 +48,15 @@ _COMPRESSED = {
 
 
 def _regular_file_fd(stream: BinaryIO) -> int | None:
-    """The descriptor of ``stream`` if it is a seekable regular file, else None."""
+    """The descriptor of ``stream`` if it is a plain open regular file, else None.
+
+    Only a plain ``open(path, "rb")`` object qualifies: wrappers such as
+    ``gzip.GzipFile`` also answer ``fileno()`` and ``seekable()``, but with the
+    descriptor of the *compressed* file, whose bytes are not the tar's.
+    """
+    raw = stream.raw if type(stream) is io.BufferedReader else stream
+    if type(raw) is not io.FileIO:
+        return None
     try:
         fd = stream.fileno()
         return fd if stat.S_ISREG(os.fstat(fd).st_mode) and stream.seekable() else None
