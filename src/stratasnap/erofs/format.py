@@ -100,11 +100,9 @@ def pack_superblock(
     )
 
 
-def i_format(version: int, layout: int) -> int:
-    return version | (layout << 1)
-
-
-def pack_compact_inode(
+def pack_compact_inode_into(
+    buf: bytearray,
+    offset: int,
     layout: int,
     xattr_icount: int,
     mode: int,
@@ -114,9 +112,12 @@ def pack_compact_inode(
     ino: int,
     uid: int,
     gid: int,
-) -> bytes:
-    return _COMPACT.pack(
-        i_format(INODE_COMPACT, layout),
+) -> None:
+    """A 32-byte inode at ``buf[offset:]``; its mtime is the superblock's build time."""
+    _COMPACT.pack_into(
+        buf,
+        offset,
+        layout << 1,
         xattr_icount,
         mode,
         nlink,
@@ -130,7 +131,9 @@ def pack_compact_inode(
     )
 
 
-def pack_extended_inode(
+def pack_extended_inode_into(
+    buf: bytearray,
+    offset: int,
     layout: int,
     xattr_icount: int,
     mode: int,
@@ -142,9 +145,12 @@ def pack_extended_inode(
     gid: int,
     mtime: int,
     mtime_nsec: int,
-) -> bytes:
-    return _EXTENDED.pack(
-        i_format(INODE_EXTENDED, layout),
+) -> None:
+    """A 64-byte inode at ``buf[offset:]``."""
+    _EXTENDED.pack_into(
+        buf,
+        offset,
+        INODE_EXTENDED | (layout << 1),
         xattr_icount,
         mode,
         0,

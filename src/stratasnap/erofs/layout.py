@@ -146,12 +146,12 @@ def write_metadata(
     pos = fmt.INODE_SLOT
     extended = 0
     for i, node in enumerate(order):
-        ibody = shared.ibody(keys[i])
+        ibody = shared.ibody(keys[i]) if keys[i] else b""
         if len(ibody) > fmt.XATTR_MAX_IBODY:
             raise LayerTooLarge("an inode's xattrs exceed what EROFS can hold")
         if node.children is not None:
             payload = bytes(_dir_size(node))  # a stand-in of the right size
-        elif stat.S_ISLNK(node.mode):
+        elif node.target:
             payload = node.target
         else:
             payload = b""
@@ -179,34 +179,54 @@ def write_metadata(
     inode_area = bytearray(_pad_to(pos, BS))
     extra = bytearray()
     next_block = meta_blkaddr + len(inode_area) // BS
+    links = walk.links
+    nid_of = {id(n): nid for n, nid in zip(order, nids, strict=True)}
     for i, node in enumerate(order):
         ibody, payload, core, inline = records[i]
-        if node.children is not None:
-            payload = _dir_payload(_dir_entries(node, walk, nids))
-        full = len(payload) - len(payload) % BS if inline else _pad_to(len(payload), BS)
-        i_u = 0
-        size = len(payload)
-        layout = fmt.LAYOUT_FLAT_INLINE if inline else fmt.LAYOUT_FLAT_PLAIN
-        if payload and full:
-            i_u = next_block + len(extra) // BS
-            extra += payload[:full]
-            if len(extra) % BS:
-                extra += bytes(-len(extra) % BS)
-        if stat.S_ISREG(node.mode):
+        off = nids[i] * fmt.INODE_SLOT
+        kind = stat.S_IFMT(node.mode)
+        layout = fmt.LAYOUT_FLAT_PLAIN
+        if kind == stat.S_IFREG:
             i_u, size = node.blkaddr, node.size
-        elif stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
-            i_u = node.rdev
-        icount = fmt.xattr_icount(len(ibody))
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            i_u, size = node.rdev, 0
+        else:  # directories and symlinks: whole blocks out of line, the tail inline
+            if node.children is not None:
+                payload = _dir_payload(_dir_entries(node, walk, nid_of))
+            size = len(payload)
+            full = size - size % BS if inline else _pad_to(size, BS)
+            i_u = 0
+            if full:
+                i_u = next_block + len(extra) // BS
+                extra += payload[:full]
+                extra += bytes(-len(extra) % BS)
+            if inline:
+                layout = fmt.LAYOUT_FLAT_INLINE
+                tail_at = off + core + len(ibody)
+                inode_area[tail_at : tail_at + size - full] = payload[full:]
+        icount = fmt.xattr_icount(len(ibody)) if ibody else 0
         if core == fmt.COMPACT_SIZE:
-            raw = fmt.pack_compact_inode(
-                layout, icount, node.mode, walk.links[i], size, i_u, i + 1, node.uid, node.gid
-            )
-        else:
-            raw = fmt.pack_extended_inode(
+            fmt.pack_compact_inode_into(
+                inode_area,
+                off,
                 layout,
                 icount,
                 node.mode,
-                walk.links[i],
+                links[i],
+                size,
+                i_u,
+                i + 1,
+                node.uid,
+                node.gid,
+            )
+        else:
+            fmt.pack_extended_inode_into(
+                inode_area,
+                off,
+                layout,
+                icount,
+                node.mode,
+                links[i],
                 size,
                 i_u,
                 i + 1,
@@ -215,9 +235,8 @@ def write_metadata(
                 node.mtime,
                 node.mtime_nsec,
             )
-        packed = raw + ibody + (payload[full:] if inline else b"")
-        off = nids[i] * fmt.INODE_SLOT
-        inode_area[off : off + len(packed)] = packed
+        if ibody:
+            inode_area[off + core : off + core + len(ibody)] = ibody
 
     if shared.area:
         os.pwrite(fd, shared.area, xattr_blkaddr * BS)
@@ -241,15 +260,12 @@ def write_metadata(
     return MetaResult(blocks, len(order), build_time, extended, len(shared.ids), dropped)
 
 
-def _dir_entries(d: Node, walk: _Walk, nids: list[int]) -> list[tuple[bytes, int, int]]:
+def _dir_entries(d: Node, walk: _Walk, nid_of: dict[int, int]) -> list[tuple[bytes, int, int]]:
     assert d.children is not None
-    index = walk.index
     entries = [
-        (b".", nids[index[id(d)]], fmt.FT_DIR),
-        (b"..", nids[index[id(walk.parent[id(d)])]], fmt.FT_DIR),
+        (b".", nid_of[id(d)], fmt.FT_DIR),
+        (b"..", nid_of[id(walk.parent[id(d)])], fmt.FT_DIR),
     ]
-    entries += [
-        (name, nids[index[id(c)]], _FTYPES[stat.S_IFMT(c.mode)]) for name, c in d.children.items()
-    ]
+    entries += [(name, nid_of[id(c)], _FTYPES[c.mode & 0o170000]) for name, c in d.children.items()]
     entries.sort()
     return entries
