@@ -260,3 +260,34 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(scratch: Path) -> No
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_later_members_replace_earlier_ones_like_an_extraction(scratch: Path) -> None:
+    """Replacement keeps hard-link counts right: a link keeps the inode it was made to."""
+    need_root()
+    members = [
+        Member("a", "file", data=b"old"),
+        Member("b", "hardlink", target="a"),
+        Member("a", "file", data=b"new"),  # b keeps "old"; both now have one link
+        Member("d", "dir"),
+        Member("d/inner", "file", data=b"inner"),
+        Member("outer", "hardlink", target="d/inner"),
+        Member("d", "file", data=b"d is a file now"),  # drops d/inner; outer survives
+        Member("w", "file", data=b"whited out"),
+        Member(".wh.w", "file", uid=3),  # the whiteout replaces w
+        Member("e", "dir", mode=0o700),
+        Member("e/x", "file"),
+        Member("e", "dir", mode=0o755, uid=9),  # re-listing keeps e/x
+    ]
+    image = scratch / "r.erofs"
+    convert_tar(io.BytesIO(build_tar(members)), image)
+    _fsck(image)
+    with mounted_image(image, scratch / "mnt") as mnt:
+        got = snapshot(mnt)
+        assert (mnt / "a").read_bytes() == b"new" and (mnt / "b").read_bytes() == b"old"
+        assert (mnt / "outer").read_bytes() == b"inner"
+        assert (mnt / "d").read_bytes() == b"d is a file now"
+    assert got["a"].nlink == got["b"].nlink == got["outer"].nlink == 1
+    assert got["w"].kind == "chr" and got["w"].uid == 3
+    assert got["e"].mode == 0o755 and got["e"].uid == 9 and "e/x" in got
+    assert sorted(got) == ["", "a", "b", "d", "e", "e/x", "outer", "w"]
