@@ -108,8 +108,21 @@ def _norm(path: str) -> str:
     return "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
-def expected_tree(members: list[Member], default_mtime: int = 0) -> dict[str, Attrs]:
-    """What the image must hold. Assumes unique paths (no member replaces another)."""
+def expected_tree(members: list[Member], default_mtime: int | None = None) -> dict[str, Attrs]:
+    """What the image must hold. Assumes unique paths (no member replaces another).
+
+    Unlisted parent directories get ``default_mtime``, else the newest time of
+    the members that become inodes (not hard links, not opaque markers).
+    """
+    if default_mtime is None:
+        times = [
+            (m.mtime, m.mtime_nsec)
+            for m in members
+            if m.kind != "hardlink" and not m.path.endswith(OPAQUE)
+        ]
+        implicit_ns = max((s * 10**9 + ns for s, ns in times), default=0)
+    else:
+        implicit_ns = default_mtime * 10**9
     nodes: dict[str, dict[str, object]] = {}
     links: dict[str, str] = {}  # hard link path -> the path of its inode's first name
 
@@ -119,14 +132,10 @@ def expected_tree(members: list[Member], default_mtime: int = 0) -> dict[str, At
             parent = "/".join(parts[:i])
             nodes.setdefault(
                 parent,
-                dict(
-                    kind="dir", mode=0o755, uid=0, gid=0, mtime_ns=default_mtime * 10**9, xattrs={}
-                ),
+                dict(kind="dir", mode=0o755, uid=0, gid=0, mtime_ns=implicit_ns, xattrs={}),
             )
 
-    nodes[""] = dict(
-        kind="dir", mode=0o755, uid=0, gid=0, mtime_ns=default_mtime * 10**9, xattrs={}
-    )
+    nodes[""] = dict(kind="dir", mode=0o755, uid=0, gid=0, mtime_ns=implicit_ns, xattrs={})
     for m in members:
         path = _norm(m.path)
         base = path.rsplit("/", 1)[-1]

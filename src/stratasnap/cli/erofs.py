@@ -29,10 +29,10 @@ def erofs() -> None:
 @click.option(
     "--default-mtime",
     type=int,
-    default=0,
-    show_default=True,
+    default=None,
     metavar="SECONDS",
-    help="mtime of parent directories the tar does not list.",
+    help="mtime of parent directories the tar does not list. "
+    "[default: the newest mtime in the layer]",
 )
 @click.option("--digest", is_flag=True, help="Also print the tar's sha256 (the layer's diff ID).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
@@ -40,7 +40,7 @@ def convert(
     layer: str,
     image: Path,
     uuid_text: str | None,
-    default_mtime: int,
+    default_mtime: int | None,
     digest: bool,
     as_json: bool,
 ) -> None:

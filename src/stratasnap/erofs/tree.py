@@ -39,6 +39,7 @@ class Node:
     rdev: int = 0  # devices: encoded device number
     target: bytes = b""  # symlinks
     children: dict[bytes, Node] | None = None
+    implicit: bool = False  # a parent directory no member has listed (yet)
 
     @property
     def is_dir(self) -> bool:
@@ -65,16 +66,37 @@ def split_name(name: bytes, offset: int) -> tuple[bytes, ...]:
 class Tree:
     """The directory tree being built; ``root`` is the image's root directory."""
 
-    def __init__(self, default_mtime: int) -> None:
+    def __init__(self, default_mtime: int | None) -> None:
         self._default_mtime = default_mtime
+        self._implicit: list[Node] = []
+        self.newest = (0, 0)  # the newest mtime of any member placed
         self.root = self._implicit_dir()
         # Layers list a directory's members together: remember the last parent.
         self._last: tuple[tuple[bytes, ...], Node] = ((), self.root)
 
     def _implicit_dir(self) -> Node:
         # Parents a layer never lists get what containerd's applier would give them
-        # (root-owned 0755); their time is the image's build time, for reproducibility.
-        return Node(stat.S_IFDIR | 0o755, 0, 0, self._default_mtime, 0, {}, children={})
+        # (root-owned 0755). Their time is not "now" (images stay reproducible) but
+        # the caller's default, else the newest time in the layer (see finish()).
+        node = Node(stat.S_IFDIR | 0o755, 0, 0, self._default_mtime or 0, 0, {}, children={})
+        node.implicit = True
+        self._implicit.append(node)
+        return node
+
+    def finish(self) -> None:
+        """Give unlisted parent directories their time, once every member is known."""
+        if self._default_mtime is None:
+            for node in self._implicit:
+                if node.implicit:
+                    node.mtime, node.mtime_nsec = self.newest
+        self._implicit.clear()
+
+    def _relist(self, old: Node, node: Node) -> None:
+        """A directory listed again (or for the first time): its metadata, its contents kept."""
+        old.mode, old.uid, old.gid = node.mode, node.uid, node.gid
+        old.mtime, old.mtime_nsec = node.mtime, node.mtime_nsec
+        old.xattrs.update(node.xattrs)
+        old.implicit = False
 
     def directory(self, parts: tuple[bytes, ...], offset: int) -> Node:
         """The directory at ``parts``, creating missing ones on the way."""
@@ -107,12 +129,11 @@ class Tree:
         parent = self.directory(parts[:-1], offset)
         assert parent.children is not None
         old = parent.children.get(parts[-1])
+        self.newest = max(self.newest, (node.mtime, node.mtime_nsec))
         if old is not None and old.is_dir and node.is_dir:
             # Re-listing a directory re-applies its metadata; its contents (and an
             # opaque marker met earlier) stay.
-            old.mode, old.uid, old.gid = node.mode, node.uid, node.gid
-            old.mtime, old.mtime_nsec = node.mtime, node.mtime_nsec
-            old.xattrs.update(node.xattrs)
+            self._relist(old, node)
             return
         if old is not None and old.is_dir:
             self._last = ((), self.root)  # the remembered parent may be below ``old``
@@ -121,9 +142,8 @@ class Tree:
     def set_root(self, node: Node, offset: int) -> None:
         if not node.is_dir:
             raise UnsafeEntry("the archive root must be a directory", offset=offset)
-        self.root.mode, self.root.uid, self.root.gid = node.mode, node.uid, node.gid
-        self.root.mtime, self.root.mtime_nsec = node.mtime, node.mtime_nsec
-        self.root.xattrs.update(node.xattrs)
+        self.newest = max(self.newest, (node.mtime, node.mtime_nsec))
+        self._relist(self.root, node)
 
     def whiteout(self, parts: tuple[bytes, ...], entry_node: Node, offset: int) -> str | None:
         """Apply an OCI whiteout member; returns "opaque", "whiteout" or None (ignored).

@@ -81,7 +81,7 @@ class _Sha256Stream:
 
 
 class _Converter:
-    def __init__(self, fd: int, default_mtime: int) -> None:
+    def __init__(self, fd: int, default_mtime: int | None) -> None:
         self.tree = Tree(default_mtime)
         self.data = DataRegion(fd)
         self.counts = dict.fromkeys(
@@ -152,7 +152,7 @@ def convert_tar(
     *,
     uuid: bytes | None = None,
     volume_name: bytes = b"",
-    default_mtime: int = 0,
+    default_mtime: int | None = None,
     digest: bool = False,
 ) -> ImageStats:
     """Read an uncompressed layer tar from ``stream`` once; write an EROFS image.
@@ -162,7 +162,8 @@ def convert_tar(
     containerd's ``mkfs.erofs -Enoinline_data``), whiteouts in overlayfs form,
     fsynced and renamed into place at ``out_path`` (replacing a file there).
     ``uuid`` (16 bytes) defaults to random; ``default_mtime`` is the time given
-    to parent directories the tar does not list. With ``digest`` the stream is
+    to parent directories the tar does not list (default: the newest mtime of
+    any member, so that the same tar always gives the same image). With ``digest`` the stream is
     hashed as it is read and ``ImageStats.tar_digest`` is ``"sha256:<hex>"``:
     the layer's diff ID, for chain IDs, without a second pass.
 
@@ -187,6 +188,7 @@ def convert_tar(
         for entry in reader:
             conv.apply(reader, entry)
         reader.drain()
+        conv.tree.finish()
         conv.data.finish()
         meta = write_metadata(fd, conv.tree.root, conv.data.next_block, uuid, volume_name)
         os.fsync(fd)
