@@ -292,3 +292,17 @@ def test_wrapped_file_streams_are_read_not_copied_by_descriptor(tmp_path: Path) 
         convert_tar(f, tmp_path / "from-gzip", uuid=bytes(16))
     convert_tar(io.BytesIO(tar), tmp_path / "from-bytes", uuid=bytes(16))
     assert (tmp_path / "from-gzip").read_bytes() == (tmp_path / "from-bytes").read_bytes()
+
+
+def test_same_tar_same_uuid_same_image(tmp_path: Path) -> None:
+    tar = build_tar(
+        [
+            Member("a/b/c", "file", data=b"x" * 9000, mtime=1_650_000_000),
+            Member("a/l", "symlink", target="b/c", mtime=1_700_000_001),
+            Member("z", "dir", xattrs={"user.x": "1"}),
+        ]
+    )
+    first = convert_tar(io.BytesIO(tar), tmp_path / "1", uuid=b"u" * 16)
+    convert_tar(io.BytesIO(tar), tmp_path / "2", uuid=b"u" * 16)
+    assert (tmp_path / "1").read_bytes() == (tmp_path / "2").read_bytes()
+    assert first.image_bytes == (tmp_path / "1").stat().st_size
