@@ -273,8 +273,16 @@ def test_later_members_replace_earlier_ones_like_an_extraction(scratch: Path) ->
         Member("d/inner", "file", data=b"inner"),
         Member("outer", "hardlink", target="d/inner"),
         Member("d", "file", data=b"d is a file now"),  # drops d/inner; outer survives
-        Member("w", "file", data=b"whited out"),
-        Member(".wh.w", "file", uid=3),  # the whiteout replaces w
+        Member("w", "file", data=b"stays"),
+        Member(".wh.w", "file", uid=3),  # hides lower layers only: this layer's w stays
+        Member("v", "dir"),
+        Member("v/mine", "file"),
+        Member(".wh.v", "file"),  # v stays, opaque: only this layer's v/mine shows
+        Member(".wh.u", "file"),
+        Member("u/new", "file"),  # u recreated after its whiteout: an opaque directory
+        Member(".wh.t", "file"),
+        Member("t", "dir"),  # likewise, listed
+        Member(".wh.s", "file", uid=4),  # a plain whiteout
         Member("e", "dir", mode=0o700),
         Member("e/x", "file"),
         Member("e", "dir", mode=0o755, uid=9),  # re-listing keeps e/x
@@ -287,7 +295,27 @@ def test_later_members_replace_earlier_ones_like_an_extraction(scratch: Path) ->
         assert (mnt / "a").read_bytes() == b"new" and (mnt / "b").read_bytes() == b"old"
         assert (mnt / "outer").read_bytes() == b"inner"
         assert (mnt / "d").read_bytes() == b"d is a file now"
+        assert (mnt / "w").read_bytes() == b"stays"
     assert got["a"].nlink == got["b"].nlink == got["outer"].nlink == 1
-    assert got["w"].kind == "chr" and got["w"].uid == 3
+    assert got["s"].kind == "chr" and got["s"].rdev == (0, 0) and got["s"].uid == 4
+    opaque = ("trusted.overlay.opaque", b"y")
+    for d in ("v", "u", "t"):
+        assert got[d].kind == "dir" and opaque in got[d].xattrs, d
     assert got["e"].mode == 0o755 and got["e"].uid == 9 and "e/x" in got
-    assert sorted(got) == ["", "a", "b", "d", "e", "e/x", "outer", "w"]
+    assert opaque not in got["e"].xattrs
+    assert sorted(got) == [
+        "",
+        "a",
+        "b",
+        "d",
+        "e",
+        "e/x",
+        "outer",
+        "s",
+        "t",
+        "u",
+        "u/new",
+        "v",
+        "v/mine",
+        "w",
+    ]

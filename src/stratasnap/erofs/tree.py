@@ -40,6 +40,7 @@ class Node:
     target: bytes = b""  # symlinks
     children: dict[bytes, Node] | None = None
     implicit: bool = False  # a parent directory no member has listed (yet)
+    whiteout: bool = False  # the 0/0 device a .wh. member of this layer made
 
     @property
     def is_dir(self) -> bool:
@@ -108,6 +109,11 @@ class Tree:
             child = node.children.get(part)
             if child is None:
                 child = node.children[part] = self._implicit_dir()
+            elif child.whiteout:
+                # Whited out below, recreated by this layer: nothing from below may
+                # show through, so the new directory is opaque.
+                child = node.children[part] = self._implicit_dir()
+                child.xattrs[OPAQUE_XATTR] = b"y"
             elif not child.is_dir:
                 raise UnsafeEntry(
                     f"{b'/'.join(parts)!r}: {part!r} is not a directory", offset=offset
@@ -137,6 +143,8 @@ class Tree:
             return
         if old is not None and old.is_dir:
             self._last = ((), self.root)  # the remembered parent may be below ``old``
+        if old is not None and old.whiteout and node.is_dir:
+            node.xattrs[OPAQUE_XATTR] = b"y"  # see directory(): a recreated directory
         parent.children[parts[-1]] = node
 
     def set_root(self, node: Node, offset: int) -> None:
@@ -150,7 +158,10 @@ class Tree:
 
         ``.wh..wh..opq`` marks its directory opaque (``trusted.overlay.opaque=y``);
         ``.wh.NAME`` becomes a 0/0 character device NAME, owned as the member
-        was, which is what overlayfs reads as "deleted below".
+        was, which is what overlayfs reads as "deleted below". Per the OCI spec a
+        whiteout hides lower layers only: if this layer already has NAME, NAME
+        stays (a directory becomes opaque, as that is how it hides what is below);
+        a NAME that comes after the whiteout replaces the device.
         """
         base = parts[-1]
         if base == OPAQUE_MARKER:
@@ -161,6 +172,13 @@ class Tree:
         hidden = base[len(WHITEOUT_PREFIX) :]
         if hidden in (b"", b".", b".."):
             raise UnsafeEntry(f"whiteout {base!r} names no entry", offset=offset)
+        parent = self.directory(parts[:-1], offset)
+        assert parent.children is not None
+        existing = parent.children.get(hidden)
+        if existing is not None and not existing.whiteout:
+            if existing.is_dir:
+                existing.xattrs[OPAQUE_XATTR] = b"y"
+            return "whiteout"
         device = Node(
             stat.S_IFCHR,
             entry_node.uid,
@@ -168,6 +186,7 @@ class Tree:
             entry_node.mtime,
             entry_node.mtime_nsec,
             {},
+            whiteout=True,
         )
         self.put((*parts[:-1], hidden), device, offset)
         return "whiteout"
