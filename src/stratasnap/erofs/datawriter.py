@@ -190,7 +190,9 @@ class DataRegion:
             blkaddr = self._reserve(size)
             fill = self._fill
             view = memoryview(self._buf)
-            reader.readinto(view[fill : fill + size])
+            # The tar's record padding (to 512) lands inside our block padding (to 4096)
+            # and is zeroed with it: one read per small file.
+            reader.readinto_padded(view[fill : fill + padded])
             view[fill + size : fill + padded] = _ZERO[: padded - size]
             self._fill = fill + padded
             return blkaddr

@@ -222,19 +222,34 @@ class TarReader:
 
     def readinto(self, buf: memoryview) -> int:
         """Fill ``buf`` (or what is left of the member's data); returns the count."""
-        want = min(len(buf), self._remaining)
-        got = 0
+        got = self.readinto_exact(buf[: min(len(buf), self._remaining)])
+        self._remaining -= got
+        return got
+
+    def readinto_padded(self, buf: memoryview) -> None:
+        """Read all the member's data and its record padding into ``buf``.
+
+        One read instead of two for small files; ``buf`` must hold both, and
+        the caller must not rely on the padding bytes (overwrite them).
+        """
+        want = self._remaining + self._padding
+        if want:
+            self.readinto_exact(buf[:want])
+        self._remaining = self._padding = 0
+
+    def readinto_exact(self, buf: memoryview) -> int:
+        """Fill all of ``buf`` from the stream (not bounded by the member)."""
+        want, got = len(buf), 0
         readinto = self._f.readinto  # type: ignore[attr-defined]
         while got < want:
-            n = readinto(buf[got:want])
+            n = readinto(buf[got:])
             if not n:
                 raise TruncatedTar(
-                    f"stream ended inside member data ({self._remaining - got} bytes missing)",
+                    f"stream ended inside member data ({want - got} bytes missing)",
                     offset=self.position + got,
                 )
             got += n
         self.position += got
-        self._remaining -= got
         return got
 
     def drain(self) -> None:
@@ -267,8 +282,9 @@ class TarReader:
     # -- members --------------------------------------------------------
     def __iter__(self) -> Iterator[TarEntry]:
         while True:
-            self._skip(self._remaining + self._padding)
-            self._remaining = self._padding = 0
+            if self._remaining or self._padding:
+                self._skip(self._remaining + self._padding)
+                self._remaining = self._padding = 0
             entry = self._next()
             if entry is None:
                 return
@@ -391,18 +407,8 @@ class TarReader:
             size = 0
         self._remaining = size
         self._padding = -size % RECORD
+        mode = _number(block[100:108], "mode", offset) & 0o7777
         return TarEntry(
-            name=name,
-            type=typ,
-            mode=_number(block[100:108], "mode", offset) & 0o7777,
-            uid=uid,
-            gid=gid,
-            size=size,
-            mtime=mtime,
-            mtime_nsec=mtime_nsec,
-            linkname=linkname,
-            devmajor=devmajor,
-            devminor=devminor,
-            xattrs=xattrs,
-            offset=offset,
-        )
+            name, typ, mode, uid, gid, size, mtime, mtime_nsec, linkname,
+            devmajor, devminor, xattrs, offset,
+        )  # fmt: skip

@@ -190,7 +190,3 @@ class Tree:
         )
         self.put((*parts[:-1], hidden), device, offset)
         return "whiteout"
-
-
-def is_whiteout(parts: tuple[bytes, ...]) -> bool:
-    return bool(parts) and parts[-1].startswith(WHITEOUT_PREFIX)

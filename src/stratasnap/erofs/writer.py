@@ -22,7 +22,7 @@ from .datawriter import DataRegion
 from .errors import TarFormatError
 from .layout import write_metadata
 from .tarstream import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, TarReader
-from .tree import Node, Tree, is_whiteout, split_name
+from .tree import WHITEOUT_PREFIX, Node, Tree, split_name
 
 __all__ = ["ImageStats", "convert_tar"]
 
@@ -105,7 +105,7 @@ class _Converter:
         if not parts:
             self.tree.set_root(node, e.offset)
             return
-        if is_whiteout(parts):
+        if parts[-1].startswith(WHITEOUT_PREFIX):
             kind = self.tree.whiteout(parts, node, e.offset)
             if kind == "opaque":
                 self.counts["opaque"] += 1
