@@ -49,12 +49,24 @@ def test_convert_from_file(tmp_path: Path) -> None:
     assert f"diff ID: sha256:{hashlib.sha256(TAR).hexdigest()}" in r.output
 
 
-def test_bad_input_exit_code_and_no_file(tmp_path: Path) -> None:
+def test_gzip_layers_are_decompressed(tmp_path: Path) -> None:
+    (tmp_path / "l.tar.gz").write_bytes(gzip.compress(TAR))
     r = CliRunner().invoke(
-        cli, ["erofs", "convert", "-", str(tmp_path / "i")], input=gzip.compress(TAR)
+        cli,
+        ["erofs", "convert", str(tmp_path / "l.tar.gz"), str(tmp_path / "i"), "--digest"],
     )
+    assert r.exit_code == 0, r.output
+    # The diff ID is the digest of the uncompressed tar, as in an OCI image config.
+    assert f"diff ID: sha256:{hashlib.sha256(TAR).hexdigest()}" in r.output
+
+
+def test_bad_input_exit_code_and_no_file(tmp_path: Path) -> None:
+    import zlib
+
+    zstd_like = b"\x28\xb5\x2f\xfd" + zlib.compress(TAR)
+    r = CliRunner().invoke(cli, ["erofs", "convert", "-", str(tmp_path / "i")], input=zstd_like)
     assert r.exit_code == 3
-    assert "gzip-compressed; decompress it first" in r.output
+    assert "zstd-compressed; decompress it first" in r.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
 import sys
 import time
 import uuid as uuidlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import click
 
@@ -53,14 +56,17 @@ def convert(
     works as an overlayfs lower layer. Owners, modes (setuid too), mtimes
     (nanoseconds), hard links, devices, fifos and PAX xattrs are kept.
 
-    LAYER '-' reads standard input. IMAGE is replaced atomically and fsynced;
+    LAYER '-' reads standard input; a gzip-compressed LAYER (tar+gzip, the
+    usual layer blob) is decompressed on the way. IMAGE is replaced
+    atomically and fsynced;
     a corrupt or hostile tar (bad header, '..' in a name, truncated data,
     absurd sizes) is refused with exit code 3 and writes nothing.
 
     \b
     Examples:
       stratasnap erofs convert layer.tar layer.erofs
-      zcat layer.tar.gz | stratasnap erofs convert - layer.erofs
+      stratasnap erofs convert --digest blobs/sha256/4f4f… layer.erofs
+      zstdcat layer.tar.zst | stratasnap erofs convert - layer.erofs
       mount -t erofs -o ro layer.erofs /mnt/layer
     """
     from ..erofs import convert_tar
@@ -70,16 +76,14 @@ def convert(
     except ValueError:
         raise click.BadParameter(f"{uuid_text!r} is not a UUID", param_hint="'--uuid'") from None
     start = time.monotonic()
-    if layer == "-":
-        stats = convert_tar(
-            sys.stdin.buffer, image, uuid=fs_uuid, default_mtime=default_mtime, digest=digest
+    with contextlib.ExitStack() as stack:
+        raw = (
+            sys.stdin.buffer
+            if layer == "-"
+            else stack.enter_context(open(layer, "rb", buffering=1 << 20))
         )
-    else:
-        stream: BinaryIO
-        with open(layer, "rb", buffering=1 << 20) as stream:
-            stats = convert_tar(
-                stream, image, uuid=fs_uuid, default_mtime=default_mtime, digest=digest
-            )
+        stream = _maybe_gunzip(raw, stack)
+        stats = convert_tar(stream, image, uuid=fs_uuid, default_mtime=default_mtime, digest=digest)
     elapsed = time.monotonic() - start
     if as_json:
         extra = {"seconds": round(elapsed, 3), "peak_rss_kib": _peak_rss_kib()}
@@ -93,6 +97,21 @@ def convert(
     )
     if digest:
         click.echo(f"diff ID: {stats.tar_digest}")
+
+
+def _maybe_gunzip(stream: BinaryIO, stack: contextlib.ExitStack) -> BinaryIO:
+    """``stream`` itself, or its gzip decompression when it starts with gzip's magic.
+
+    Layers are usually stored gzipped (…tar+gzip); the converter reads plain
+    tar, so the command takes either. (zstd layers: decompress first.)
+    """
+    if isinstance(stream, io.BufferedReader):
+        buffered = stream
+    else:  # e.g. an in-memory stream (tests): peek() needs a buffered reader
+        buffered = io.BufferedReader(cast(io.RawIOBase, stream))
+    if buffered.peek(2)[:2] == b"\x1f\x8b":
+        return cast(BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=buffered, mode="rb")))
+    return cast(BinaryIO, buffered)
 
 
 def _peak_rss_kib() -> int | None:
