@@ -15,7 +15,14 @@ renames it into place; a bad tar raises :class:`TarFormatError` (an
 
 Modules: ``format`` (on-disk constants and records), ``tarstream`` (the tar
 reader), ``tree`` (the in-memory tree and whiteout rules), ``xattrs``,
-``layout`` (metadata placement), ``writer`` (data streaming, ``convert_tar``).
+``layout`` (metadata placement), ``datawriter`` (file data: blocks, batching,
+the writer thread), ``writer`` (``convert_tar`` and ``ImageStats``).
+
+``convert_tar(stream, out_path, *, uuid=None, volume_name=b"",
+default_mtime=None, digest=False) -> ImageStats``: with ``digest=True`` the
+stats carry ``tar_digest`` ("sha256:…" of the uncompressed stream: the
+layer's diff ID, for chain IDs). It is thread-safe (no shared state); each
+call runs one short-lived writer thread of its own.
 """
 
 from __future__ import annotations
