@@ -256,21 +256,15 @@ def snapshot(root: Path, *, with_xattrs: bool = True) -> dict[str, Attrs]:
 
 
 @contextlib.contextmanager
-def mounted_image(image: Path, mountpoint: Path) -> Iterator[Path]:
-    """Mount an EROFS image read-only: file-backed if the kernel can, else by loop."""
+def mounted_image(image: Path, mountpoint: Path, *, loop: bool = False) -> Iterator[Path]:
+    """Mount an EROFS image read-only: file-backed if the kernel can, else (or if
+    ``loop``) through a loop device, which ``umount`` detaches again."""
     mountpoint.mkdir(exist_ok=True)
-    r = subprocess.run(
-        ["mount", "-t", "erofs", "-o", "ro", str(image), str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:  # kernels before 6.12 need a block device
-        subprocess.run(
-            ["mount", "-t", "erofs", "-o", "ro,loop", str(image), str(mountpoint)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+    cmd = ["mount", "-t", "erofs", "-o", "ro", str(image), str(mountpoint)]
+    r = subprocess.run(cmd, capture_output=True, text=True) if not loop else None
+    if r is None or r.returncode != 0:  # kernels before 6.12 need a block device
+        cmd[4] = "ro,loop"
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
     try:
         yield mountpoint
     finally:

@@ -90,6 +90,8 @@ def test_every_kind_of_member(scratch: Path) -> None:
     ]
     got = _convert_and_mount(members, scratch)
     assert got == expected_tree(members)
+    with mounted_image(scratch / "layer.erofs", scratch / "loop", loop=True) as mnt:
+        assert snapshot(mnt) == got  # the same through a loop device
     assert got["etc/removed"].kind == "chr" and got["etc/removed"].rdev == (0, 0)  # type: ignore[attr-defined]
     assert ("trusted.overlay.opaque", b"y") in got["var"].xattrs  # type: ignore[attr-defined]
     assert got["etc/passwd"].nlink == 2  # type: ignore[attr-defined]
