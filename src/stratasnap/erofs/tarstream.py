@@ -18,6 +18,7 @@ import binascii
 import io
 import os
 import stat
+import struct
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,6 +109,35 @@ def _number(field: bytes, what: str, offset: int) -> int:
         return int(text, 8)
     except ValueError:
         raise TarFormatError(f"bad octal {what} field {text!r}", offset=offset) from None
+
+
+_NUMBER_FIELDS = struct.Struct("100x8s8s8s12s12s8s")  # mode uid gid size mtime chksum
+_NUMBER_NAMES = ("mode", "uid", "gid", "size", "mtime")
+
+
+def _header_numbers(block: bytes, offset: int) -> tuple[int, int, int, int, int]:
+    """mode, uid, gid, size and mtime of a header whose checksum is right."""
+    fields = _NUMBER_FIELDS.unpack_from(block)
+    try:  # the common case: every field octal digits, NUL- or space-terminated
+        mode, uid, gid, size, mtime, stored = [int(x.split(b"\0", 1)[0], 8) for x in fields]
+    except ValueError:  # empty, base-256 or malformed: the checksum first, then field by field
+        _check_sum(block, _number(fields[5], "checksum", offset), offset)
+        mode, uid, gid, size, mtime = [
+            _number(x, n, offset) for x, n in zip(fields[:5], _NUMBER_NAMES, strict=False)
+        ]
+        return mode, uid, gid, size, mtime
+    _check_sum(block, stored, offset)
+    return mode, uid, gid, size, mtime
+
+
+def _check_sum(block: bytes, stored: int, offset: int) -> None:
+    unsigned = sum(block) - sum(block[148:156]) + 256  # the field counts as 8 spaces
+    if stored == unsigned:
+        return
+    high = sum(1 for i, b in enumerate(block) if b & 0x80 and not 148 <= i < 156)
+    signed = unsigned - 256 * high  # some old writers summed the bytes as int8
+    if stored != signed:
+        raise TarFormatError("header checksum mismatch (not a tar, or corrupt)", offset=offset)
 
 
 def _pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
@@ -312,9 +342,8 @@ class TarReader:
                 if pax or long_name is not None or long_link is not None:
                     raise TruncatedTar("archive ends after an extended header", offset=offset)
                 return None
-            self._check_sum(block, offset)
+            mode, uid, gid, size, mtime = _header_numbers(block, offset)
             typ = block[156:157]
-            size = _number(block[124:136], "size", offset)
             if size < 0 or size > MAX_FILE_SIZE:
                 raise LayerTooLarge(f"member size {size} is out of range", offset=offset)
             if typ in (b"x", b"g", b"L", b"K"):
@@ -332,7 +361,9 @@ class TarReader:
                 else:
                     long_link = _cstr(data)
                 continue
-            return self._member(block, typ, size, offset, pax, long_name, long_link)
+            return self._member(
+                block, typ, (mode, uid, gid, size, mtime), offset, pax, long_name, long_link
+            )
 
     @staticmethod
     def _not_compressed(block: bytes) -> None:
@@ -343,28 +374,19 @@ class TarReader:
                     offset=0,
                 )
 
-    @staticmethod
-    def _check_sum(block: bytes, offset: int) -> None:
-        stored = _number(block[148:156], "checksum", offset)
-        unsigned = sum(block) - sum(block[148:156]) + 256  # the field counts as 8 spaces
-        if stored == unsigned:
-            return
-        high = sum(1 for i, b in enumerate(block) if b & 0x80 and not 148 <= i < 156)
-        signed = unsigned - 256 * high  # some old writers summed the bytes as int8
-        if stored != signed:
-            raise TarFormatError("header checksum mismatch (not a tar, or corrupt)", offset=offset)
-
     def _member(
         self,
         block: bytes,
         typ: bytes,
-        size: int,
+        numbers: tuple[int, int, int, int, int],
         offset: int,
         pax_local: dict[bytes, bytes],
         long_name: bytes | None,
         long_link: bytes | None,
     ) -> TarEntry:
         pax = {**self._global, **pax_local} if self._global else pax_local
+        mode, uid, gid, size, mtime = numbers
+        mtime_nsec = 0
         name = _cstr(block[0:100])
         if block[257:263] == b"ustar\0":  # POSIX ustar: a name prefix (GNU uses those bytes)
             prefix = _cstr(block[345:500])
@@ -379,9 +401,6 @@ class TarReader:
         if long_name is not None:
             name = long_name
         linkname = _cstr(block[157:257]) if long_link is None else long_link
-        uid = _number(block[108:116], "uid", offset)
-        gid = _number(block[116:124], "gid", offset)
-        mtime, mtime_nsec = _number(block[136:148], "mtime", offset), 0
         xattrs: tuple[tuple[bytes, bytes], ...] = ()
         if pax:
             name = pax.get(b"path", name)
@@ -407,7 +426,7 @@ class TarReader:
             size = 0
         self._remaining = size
         self._padding = -size % RECORD
-        mode = _number(block[100:108], "mode", offset) & 0o7777
+        mode &= 0o7777
         return TarEntry(
             name, typ, mode, uid, gid, size, mtime, mtime_nsec, linkname,
             devmajor, devminor, xattrs, offset,
