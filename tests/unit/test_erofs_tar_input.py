@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 from conftest import need
-from erofs_layers import Member, build_tar, libarchive_tar, snapshot
+from erofs_layers import Member, build_tar, layers, libarchive_tar, snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stratasnap.erofs import (
     LayerTooLarge,
@@ -39,6 +41,15 @@ def _set_field(tar: bytes, header_at: int, start: int, value: bytes) -> bytes:
     block[148:156] = b" " * 8
     block[148:156] = b"%06o\0 " % sum(block)
     return tar[:header_at] + bytes(block) + tar[header_at + 512 :]
+
+
+def _checksum_ok(tar: bytes | bytearray, at: int) -> bool:
+    block = bytes(tar[at : at + 512])
+    try:
+        stored = int(block[148:156].split(b"\0")[0].strip() or b"x", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 256 + sum(block[156:])
 
 
 def _refused(tar: bytes, tmp_path: Path, error: type[Exception]) -> Exception:
@@ -306,3 +317,44 @@ def test_same_tar_same_uuid_same_image(tmp_path: Path) -> None:
     convert_tar(io.BytesIO(tar), tmp_path / "2", uuid=b"u" * 16)
     assert (tmp_path / "1").read_bytes() == (tmp_path / "2").read_bytes()
     assert first.image_bytes == (tmp_path / "1").stat().st_size
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    members=layers(),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 1 << 16)),
+    fix_checksums=st.booleans(),
+)
+def test_mangled_tars_are_converted_or_refused_never_crash(
+    members: list[Member],
+    flips: list[tuple[int, int]],
+    cut: int | None,
+    fix_checksums: bool,
+    tmp_path: Path,
+) -> None:
+    """Random byte flips and cuts: either a valid image or a TarFormatError, nothing else.
+
+    With ``fix_checksums`` the headers' checksums are made right again after the
+    flips, so the mangled fields get past the checksum into the parser.
+    """
+    tar = bytearray(build_tar(members))
+    headers = [at for at in range(0, len(tar), 512) if _checksum_ok(tar, at)]
+    for at, value in flips:
+        tar[at % len(tar)] = value
+    if fix_checksums:
+        for at in headers:
+            tar[at : at + 512] = _set_field(bytes(tar[at : at + 512]), 0, 148, b"        ")
+    data = bytes(tar[:cut] if cut is not None else tar)
+    out = tmp_path / f"out-{os.urandom(4).hex()}"
+    out.mkdir()
+    try:
+        convert_tar(io.BytesIO(data), out / "img")
+    except TarFormatError:
+        assert list(out.iterdir()) == []
+        return
+    if shutil.which("fsck.erofs"):
+        r = subprocess.run(["fsck.erofs", str(out / "img")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
