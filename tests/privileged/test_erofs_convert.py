@@ -358,3 +358,44 @@ def test_real_tree_tarred_by_gnu_tar_matches_mkfs_erofs(scratch: Path) -> None:
     # The root is not in the tar: extraction gives it the time of extraction, we the layer's newest.
     assert theirs.pop("").kind == ours.pop("").kind == "dir"
     assert ours == theirs
+
+
+def test_images_stack_as_overlayfs_lower_layers(scratch: Path) -> None:
+    """Two converted layers as overlayfs lowerdirs: the upper's whiteouts hide the lower."""
+    need_root()
+    lower = [
+        Member("a", "file", data=b"a"),
+        Member("b", "file", data=b"b"),
+        Member("d", "dir"),
+        Member("d/x", "file", data=b"x"),
+        Member("e", "dir"),
+        Member("e/keep", "file", data=b"keep"),
+    ]
+    upper = [
+        Member(".wh.a", "file"),
+        Member("d", "dir"),
+        Member("d/.wh..wh..opq", "file"),
+        Member("d/y", "file", data=b"y"),
+        Member("e/new", "file", data=b"new"),
+    ]
+    layers_dirs = []
+    for name, members in (("lower", lower), ("upper", upper)):
+        convert_tar(io.BytesIO(build_tar(members)), scratch / f"{name}.erofs")
+        layers_dirs.append(scratch / f"{name}-mnt")
+    with (
+        mounted_image(scratch / "lower.erofs", layers_dirs[0]) as lo,
+        mounted_image(scratch / "upper.erofs", layers_dirs[1]) as up,
+    ):
+        merged = scratch / "merged"
+        merged.mkdir()
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={up}:{lo}", str(merged)],
+            check=True,
+        )
+        try:
+            assert sorted(os.listdir(merged)) == ["b", "d", "e"]
+            assert sorted(os.listdir(merged / "d")) == ["y"]  # opaque: d/x hidden
+            assert sorted(os.listdir(merged / "e")) == ["keep", "new"]  # not opaque: merged
+            assert (merged / "e/keep").read_bytes() == b"keep"
+        finally:
+            subprocess.run(["umount", str(merged)], check=True)
