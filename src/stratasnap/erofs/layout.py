@@ -90,38 +90,33 @@ def _dir_size(d: Node) -> int:
     return size + used
 
 
-class _Walk:
-    """The reachable inodes in depth-first order, with link counts and parents."""
-
-    def __init__(self, root: Node) -> None:
-        self.order: list[Node] = [root]
-        self.index: dict[int, int] = {id(root): 0}
-        self.links: list[int] = [2]
-        self.parent: dict[int, Node] = {id(root): root}
-        stack = [root]
-        while stack:
-            d = stack.pop()
-            assert d.children is not None
-            for child in d.children.values():
-                key = id(child)
-                if child.is_dir:
-                    self.links[self.index[id(d)]] += 1
-                    self.parent[key] = d
-                    self.index[key] = len(self.order)
-                    self.order.append(child)
-                    self.links.append(2)
-                    stack.append(child)
-                elif key in self.index:
-                    self.links[self.index[key]] += 1  # another hard link
-                else:
-                    self.index[key] = len(self.order)
-                    self.order.append(child)
-                    self.links.append(1)
+def _walk(root: Node) -> list[Node]:
+    """The reachable inodes, depth first; sets each one's nlink, and dirs' parent."""
+    root.nlink, root.parent = 2, root
+    order = [root]
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        assert d.children is not None
+        for child in d.children.values():
+            if child.children is not None:
+                d.nlink += 1
+                child.nlink, child.parent = 2, d
+                order.append(child)
+                stack.append(child)
+            elif child.nlink:
+                child.nlink += 1  # another hard link to an inode already placed
+            else:
+                child.nlink = 1
+                order.append(child)
+    return order
 
 
 def _build_time(order: list[Node]) -> tuple[int, int]:
-    # Compact inodes take their mtime from the superblock: use the commonest one.
-    counts = Counter((n.mtime, n.mtime_nsec) for n in order)
+    # Compact inodes take their mtime from the superblock: use the commonest one
+    # (counted on a sample, so that a layer of all-different times costs no memory).
+    step = max(1, len(order) // 65536)
+    counts = Counter((n.mtime, n.mtime_nsec) for n in order[::step])
     (sec, nsec), _ = counts.most_common(1)[0]
     return (sec, nsec) if sec >= 0 else (0, 0)
 
@@ -130,60 +125,60 @@ def write_metadata(
     fd: int, root: Node, first_block: int, uuid: bytes, volume_name: bytes = b""
 ) -> MetaResult:
     """Lay out and write all metadata and the superblock from ``first_block`` on."""
-    walk = _Walk(root)
-    order = walk.order
+    order = _walk(root)
     build_time = _build_time(order)
-    keys = [encodable(n.xattrs) if n.xattrs else [] for n in order]
-    dropped = sum(len(n.xattrs) for n in order) - sum(map(len, keys))
-    shared = SharedXattrs(keys)
+    keys = [encodable(n.xattrs) if n.xattrs else None for n in order]
+    dropped = sum(len(n.xattrs) for n in order) - sum(len(k) for k in keys if k)
+    shared = SharedXattrs(k for k in keys if k)
     xattr_blkaddr = first_block
     meta_blkaddr = xattr_blkaddr + _pad_to(len(shared.area), BS) // BS
 
     # Pass 1: sizes and inode slots. A directory's size depends only on its names.
-    records: list[tuple[bytes, bytes, int, bool]] = []  # (ibody, payload, core size, inline)
-    nids: list[int] = []
+    # Per inode only what pass 2 cannot cheaply redo: the xattr body (rare) and
+    # one flag byte (extended inode, inline tail).
+    ibodies: dict[int, bytes] = {}
+    flags = bytearray(len(order))
     # nid 0 would be inode number 0, which readdir(3) treats as a deleted entry.
     pos = fmt.INODE_SLOT
     extended = 0
     for i, node in enumerate(order):
-        ibody = shared.ibody(keys[i]) if keys[i] else b""
+        key = keys[i]
+        ibody = shared.ibody(key) if key else b""
+        if ibody:
+            ibodies[i] = ibody
         if len(ibody) > fmt.XATTR_MAX_IBODY:
             raise LayerTooLarge("an inode's xattrs exceed what EROFS can hold")
-        if node.children is not None:
-            payload = bytes(_dir_size(node))  # a stand-in of the right size
-        elif node.target:
-            payload = node.target
-        else:
-            payload = b""
+        # Directories: their entries; symlinks: the target; others: nothing inline.
+        payload_size = _dir_size(node) if node.children is not None else len(node.target)
         compact = (
             node.uid <= 0xFFFF
             and node.gid <= 0xFFFF
-            and walk.links[i] <= 0xFFFF
-            and max(node.size, len(payload)) <= 0xFFFFFFFF
+            and node.nlink <= 0xFFFF
+            and max(node.size, payload_size) <= 0xFFFFFFFF
             and (node.mtime, node.mtime_nsec) == build_time
         )
         core = fmt.COMPACT_SIZE if compact else fmt.EXTENDED_SIZE
         extended += not compact
-        tail = len(payload) % BS
+        tail = payload_size % BS
         inline = bool(tail) and core + len(ibody) + tail <= BS
+        flags[i] = (not compact) | (inline << 1)
         record = core + len(ibody) + (tail if inline else 0)
         if record > BS or pos % BS + record > BS:
             pos = _pad_to(pos, BS)
-        nids.append(pos // fmt.INODE_SLOT)
+        node.nid = pos // fmt.INODE_SLOT
         pos = _pad_to(pos + record, fmt.INODE_SLOT)
-        records.append((ibody, payload, core, inline))
-    if nids[0] > 0xFFFF:
+    if root.nid > 0xFFFF:
         raise AssertionError("the root inode must fit the 16-bit root_nid")
 
     # Pass 2: directory/symlink blocks after the inodes, then serialise.
     inode_area = bytearray(_pad_to(pos, BS))
     extra = bytearray()
     next_block = meta_blkaddr + len(inode_area) // BS
-    links = walk.links
-    nid_of = {id(n): nid for n, nid in zip(order, nids, strict=True)}
     for i, node in enumerate(order):
-        ibody, payload, core, inline = records[i]
-        off = nids[i] * fmt.INODE_SLOT
+        ibody = ibodies.get(i, b"")
+        core = fmt.EXTENDED_SIZE if flags[i] & 1 else fmt.COMPACT_SIZE
+        inline = bool(flags[i] & 2)
+        off = node.nid * fmt.INODE_SLOT
         kind = stat.S_IFMT(node.mode)
         layout = fmt.LAYOUT_FLAT_PLAIN
         if kind == stat.S_IFREG:
@@ -191,8 +186,7 @@ def write_metadata(
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             i_u, size = node.rdev, 0
         else:  # directories and symlinks: whole blocks out of line, the tail inline
-            if node.children is not None:
-                payload = _dir_payload(_dir_entries(node, walk, nid_of))
+            payload = _dir_payload(_dir_entries(node)) if node.children is not None else node.target
             size = len(payload)
             full = size - size % BS if inline else _pad_to(size, BS)
             i_u = 0
@@ -212,7 +206,7 @@ def write_metadata(
                 layout,
                 icount,
                 node.mode,
-                links[i],
+                node.nlink,
                 size,
                 i_u,
                 i + 1,
@@ -226,7 +220,7 @@ def write_metadata(
                 layout,
                 icount,
                 node.mode,
-                links[i],
+                node.nlink,
                 size,
                 i_u,
                 i + 1,
@@ -246,7 +240,7 @@ def write_metadata(
     blocks = next_block + len(extra) // BS
     os.ftruncate(fd, blocks * BS)
     sb = fmt.pack_superblock(
-        root_nid=nids[0],
+        root_nid=root.nid,
         inos=len(order),
         build_time=build_time[0],
         build_time_nsec=build_time[1],
@@ -260,12 +254,9 @@ def write_metadata(
     return MetaResult(blocks, len(order), build_time, extended, len(shared.ids), dropped)
 
 
-def _dir_entries(d: Node, walk: _Walk, nid_of: dict[int, int]) -> list[tuple[bytes, int, int]]:
-    assert d.children is not None
-    entries = [
-        (b".", nid_of[id(d)], fmt.FT_DIR),
-        (b"..", nid_of[id(walk.parent[id(d)])], fmt.FT_DIR),
-    ]
-    entries += [(name, nid_of[id(c)], _FTYPES[c.mode & 0o170000]) for name, c in d.children.items()]
+def _dir_entries(d: Node) -> list[tuple[bytes, int, int]]:
+    assert d.children is not None and d.parent is not None
+    entries = [(b".", d.nid, fmt.FT_DIR), (b"..", d.parent.nid, fmt.FT_DIR)]
+    entries += [(name, c.nid, _FTYPES[c.mode & 0o170000]) for name, c in d.children.items()]
     entries.sort()
     return entries

@@ -16,12 +16,29 @@ from dataclasses import dataclass
 from .errors import UnsafeEntry
 from .format import NAME_MAX
 
-__all__ = ["OPAQUE_XATTR", "Node", "Tree", "split_name"]
+__all__ = ["NO_XATTRS", "OPAQUE_XATTR", "Node", "Tree", "split_name"]
 
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."  # aufs-internal names (.wh..wh.plnk, ...): never content
 OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+
+class _NoXattrs(dict[bytes, bytes]):
+    """The one shared, empty xattr dict of every non-directory without xattrs.
+
+    Most inodes have none; one dict each would cost 64 bytes per inode. Only
+    directories' xattrs are ever changed after creation (opaque markers,
+    re-listing), and they always get a dict of their own; this one refuses.
+    """
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("NO_XATTRS is shared: give the node a dict of its own")
+
+    __setitem__ = update = setdefault = __delitem__ = pop = popitem = clear = _refuse  # type: ignore[assignment]
+
+
+NO_XATTRS: dict[bytes, bytes] = _NoXattrs()
 
 
 @dataclass(slots=True, eq=False)
@@ -41,6 +58,11 @@ class Node:
     children: dict[bytes, Node] | None = None
     implicit: bool = False  # a parent directory no member has listed (yet)
     whiteout: bool = False  # the 0/0 device a .wh. member of this layer made
+    # Filled in by the layout (a tree is laid out once): kept here rather than in
+    # per-inode dicts, which would cost more memory than the nodes themselves.
+    nlink: int = 0
+    nid: int = 0
+    parent: Node | None = None  # directories only
 
     @property
     def is_dir(self) -> bool:
@@ -185,7 +207,7 @@ class Tree:
             entry_node.gid,
             entry_node.mtime,
             entry_node.mtime_nsec,
-            {},
+            NO_XATTRS,
             whiteout=True,
         )
         self.put((*parts[:-1], hidden), device, offset)

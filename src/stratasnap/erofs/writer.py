@@ -22,7 +22,7 @@ from .datawriter import DataRegion
 from .errors import TarFormatError
 from .layout import write_metadata
 from .tarstream import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, TarReader
-from .tree import WHITEOUT_PREFIX, Node, Tree, split_name
+from .tree import NO_XATTRS, WHITEOUT_PREFIX, Node, Tree, split_name
 
 __all__ = ["ImageStats", "convert_tar"]
 
@@ -84,6 +84,7 @@ class _Converter:
     def __init__(self, fd: int, default_mtime: int | None) -> None:
         self.tree = Tree(default_mtime)
         self.data = DataRegion(fd)
+        self._interned: dict[int, int] = {}
         self.counts = dict.fromkeys(
             ("files", "directories", "symlinks", "hardlinks", "devices", "whiteouts", "opaque"), 0
         )
@@ -93,14 +94,17 @@ class _Converter:
         if e.type == HARDLINK:
             self._hardlink(parts, e)
             return
+        is_dir = e.type == DIR
+        # Layers repeat the same few modes and times: share the int objects
+        # (28 bytes each per inode otherwise), as NO_XATTRS shares the empty dict.
         node = Node(
-            _TYPE_BITS[e.type] | e.mode,
+            self._share(_TYPE_BITS[e.type] | e.mode),
             e.uid,
             e.gid,
-            e.mtime,
+            self._share(e.mtime),
             e.mtime_nsec,
-            dict(e.xattrs),
-            children={} if e.type == DIR else None,
+            dict(e.xattrs) if e.xattrs or is_dir else NO_XATTRS,
+            children={} if is_dir else None,
         )
         if not parts:
             self.tree.set_root(node, e.offset)
@@ -131,6 +135,15 @@ class _Converter:
         else:
             self.counts["directories"] += 1
         self.tree.put(parts, node, e.offset)
+
+    def _share(self, value: int) -> int:
+        """``value``, as the same object as the last equal one (for the first 4096 values)."""
+        shared = self._interned.get(value)
+        if shared is not None:
+            return shared
+        if len(self._interned) < 4096:  # a layer of all-different times must not grow this
+            self._interned[value] = value
+        return value
 
     def _hardlink(self, parts: tuple[bytes, ...], e: TarEntry) -> None:
         target_parts = split_name(e.linkname, e.offset)
