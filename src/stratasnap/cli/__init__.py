@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
 from .edit import commit, label, mounts, prepare, rm, view
+from .erofs import erofs
 from .image import diff, image
 from .query import cleanup, info, ls, tree, usage
 
@@ -31,6 +32,7 @@ _VERBS = (
     image,
     diff,
     config,
+    erofs,
 )
 for _verb in _VERBS:
     cli.add_command(_verb)
