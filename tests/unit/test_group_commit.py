@@ -230,3 +230,43 @@ def test_batches_are_bounded(scratch: Path) -> None:
     assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 8
     with pytest.raises(ValueError):
         GroupCommit(lambda: conn, lambda c: None, max_batch=0)
+
+
+def test_concurrent_snapshot_calls_leave_rows_and_storage_in_step(scratch: Path) -> None:
+    # Batched creates and removes rename storage inside the shared transaction:
+    # afterwards every row has its directory and every directory its row.
+    from stratasnap import open_snapshotter
+
+    sn = open_snapshotter(scratch / "root", "native")
+    try:
+        sn.prepare("base-a")
+        sn.commit("base", "base-a")
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                for i in range(8):
+                    sn.prepare(f"t{n}-a{i}", "base")
+                    sn.commit(f"t{n}-c{i}", f"t{n}-a{i}")
+                    if i % 2:
+                        sn.remove(f"t{n}-c{i}")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        names = {info.name for info in sn.walk()}
+        assert names == {"base"} | {f"t{n}-c{i}" for n in range(12) for i in range(0, 8, 2)}
+        with sn._store.read() as tx:
+            owned = {str(sid) for sid in tx.id_map()}
+        on_disk = {p.name for p in (scratch / "root" / "snapshots").iterdir()}
+        assert on_disk == owned
+        sizes = sn.commit_batch_sizes()
+        # 12 x (8 prepares + 8 commits + 4 removes) write calls, plus base and id reservations.
+        assert sum(size * n for size, n in sizes.items()) >= 12 * 20 + 2
+    finally:
+        sn.close()
