@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +245,200 @@ def test_cli_works_on_a_full_disk_and_rm_frees_before_exit(full_root: tuple[Path
     assert leftovers(root) == []
     clean = _cli(root, backend, "cleanup")
     assert clean.returncode == 0, clean.stderr
+
+
+# -- the kill loop ---------------------------------------------------------------------
+
+KILLS = 200
+#: Bytes each layer of the kill loop writes, and how many committed layers it keeps.
+LAYER_BYTES = 1 * MiB
+KEEP = 6
+UPPERDIR = "containerd.io/snapshot/overlay.upperdir"
+
+# Forks servers from one process that has imported everything already: a
+# restart then costs milliseconds instead of an interpreter start, so 200
+# kills take about a minute. The child runs the very serve() of `stratasnap
+# serve`; nothing of gRPC exists in the parent before a fork.
+ZYGOTE = """
+import os, signal, sys
+import stratasnap.backends.overlay  # noqa: F401 (imported once, before the forks)
+from stratasnap.server.config import load_config
+from stratasnap.server.daemon import serve
+
+root, address, log = sys.argv[1:4]
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+for _line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.dup2(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), 2)
+        code = 0
+        try:
+            serve(load_config(root=root, address=address, backend="overlay",
+                              options={"upperdir_label": True}))
+        except BaseException as exc:
+            print(f"serve failed: {exc!r}", file=sys.stderr)
+            code = 1
+        os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+def _gone(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"server {pid} still alive after {timeout}s")
+
+
+def _wait_listening_pid(address: Path, pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise AssertionError(f"server {pid} died while starting") from None
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(address))
+                return
+            except OSError:
+                time.sleep(0.005)
+    raise AssertionError(f"server {pid} not listening after {timeout}s")
+
+
+def _content(n: int) -> bytes:
+    return (f"layer {n} ".encode() * (LAYER_BYTES // 8 + 1))[:LAYER_BYTES]
+
+
+class _Workload:
+    """What containerd does to a snapshotter, reduced: layers in, old layers out, no Cleanup."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.full = 0  # ResourceExhausted or ENOSPC met (the disk did fill)
+
+    def resync(self, client: Client) -> list[str]:
+        """After a restart: remove what a kill left half-done (like containerd's GC)."""
+        infos = list(client.walk())
+        for info in infos:
+            if info.kind is not Kind.COMMITTED:
+                client.remove(info.name)
+        return sorted(
+            (i.name for i in infos if i.kind is Kind.COMMITTED), key=lambda k: int(k[1:])
+        )
+
+    def run(self, client: Client, committed: list[str]) -> None:
+        """Layer after layer until the server dies (the caller's timer kills it)."""
+        from stratasnap.errors import SnapshotError
+
+        while True:
+            self.n += 1
+            key = f"a{self.n}"
+            try:
+                source = Path(client.prepare(key)[0].source)
+                (source / "data").write_bytes(_content(self.n))
+                client.commit(f"c{self.n}", key)
+                committed.append(f"c{self.n}")
+            except (ResourceExhausted, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno != 28:
+                    raise
+                self.full += 1
+                with suppress(SnapshotError):
+                    client.remove(key)
+                if committed:
+                    client.remove(committed.pop(0))
+                continue
+            if self.n % 3 == 0:  # a container's snapshot that comes and goes
+                client.prepare(f"t{self.n}", committed[-1])
+                client.remove(f"t{self.n}")
+            while len(committed) > KEEP:
+                client.remove(committed.pop(0))
+
+
+def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
+    loopfs: Callable[..., Path], tmp_path: Path
+) -> None:
+    """200 SIGKILLs of the server amid prepares, commits and removes, never a Cleanup.
+
+    The filesystem is nearly full from the start (a few layers' room), so
+    writes keep failing with ResourceExhausted and only removes, reaped in
+    the background and at each start, give the room back. Every start must
+    succeed; at the end nothing may be left: no rm-*/new-* once the last
+    server reaped, and after its Cleanup only owned storage.
+    """
+    import random
+    import threading
+
+    from stratasnap.errors import SnapshotError
+
+    fs = loopfs("ext4", size="48M", mkfs_args=("-N", "2048"))
+    root, address, log = fs / "root", tmp_path / "s.sock", tmp_path / "server.log"
+    open_snapshotter(root, "overlay").close()  # the root exists before the disk fills
+    filler = fill_filesystem(fs / "ballast", leave=(KEEP - 1) * LAYER_BYTES, inodes=False)
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE, str(root), str(address), str(log)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert zygote.stdin is not None and zygote.stdout is not None
+    rng = random.Random(14)
+    work = _Workload()
+    kills = 0
+
+    def spawn() -> int:
+        assert zygote.stdin is not None and zygote.stdout is not None
+        zygote.stdin.write("spawn\n")
+        zygote.stdin.flush()
+        return int(zygote.stdout.readline())
+
+    try:
+        while kills < KILLS:
+            pid = spawn()
+            if kills % 4 == 3:  # now and then during start-up (opening, reaping)
+                time.sleep(rng.uniform(0.0, 0.03))
+            else:
+                _wait_listening_pid(address, pid)
+                timer = threading.Timer(rng.uniform(0.02, 0.25), os.kill, (pid, 9))
+                timer.start()
+                with Client(address, timeout=10) as client, suppress(SnapshotError):
+                    work.run(client, work.resync(client))
+                timer.join()
+            with suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            _gone(pid)
+            kills += 1
+        # The last start: it must come up, reap, and account for everything.
+        pid = spawn()
+        _wait_listening_pid(address, pid)
+        with Client(address, timeout=30) as client:
+            committed = work.resync(client)
+            deadline = time.monotonic() + REAP_WITHIN_S
+            while leftovers(root) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert leftovers(root) == [], "removed storage not reaped without Cleanup"
+            bad = []
+            for name in committed:
+                upper = Path(client.stat(name).labels[UPPERDIR])
+                if (upper / "data").read_bytes() != _content(int(name[1:])):
+                    bad.append(name)
+            assert bad == [], f"committed layers with wrong content: {bad}"
+            client.cleanup()
+            owned = {Path(i.labels[UPPERDIR]).parent.name for i in client.walk()}
+        assert set(os.listdir(root / "snapshots")) == owned, "orphans after Cleanup"
+        os.kill(pid, 15)
+        _gone(pid)
+        assert work.full > 0, "the filesystem never filled: the loop tested too little"
+        assert "serve failed" not in log.read_text(), log.read_text()[-2000:]
+    finally:
+        zygote.stdin.close()
+        zygote.wait(30)
+        filler.release()
