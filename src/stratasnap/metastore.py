@@ -464,6 +464,7 @@ class MetaStore:
         self._id_batch = 1
         self._ids_lock = threading.Lock()
         self._closed = False
+        self._wrote = False  # committed a write: worth a checkpoint at close
         self._migrate()
 
     # -- connections -------------------------------------------------------
@@ -532,9 +533,11 @@ class MetaStore:
         full filesystem refuses. A read-only connection cannot checkpoint,
         so when it is the last one the files stay (with their blocks). A
         checkpoint first lets the next writer start the WAL over from its
-        beginning, inside blocks it already has.
+        beginning, inside blocks it already has; only after this process
+        wrote (after a mere read it would copy the whole WAL again, since
+        recovery forgets what was copied already).
         """
-        if self._conns:
+        if self._conns and self._wrote:
             with suppress(sqlite3.Error):
                 self._conns[0].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         try:
@@ -611,6 +614,7 @@ class MetaStore:
             raise RuntimeError("write transaction inside another transaction on this thread")
         with self._write_lock, self._typed_errors():
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             try:
                 yield conn
             except BaseException:
@@ -618,6 +622,7 @@ class MetaStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            self._wrote |= conn.total_changes != changes
             self._commit(conn)
 
     def _commit(self, conn: sqlite3.Connection) -> None:
