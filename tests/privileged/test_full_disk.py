@@ -23,6 +23,7 @@ import pytest
 from stratasnap import Kind, ResourceExhausted, open_snapshotter
 from stratasnap.server.client import Client
 from stratasnap.testing import mounted
+from stratasnap.testing.churn import Churn
 from stratasnap.testing.diskfill import fill_filesystem, free_space
 
 MiB = 1 << 20
@@ -253,7 +254,6 @@ KILLS = 200
 #: Bytes each layer of the kill loop writes, and how many committed layers it keeps.
 LAYER_BYTES = 1 * MiB
 KEEP = 6
-UPPERDIR = "containerd.io/snapshot/overlay.upperdir"
 
 # Forks servers from one process that has imported everything already: a
 # restart then costs milliseconds instead of an interpreter start, so 200
@@ -277,8 +277,7 @@ for _line in sys.stdin:
         os.dup2(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), 2)
         code = 0
         try:
-            serve(load_config(root=root, address=address, backend="overlay",
-                              options={"upperdir_label": True}))
+            serve(load_config(root=root, address=address, backend="overlay"))
         except BaseException as exc:
             print(f"serve failed: {exc!r}", file=sys.stderr)
             code = 1
@@ -314,55 +313,6 @@ def _wait_listening_pid(address: Path, pid: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"server {pid} not listening after {timeout}s")
 
 
-def _content(n: int) -> bytes:
-    return (f"layer {n} ".encode() * (LAYER_BYTES // 8 + 1))[:LAYER_BYTES]
-
-
-class _Workload:
-    """What containerd does to a snapshotter, reduced: layers in, old layers out, no Cleanup."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.full = 0  # ResourceExhausted or ENOSPC met (the disk did fill)
-
-    def resync(self, client: Client) -> list[str]:
-        """After a restart: remove what a kill left half-done (like containerd's GC)."""
-        infos = list(client.walk())
-        for info in infos:
-            if info.kind is not Kind.COMMITTED:
-                client.remove(info.name)
-        return sorted(
-            (i.name for i in infos if i.kind is Kind.COMMITTED), key=lambda k: int(k[1:])
-        )
-
-    def run(self, client: Client, committed: list[str]) -> None:
-        """Layer after layer until the server dies (the caller's timer kills it)."""
-        from stratasnap.errors import SnapshotError
-
-        while True:
-            self.n += 1
-            key = f"a{self.n}"
-            try:
-                source = Path(client.prepare(key)[0].source)
-                (source / "data").write_bytes(_content(self.n))
-                client.commit(f"c{self.n}", key)
-                committed.append(f"c{self.n}")
-            except (ResourceExhausted, OSError) as exc:
-                if isinstance(exc, OSError) and exc.errno != 28:
-                    raise
-                self.full += 1
-                with suppress(SnapshotError):
-                    client.remove(key)
-                if committed:
-                    client.remove(committed.pop(0))
-                continue
-            if self.n % 3 == 0:  # a container's snapshot that comes and goes
-                client.prepare(f"t{self.n}", committed[-1])
-                client.remove(f"t{self.n}")
-            while len(committed) > KEEP:
-                client.remove(committed.pop(0))
-
-
 def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
     loopfs: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -391,7 +341,7 @@ def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
     )
     assert zygote.stdin is not None and zygote.stdout is not None
     rng = random.Random(14)
-    work = _Workload()
+    work = Churn(layer_bytes=LAYER_BYTES, keep=KEEP)
     kills = 0
     pid = 0
 
@@ -411,7 +361,8 @@ def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
                 timer = threading.Timer(rng.uniform(0.02, 0.25), os.kill, (pid, 9))
                 timer.start()
                 with Client(address, timeout=10) as client, suppress(SnapshotError):
-                    work.run(client, work.resync(client))
+                    work.resync(client)
+                    work.run(client)
                 timer.join()
             with suppress(ProcessLookupError):
                 os.kill(pid, 9)
@@ -421,22 +372,17 @@ def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
         pid = spawn()
         _wait_listening_pid(address, pid)
         with Client(address, timeout=30) as client:
-            committed = work.resync(client)
+            audit = work.audit(client)
+            assert audit.bad == (), f"committed layers with wrong content: {audit.bad}"
             deadline = time.monotonic() + REAP_WITHIN_S
             while leftovers(root) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert leftovers(root) == [], "removed storage not reaped without Cleanup"
-            bad = []
-            for name in committed:
-                upper = Path(client.stat(name).labels[UPPERDIR])
-                if (upper / "data").read_bytes() != _content(int(name[1:])):
-                    bad.append(name)
-            assert bad == [], f"committed layers with wrong content: {bad}"
             client.cleanup()
-            owned = {Path(i.labels[UPPERDIR]).parent.name for i in client.walk()}
-        assert set(os.listdir(root / "snapshots")) == owned, "orphans after Cleanup"
+        assert set(os.listdir(root / "snapshots")) == audit.storage, "orphans after Cleanup"
         os.kill(pid, 15)
         _gone(pid)
+        print(f"kill loop: {kills} kills, {work.n} steps, disk full {work.full} times")
         assert work.full > 0, "the filesystem never filled: the loop tested too little"
         assert "serve failed" not in log.read_text(), log.read_text()[-2000:]
     finally:
