@@ -25,6 +25,7 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/contrib/snapshotservice"
+	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/native"
 	"github.com/containerd/containerd/snapshots/overlay"
@@ -43,6 +44,22 @@ func open(kind, root string, asyncRemove bool) (snapshots.Snapshotter, error) {
 		return native.NewSnapshotter(root)
 	}
 	return nil, fmt.Errorf("unknown snapshotter %q (overlayfs or native)", kind)
+}
+
+// service is containerd's snapshot service with one difference: List of a
+// store that was never written to (its storage has no bucket yet and says
+// "not found", passed through as UNKNOWN) is an empty list, as containerd's
+// metadata layer, which never lists an empty backend, would see it.
+type service struct {
+	snapshotsapi.SnapshotsServer
+}
+
+func (s service) List(r *snapshotsapi.ListSnapshotsRequest, ss snapshotsapi.Snapshots_ListServer) error {
+	err := s.SnapshotsServer.List(r, ss)
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	return errdefs.ToGRPC(err)
 }
 
 func main() {
@@ -67,7 +84,7 @@ func main() {
 		os.Exit(1)
 	}
 	server := grpc.NewServer()
-	snapshotsapi.RegisterSnapshotsServer(server, snapshotservice.FromSnapshotter(sn))
+	snapshotsapi.RegisterSnapshotsServer(server, service{snapshotservice.FromSnapshotter(sn)})
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	go func() {

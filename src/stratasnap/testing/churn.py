@@ -48,6 +48,8 @@ class Churn:
     n: int = 0
     full: int = 0  # ResourceExhausted or ENOSPC met
     committed: list[str] = field(default_factory=list)
+    #: Layers whose commit had returned, never removed, and then missing from the list.
+    lost: list[str] = field(default_factory=list)
 
     def resync(self, sn: Snapshotter) -> None:
         """After a restart: drop what a kill left half-done (as containerd's GC would)."""
@@ -56,6 +58,7 @@ class Churn:
             if info.kind is not Kind.COMMITTED:
                 sn.remove(info.name)
         names = [i.name for i in infos if i.kind is Kind.COMMITTED and i.name.startswith("c")]
+        self.lost.extend(sorted(set(self.committed) - set(names)))
         self.committed = sorted(names, key=lambda k: int(k[1:]))
 
     def run(self, sn: Snapshotter, steps: int = 0) -> None:
