@@ -54,7 +54,15 @@ from .errors import (
 )
 from .types import Info, Kind, Timestamp, Usage
 
-__all__ = ["SCHEMA_VERSION", "MetaStore", "ReadTx", "Record", "WriteTx", "validate_key"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "MetaStore",
+    "ReadTx",
+    "Record",
+    "WriteTx",
+    "owned_ids_if_closed",
+    "validate_key",
+]
 
 SCHEMA_VERSION = 1
 
@@ -448,6 +456,28 @@ def _typed(exc: sqlite3.Error, path: Path) -> SnapshotError | None:
             )
         return Unavailable(f"metadata {path}: {exc}")
     return None
+
+
+def owned_ids_if_closed(path: Path) -> set[int] | None:
+    """The snapshot ids of a store no process has open, read without creating a file.
+
+    For a full disk where SQLite's ``-wal``/``-shm`` files are missing (a
+    store last closed by a stratasnap that let SQLite delete them) and
+    cannot be made: with no WAL the database file holds everything, so an
+    ``immutable`` read of it is exact. None when a WAL exists (another
+    process may have the store open, or its last commits are in the WAL)
+    or the file cannot be read.
+    """
+    if not path.is_file() or os.path.lexists(f"{path}-wal"):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True)
+        try:
+            return {int(row[0]) for row in conn.execute("SELECT id FROM snapshots")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
 
 
 class MetaStore:

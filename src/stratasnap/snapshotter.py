@@ -19,16 +19,22 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
-from .errors import FailedPrecondition, InvalidArgument, Unimplemented, from_os_error
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unimplemented,
+    from_os_error,
+)
 from .filters import parse as parse_filters
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree
-from .metastore import MetaStore, Record, clean_labels, validate_key
+from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
@@ -136,7 +142,7 @@ class BaseSnapshotter:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
-        self._store = MetaStore(self.root / "metadata.db")
+        self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
         leftovers = self._recover_interrupted_removes()
@@ -409,6 +415,33 @@ class BaseSnapshotter:
 
     # -- internals ------------------------------------------------------------
 
+    def _open_store(self) -> MetaStore:
+        path = self.root / "metadata.db"
+        try:
+            return MetaStore(path)
+        except ResourceExhausted:
+            # SQLite must make its -wal/-shm files and the disk is full: free
+            # what earlier removes left behind (judged by an offline read of
+            # the store) and try once more.
+            owned = owned_ids_if_closed(path)
+            if owned is None or not self._reap_offline(owned):
+                raise
+            log.warning("filesystem full: reaped removed storage to open %s", path)
+            return MetaStore(path)
+
+    def _reap_offline(self, owned: Container[int]) -> bool:
+        """Delete leftovers before the store and the backend are open; True if any went.
+
+        Only plain trees: anything with a mount below waits for the backend.
+        """
+        reaped = False
+        for entry in os.scandir(self.snapshots_dir):
+            path = Path(entry.path)
+            if _is_leftover(entry.name, path, owned) and not mounts_under(path):
+                _rmtree(path)
+                reaped = True
+        return reaped
+
     def _recover_interrupted_removes(self) -> list[Path]:
         """Undo a remove that was killed between its rename and its commit.
 
@@ -462,7 +495,7 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
 
 
-def _is_leftover(name: str, path: Path, owned: Mapping[int, str]) -> bool:
+def _is_leftover(name: str, path: Path, owned: Container[int]) -> bool:
     """Whether ``rm-*``/``new-*`` entry ``name`` is storage no snapshot and no create owns."""
     if name.startswith("rm-"):
         sid = name[3:]

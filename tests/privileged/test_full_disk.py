@@ -210,6 +210,37 @@ def test_server_start_reaps_what_a_killed_process_left(
         filler.release()
 
 
+def test_open_on_a_full_disk_without_sqlite_files_reaps_first(
+    loopfs: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A store SQLite closed itself (so no -wal/-shm, as older stratasnap left it), on a
+    full disk: opening frees what removes left behind, then makes them."""
+    import sqlite3
+
+    fs = loopfs("ext4", size="64M", mkfs_args=("-N", "4096"))
+    root = fs / "root"
+    populate(root, "overlay", tmp_path)
+    code = (
+        "import sys; from stratasnap import open_snapshotter\n"
+        "sn = open_snapshotter(sys.argv[1], 'overlay'); sn.remove('victim')\n"
+        "sn.reaper.drain = lambda: None; sn.close()\n"  # ended before deleting
+    )
+    subprocess.run([sys.executable, "-c", code, str(root)], check=True)
+    db = sqlite3.connect(root / "metadata.db")
+    db.execute("SELECT 1 FROM sqlite_master").fetchall()
+    db.close()  # the last connection: SQLite checkpoints and deletes -wal and -shm
+    assert not Path(f"{root}/metadata.db-wal").exists()
+    assert [n for n in leftovers(root) if n.startswith("rm-")]
+    filler = fill_filesystem(fs / "ballast")
+    try:
+        with open_snapshotter(root, "overlay") as sn:
+            assert {i.name for i in sn.walk()} == {"base", "look"}
+            sn.remove("look")
+        assert leftovers(root) == []
+    finally:
+        filler.release()
+
+
 def _cli(root: Path, backend: str, *args: str) -> subprocess.CompletedProcess[str]:
     opts = [a for k, v in BACKENDS[backend].items() for a in ("--option", f"{k}={v}")]
     return subprocess.run(
