@@ -129,9 +129,11 @@ class Server:
                 self.kill()
 
 
-def server_for(target: str, root: Path, address: Path, log: Path, goproxy: Path | None) -> Server:
+def server_for(
+    target: str, root: Path, address: Path, log: Path, goproxy: Path | None, python: str
+) -> Server:
     if target == "stratasnap-overlay":
-        argv = [sys.executable, "-m", "stratasnap", "serve", "--root", str(root)]
+        argv = [python, "-m", "stratasnap", "serve", "--root", str(root)]
         argv += ["--address", str(address), "--backend", "overlay", "--log-level", "warning"]
     else:
         if goproxy is None:
@@ -146,7 +148,9 @@ def campaign(target: str, args: argparse.Namespace, goproxy: Path | None) -> Res
     with scratch_fs("ext4", args.size) as (mnt, desc), tempfile.TemporaryDirectory() as tmp:
         result = Result(target=target, filesystem=desc)
         root = mnt / "root"
-        server = server_for(target, root, Path(tmp) / "s.sock", Path(tmp) / "server.log", goproxy)
+        server = server_for(
+            target, root, Path(tmp) / "s.sock", Path(tmp) / "server.log", goproxy, args.python
+        )
         churn = Churn(layer_bytes=args.layer_mib * MiB, keep=args.keep)
         t0 = time.monotonic()
         failed_in_a_row = 0
@@ -237,6 +241,12 @@ def main() -> None:
         "--start-kill-s", type=float, default=0.5, help="latest kill while starting (%(default)s)"
     )
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter whose stratasnap serves (another checkout's .venv/bin/python "
+        "to compare a version; default: this one)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: loop filesystems and overlayfs")

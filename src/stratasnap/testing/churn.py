@@ -72,8 +72,8 @@ class Churn:
                 source = Path(sn.prepare(key)[0].source)
                 (source / "data").write_bytes(layer_content(self.n, self.layer_bytes))
                 sn.commit(f"c{self.n}", key)
-            except (ResourceExhausted, OSError) as exc:
-                if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            except (SnapshotError, OSError) as exc:
+                if not _disk_full(exc):
                     raise
                 self.full += 1
                 with suppress(SnapshotError):
@@ -105,6 +105,13 @@ class Churn:
             finally:
                 sn.remove(view)
         return Audit(tuple(self.committed), tuple(bad), frozenset(storage))
+
+
+def _disk_full(exc: SnapshotError | OSError) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # containerd (1.6) answers a full disk with UNKNOWN and the OS's message.
+    return isinstance(exc, ResourceExhausted) or "no space left on device" in str(exc)
 
 
 def _storage_name(source: Path) -> str:
