@@ -24,7 +24,7 @@ from stratasnap import Kind, ResourceExhausted, open_snapshotter
 from stratasnap.server.client import Client
 from stratasnap.testing import mounted
 from stratasnap.testing.churn import Churn
-from stratasnap.testing.diskfill import fill_filesystem, free_space
+from stratasnap.testing.diskfill import FreeSpace, fill_filesystem, free_space
 
 MiB = 1 << 20
 #: Backend -> options that fit a small filesystem.
@@ -75,7 +75,7 @@ def full_root(
     root = fs / "root"
     populate(root, backend, tmp_path)
     filler = fill_filesystem(fs / "ballast")
-    assert free_space(fs) == free_space(fs).__class__(bytes=0, inodes=0)
+    assert free_space(fs) == FreeSpace(bytes=0, inodes=0)
     yield root, backend
     filler.release()
 

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Filler", "fill_filesystem", "free_space"]
+__all__ = ["Filler", "FreeSpace", "fill_filesystem", "free_space"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
