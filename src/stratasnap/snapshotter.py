@@ -230,6 +230,7 @@ class BaseSnapshotter:
         # Fail fast, before any slow work, with the error the transaction would give.
         with self._store.read() as tx:
             parent_rec = tx.check_create(kind, key, parent)
+        _check_room(self.snapshots_dir, key)
         sid = self._store.reserve_id()
         work = self.snapshots_dir / f"new-{sid}"
         try:
@@ -493,6 +494,21 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onexc=ignore_missing)
     else:
         shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+
+
+def _check_room(directory: Path, key: str) -> None:
+    """ResourceExhausted when the filesystem has no block or inode left for a new snapshot.
+
+    Checked before the id is reserved: on a full disk that write would
+    only spend the WAL room that removes need (see :mod:`.metastore`).
+    """
+    st = os.statvfs(directory)
+    root = os.geteuid() == 0  # root may use the blocks reserved for it
+    blocks, inodes = (st.f_bfree, st.f_ffree) if root else (st.f_bavail, st.f_favail)
+    if blocks == 0 or (st.f_files > 0 and inodes == 0):
+        raise ResourceExhausted(
+            f"preparing snapshot {json.dumps(key)}: no space left on the filesystem of {directory}"
+        )
 
 
 def _is_leftover(name: str, path: Path, owned: Container[int]) -> bool:

@@ -92,8 +92,11 @@ def test_library_opens_reads_removes_and_cleans_on_a_full_disk(
             assert sn.stat("base").kind is Kind.COMMITTED
             assert sn.usage("victim").size >= VICTIM_BYTES // 2
             assert sn.mounts("look")
+            wal = os.stat(f"{root}/metadata.db-wal")
             with pytest.raises(ResourceExhausted):
                 sn.prepare("no-room", "base")
+            # Refused before anything was written: the WAL's room is for removes.
+            assert os.stat(f"{root}/metadata.db-wal").st_mtime_ns == wal.st_mtime_ns
             assert "no-room" not in {i.name for i in sn.walk()}
     before = free_space(fs).bytes
     with open_snapshotter(root, backend, **BACKENDS[backend]) as sn:
