@@ -145,8 +145,14 @@ class BaseSnapshotter:
         self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
-        leftovers = self._recover_interrupted_removes()
-        self._opened()
+        try:
+            leftovers = self._recover_interrupted_removes()
+            self._opened()
+        except BaseException:
+            # A failed open must not keep the store's files open (a full disk
+            # that cannot be unmounted, a root that cannot be deleted).
+            self._store.close()
+            raise
         # Earlier processes' leftovers go now, not at the next cleanup(): after a
         # crash or a kill on a full disk, that is what gives the space back.
         for path in leftovers:
