@@ -196,6 +196,11 @@ class LimitedLayers:
 
     def release(self, path: Path) -> None:
         """Detach any loop device still backed by the image under ``path``."""
+        if not os.path.lexists(path / IMAGE):
+            # Nothing can be backed by it (a deleted image's backing file reads
+            # "... (deleted)" and matches no path): spare the scan of every loop
+            # device, which the reaper would pay for each removed snapshot.
+            return
         for dev in loop.loop_devices_for(path / IMAGE):
             with suppress(OSError):
                 loop.detach(dev)
