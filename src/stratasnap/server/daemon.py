@@ -241,6 +241,19 @@ def _group_id(group: str) -> int:
         raise DaemonError(f"socket_group {group!r}: no such group") from None
 
 
+def _warn_if_full(root: Path) -> None:
+    """Tell the operator at start that the root's filesystem has no room left."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return
+    if st.f_bfree == 0 or (st.f_files > 0 and st.f_ffree == 0):
+        log.warning(
+            "filesystem full: serving reads, Remove and Cleanup; writes fail until space is freed",
+            extra={"root": str(root), "free_blocks": st.f_bfree, "free_inodes": st.f_ffree},
+        )
+
+
 def _notify_systemd(message: str) -> None:
     """sd_notify(3) without libsystemd: one datagram to ``$NOTIFY_SOCKET``."""
     target = os.environ.get("NOTIFY_SOCKET", "")
@@ -339,6 +352,8 @@ class Server:
                     f"snapshotter {sc.name!r}: cannot open backend {sc.backend!r} on {sc.root}: {e}"
                 ) from e
 
+        for sc in config.snapshotters:
+            _warn_if_full(sc.root)
         for store in self._stores.values():
             if isinstance(store, BaseSnapshotter):
                 store.start_reaper()
