@@ -245,6 +245,31 @@ def test_open_on_a_full_disk_without_sqlite_files_reaps_first(
         filler.release()
 
 
+def test_overlay_leaves_limited_layers_unmounted_on_a_full_disk(
+    loopfs: Callable[..., Path], tmp_path: Path
+) -> None:
+    """After a reboot a size-limited layer's image is mounted at open, unless the disk is
+    full: mounting writes into the (sparse) image. Open, list and remove still work."""
+    from stratasnap.fs.mount import is_mountpoint, unmount
+
+    fs = loopfs("ext4", size="64M", mkfs_args=("-N", "4096"))
+    root = fs / "root"
+    with open_snapshotter(root, "overlay") as sn:
+        sn.prepare("limited", labels={"containerd.io/snapshot/max-size": str(16 * MiB)})
+        _write(sn, "limited", 2 * MiB, tmp_path)
+    storage = next(p for p in (root / "snapshots").iterdir() if is_mountpoint(p))
+    unmount(storage)  # a reboot took the mount (and its loop device) away
+    filler = fill_filesystem(fs / "ballast")
+    try:
+        with open_snapshotter(root, "overlay") as sn:
+            assert not is_mountpoint(storage)
+            assert [i.name for i in sn.walk()] == ["limited"]
+            sn.remove("limited")
+        assert leftovers(root) == [] and not storage.exists()
+    finally:
+        filler.release()
+
+
 def _cli(root: Path, backend: str, *args: str) -> subprocess.CompletedProcess[str]:
     opts = [a for k, v in BACKENDS[backend].items() for a in ("--option", f"{k}={v}")]
     return subprocess.run(
