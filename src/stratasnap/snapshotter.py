@@ -112,7 +112,8 @@ class BaseSnapshotter:
         metadata.db            the store (SQLite, WAL)
         snapshots/<id>/        a snapshot's storage, named by its store id
         snapshots/new-<id>/    being created; renamed to <id> inside the create transaction
-        snapshots/rm-<id>/     being removed; renamed inside the remove transaction
+        snapshots/rm-<id>/     being removed; renamed inside the remove transaction,
+                               deleted after it by remove() or the reaper
     """
 
     #: The name ``open_snapshotter`` knows this backend by.
