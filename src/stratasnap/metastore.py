@@ -15,9 +15,10 @@ the disk full could not free it. SQLite in WAL mode needs its ``-wal`` and
 ``-shm`` files for that, and a delete appends pages to the WAL. So the store
 never lets SQLite delete those two files (the last connection to close is a
 read-only one, which cannot checkpoint and so leaves them), keeps
-:data:`WAL_RESERVE` bytes allocated to the WAL while there is room, opens
-without writing (the schema is checked by reading), and reports SQLite's
-"disk is full" as ResourceExhausted.
+:data:`WAL_RESERVE` bytes allocated to the WAL while there is room and
+checkpoints before the WAL outgrows them, opens without writing (the schema
+is checked by reading), and reports SQLite's "disk is full" as
+ResourceExhausted.
 
 Ids: a snapshot's storage directory is named by its id, so an id must never
 be handed out twice, even when the process dies between renaming a fresh
@@ -68,11 +69,17 @@ SCHEMA_VERSION = 1
 
 log = logging.getLogger("stratasnap.metastore")
 
-#: Bytes kept allocated to the WAL file: room for a few hundred removes'
-#: transactions when the filesystem is full (a remove appends ~5 pages).
-#: It is about the size the WAL reaches anyway before SQLite's automatic
-#: checkpoint (1000 pages) starts it over.
-WAL_RESERVE = 4 << 20
+#: Bytes kept allocated to the WAL file. SQLite appends every transaction to
+#: the WAL and starts it over from its beginning after a checkpoint, which it
+#: runs once the WAL holds :data:`WAL_CHECKPOINT_FRAMES` pages; with the reserve
+#: bigger than that, the WAL always writes inside blocks it has, full disk or
+#: not. Kept small: test suites open hundreds of stores on tmpfs, where a
+#: reserve is memory.
+WAL_RESERVE = 1 << 20
+#: wal_autocheckpoint: the WAL pages (4 KiB + a 24-byte header each) after
+#: which SQLite checkpoints; three quarters of the reserve, leaving room for
+#: the transaction that crosses the mark.
+WAL_CHECKPOINT_FRAMES = WAL_RESERVE * 3 // 4 // (4096 + 24)
 
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xff).
 _SQLITE_FULL = 13
@@ -523,6 +530,7 @@ class MetaStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_FRAMES}")
         except BaseException:
             conn.close()
             raise
