@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 from collections.abc import Container, Iterable, Iterator, Mapping
-from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
@@ -38,7 +37,7 @@ from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, val
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["BaseSnapshotter", "Snapshotter"]
+__all__ = ["BaseSnapshotter", "Snapshotter", "unknown_options"]
 
 log = logging.getLogger("stratasnap")
 
@@ -136,9 +135,7 @@ class BaseSnapshotter:
 
     def __init__(self, root: str | Path, **options: object) -> None:
         if options:
-            raise InvalidArgument(
-                f"unknown option(s) {', '.join(sorted(options))} for backend {self.backend_name!r}"
-            )
+            raise unknown_options(self.backend_name, options)
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
@@ -200,8 +197,11 @@ class BaseSnapshotter:
         The default unmounts everything still mounted below ``path``.
         """
         if mounts_under(path):
-            with suppress(OSError):
+            try:
                 unmount_all_under(path)
+            except OSError as exc:
+                # _delete() sees the mount that stayed and keeps the directory.
+                log.warning("storage %s is busy, left for a later cleanup(): %s", path, exc)
 
     def _storage_busy(self, path: Path) -> bool:
         """Whether storage below ``path`` is still in use where the mount table does not show.
@@ -386,7 +386,9 @@ class BaseSnapshotter:
         doomed: list[Path] = []
         with self._store.write() as tx:
             owned = tx.id_map()
-            for entry in os.scandir(self.snapshots_dir):
+            with os.scandir(self.snapshots_dir) as it:
+                entries = list(it)  # closed even when a rename below fails
+            for entry in entries:
                 path = Path(entry.path)
                 name = entry.name
                 if name.isdigit():
@@ -443,7 +445,9 @@ class BaseSnapshotter:
         Only plain trees: anything with a mount below waits for the backend.
         """
         reaped = False
-        for entry in os.scandir(self.snapshots_dir):
+        with os.scandir(self.snapshots_dir) as it:
+            entries = list(it)
+        for entry in entries:
             path = Path(entry.path)
             if _is_leftover(entry.name, path, owned) and not mounts_under(path):
                 _rmtree(path)
@@ -465,7 +469,9 @@ class BaseSnapshotter:
         leftovers: list[Path] = []
         with self._store.write() as tx:
             owned = tx.id_map()
-            for entry in os.scandir(self.snapshots_dir):
+            with os.scandir(self.snapshots_dir) as it:
+                entries = list(it)
+            for entry in entries:
                 sid = entry.name[3:]
                 if entry.name.startswith("rm-") and sid.isdigit() and int(sid) in owned:
                     back = self.storage_dir(int(sid))
@@ -488,6 +494,12 @@ class BaseSnapshotter:
             return False
         _rmtree(path)
         return True
+
+
+def unknown_options(backend: str, options: Mapping[str, object]) -> InvalidArgument:
+    """The error for options a backend does not know (its own ones taken out first)."""
+    names = ", ".join(sorted(options))
+    return InvalidArgument(f"unknown option(s) {names} for backend {backend!r}")
 
 
 def _rmtree(path: Path) -> None:

@@ -172,7 +172,9 @@ class LimitedLayers:
         into them, which could fail half-way there and the open with it.
         """
         mount = _has_headroom(self.snapshots_dir)
-        for entry in os.scandir(self.snapshots_dir):
+        with os.scandir(self.snapshots_dir) as it:
+            entries = list(it)  # closed even when one snapshot below fails
+        for entry in entries:
             if not entry.name.isdigit() or int(entry.name) not in owned:
                 continue  # not ours to touch: cleanup() decides about it
             storage = Path(entry.path)
@@ -189,10 +191,12 @@ class LimitedLayers:
                     extra={"storage": str(storage)},
                 )
                 continue
-            with suppress(OSError):
-                # A broken image must not stop the snapshotter from opening;
-                # mounts() of that snapshot reports the error instead.
+            try:
                 self.ensure_mounted(storage)
+            except OSError as exc:
+                # A broken image must not stop the snapshotter from opening;
+                # mounts() of that snapshot reports the error again.
+                log.warning("size-limited snapshot %s not mounted at start: %s", storage, exc)
 
     def release(self, path: Path) -> None:
         """Detach any loop device still backed by the image under ``path``."""
@@ -202,8 +206,11 @@ class LimitedLayers:
             # device, which the reaper would pay for each removed snapshot.
             return
         for dev in loop.loop_devices_for(path / IMAGE):
-            with suppress(OSError):
+            try:
                 loop.detach(dev)
+            except OSError as exc:
+                # Still open elsewhere: the caller finds the device busy and keeps the image.
+                log.warning("loop device %s of %s not detached: %s", dev, path / IMAGE, exc)
 
     def stray_loops(self, owned: Set[int], in_use: Set[str]) -> list[Path]:
         """Loop devices backed by images under our storage that no snapshot owns."""
