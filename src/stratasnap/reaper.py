@@ -125,7 +125,8 @@ class Reaper:
             else:
                 self.failed += 1
                 log.warning(
-                    "removed storage still mounted; left for cleanup", extra={"path": str(path)}
+                    "removed storage still mounted or in use; left for cleanup",
+                    extra={"path": str(path)},
                 )
         except Exception as exc:  # a reaper that dies would leak every later remove
             self.failed += 1

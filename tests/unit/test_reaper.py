@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import need_root
 
 from stratasnap import open_snapshotter
 from stratasnap.errors import ResourceExhausted
@@ -63,8 +64,8 @@ def test_reaper_without_thread_deletes_at_drain_and_survives_failures() -> None:
 
 @pytest.mark.parametrize("backend", ["native", "overlay"])
 def test_remove_without_cleanup_frees_storage_by_close(scratch: Path, backend: str) -> None:
-    if backend == "overlay" and os.geteuid() != 0:
-        pytest.skip("overlay needs root")
+    if backend == "overlay":
+        need_root()
     root = scratch / "root"
     with open_snapshotter(root, backend) as sn:
         sn.prepare("a")
