@@ -52,6 +52,7 @@ import grpc  # noqa: E402, F401
 
 sys.path.insert(0, str(HERE))
 
+from _gobuild import build_go  # noqa: E402
 from _scratch import scratch_fs  # noqa: E402
 
 from stratasnap import open_snapshotter  # noqa: E402
@@ -152,20 +153,11 @@ class Server:
         self.log.close()
 
 
-def build_go(name: str, out: Path) -> Path:
-    """``goclient`` or ``goproxy`` built offline against Debian's Go packages (GOPATH mode)."""
-    binary = out / name
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode"}
-    env.setdefault("GOCACHE", str(out / "gocache"))
-    done = subprocess.run(
-        ["go", "build", "-o", str(binary), "."],
-        cwd=HERE / name,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"cannot build {name}:\n{done.stderr}")
+def built(program: str, out: Path) -> Path:
+    """``goclient`` or ``goproxy``, built offline; exits saying why when it cannot be."""
+    binary, note = build_go(program, out, f"benchmarks/concurrent.py with {program}")
+    if binary is None:
+        raise SystemExit(note)
     return binary
 
 
@@ -183,7 +175,7 @@ def socket_main(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parents[1] / "src"
     with scratch_fs(args.fs, "4G") as (mnt, desc):
         if args.socket == "containerd":
-            ref = build_go("goproxy", mnt)
+            ref = built("goproxy", mnt)
         else:
             ref = Path(args.socket).resolve()
         sides = {"this": here, "ref": ref}
@@ -200,7 +192,7 @@ def socket_main(args: argparse.Namespace) -> None:
                     c.prepare("base-a")
                     c.commit("base", "base-a")
             results: dict[str, list[float]] = {name: [] for name in servers}
-            binary = build_go("goclient", mnt) if args.go else None
+            binary = built("goclient", mnt) if args.go else None
             for r in range(args.rounds):
                 order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
                 for name in order:
