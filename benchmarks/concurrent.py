@@ -174,10 +174,8 @@ def go_round(binary: Path, address: Path, clients: int, seconds: float, tag: str
 def socket_main(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parents[1] / "src"
     with scratch_fs(args.fs, "4G") as (mnt, desc):
-        if args.socket == "containerd":
-            ref = built("goproxy", mnt)
-        else:
-            ref = Path(args.socket).resolve()
+        containerd = args.socket == "containerd"
+        ref = built("goproxy", mnt) if containerd else Path(args.socket).resolve()
         sides = {"this": here, "ref": ref}
         kind = "Go (one connection)" if args.go else "Python"
         print(f"# {args.backend} through the socket on {desc}; {args.clients} {kind} clients")
