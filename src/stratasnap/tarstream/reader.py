@@ -146,7 +146,11 @@ def _header_numbers(block: bytes, offset: int) -> tuple[int, int, int, int, int]
     try:  # the common case: every field octal digits, NUL- or space-terminated
         mode, uid, gid, size, mtime, stored = [int(x.split(b"\0", 1)[0], 8) for x in fields]
     except ValueError:  # empty, base-256 or malformed: the checksum first, then field by field
-        _check_sum(block, _number(fields[5], "checksum", offset), offset)
+        try:
+            stored = _number(fields[5], "checksum", offset)
+        except TarFormatError:
+            stored = -1  # not even a number (text, not a tar): a checksum mismatch below
+        _check_sum(block, stored, offset)
         mode, uid, gid, size, mtime = [
             _number(x, n, offset) for x, n in zip(fields[:5], _NUMBER_NAMES, strict=False)
         ]

@@ -1,4 +1,5 @@
-"""The layer tar reader agrees with tarfile on what tarfile writes, in every format."""
+"""The shared layer tar reader (stratasnap.tarstream): it agrees with tarfile on what
+tarfile writes, in every format, and refuses what layers must not hold."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import tarfile
 import pytest
 
 from stratasnap.errors import InvalidArgument, Unimplemented
-from stratasnap.images.tarstream import TarReader
+from stratasnap.tarstream import REG, TarReader, UnsafeEntry, split_name
 
 
 def _archive(fmt: int) -> bytes:
@@ -57,9 +58,10 @@ def test_matches_tarfile(fmt: int) -> None:
     got = []
     reader = TarReader(io.BytesIO(raw))
     for e in reader:
-        data = reader.read_data(e.size) if e.is_reg else b""
+        data = reader.read(e.size) if e.type == REG else b""
         assert e.mtime_ns == 1_700_000_000 * 10**9
-        got.append((e.name.rstrip("/"), e.type, e.mode, e.uid, e.gid, e.linkname, data, e.devmajor))
+        name, link = e.name.decode().rstrip("/"), e.linkname.decode()
+        got.append((name, e.type, e.mode, e.uid, e.gid, link, data, e.devmajor))
     assert got == want
 
 
@@ -70,7 +72,7 @@ def test_pax_xattrs_and_fractional_mtime() -> None:
         ti.pax_headers = {"SCHILY.xattr.user.k": "v\udcff", "mtime": "12.5"}
         t.addfile(ti)
     (e,) = list(TarReader(io.BytesIO(buf.getvalue())))
-    assert e.xattrs == {"user.k": b"v\xff"}
+    assert e.xattrs == ((b"user.k", b"v\xff"),)
     assert e.mtime_ns == 12_500_000_000
 
 
@@ -82,10 +84,40 @@ def test_corrupt_and_unsupported() -> None:
     with pytest.raises(InvalidArgument, match="truncated"):
         r = TarReader(io.BytesIO(_archive(tarfile.PAX_FORMAT)[:1500]))
         for e in r:
-            r.read_data(e.size)
+            r.read(e.size)
     with pytest.raises(InvalidArgument, match="not a tar"):
         list(TarReader(io.BytesIO(b"hello" * 200)))
     sparse = tarfile.TarInfo("s")
     sparse.type = tarfile.GNUTYPE_SPARSE
     with pytest.raises(Unimplemented, match="sparse"):
         list(TarReader(io.BytesIO(sparse.tobuf(tarfile.GNU_FORMAT) + bytes(1024))))
+
+
+def test_names_one_rule() -> None:
+    assert split_name(b"/./a//b/./c/", 0) == (b"a", b"b", b"c")
+    assert split_name(b"./", 0) == ()
+    for bad in (b"../x", b"a/../../x", b"a/..", b"a\0b", b"d/" + b"n" * 256):
+        with pytest.raises(UnsafeEntry):
+            split_name(bad, 7)
+
+
+def test_pax_global_header_is_skipped_not_applied() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.pax_headers = {"uid": "4242", "path": "everything"}
+        t.addfile(tarfile.TarInfo("f"))
+    (e,) = list(TarReader(io.BytesIO(buf.getvalue())))
+    assert (e.name, e.uid) == (b"f", 0)
+
+
+def test_header_only_members_carry_no_data() -> None:
+    # A symlink whose size field says 512: Go (and containerd) read no data for it.
+    link = tarfile.TarInfo("l")
+    link.type, link.linkname = tarfile.SYMTYPE, "t"
+    block = bytearray(link.tobuf(tarfile.USTAR_FORMAT))
+    block[124:136] = b"%011o\0" % 512
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    after = tarfile.TarInfo("after").tobuf(tarfile.USTAR_FORMAT)
+    names = [(e.name, e.size) for e in TarReader(io.BytesIO(bytes(block) + after + bytes(1024)))]
+    assert names == [(b"l", 0), (b"after", 0)]
