@@ -121,3 +121,24 @@ def test_header_only_members_carry_no_data() -> None:
     after = tarfile.TarInfo("after").tobuf(tarfile.USTAR_FORMAT)
     names = [(e.name, e.size) for e in TarReader(io.BytesIO(bytes(block) + after + bytes(1024)))]
     assert names == [(b"l", 0), (b"after", 0)]
+
+
+def test_checksum_over_high_bytes_unsigned_and_signed() -> None:
+    # The checksum is summed in C (adler32 halves): names of high bytes must still add
+    # up, and the signed sums some old writers stored must still be accepted.
+    ti = tarfile.TarInfo("ü" * 40 + "/\xff")
+    ti.mode = 0o755
+    good = bytearray(ti.tobuf(tarfile.GNU_FORMAT, encoding="latin-1"))
+    high = sum(1 for i, b in enumerate(good) if b & 0x80 and not 148 <= i < 156)
+    assert high > 40
+    (e,) = list(TarReader(io.BytesIO(bytes(good) + bytes(1024))))
+    assert e.name == ("ü" * 40 + "/\xff").encode("latin-1")
+    signed = bytearray(good)
+    signed[148:156] = b" " * 8
+    signed[148:156] = b"%06o\0 " % (sum(signed) - 256 * high)
+    assert signed != good
+    assert len(list(TarReader(io.BytesIO(bytes(signed) + bytes(1024))))) == 1
+    off_by_one = bytearray(good)
+    off_by_one[10] ^= 1
+    with pytest.raises(InvalidArgument, match="checksum"):
+        list(TarReader(io.BytesIO(bytes(off_by_one) + bytes(1024))))
