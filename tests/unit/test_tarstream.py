@@ -3,6 +3,7 @@ tarfile writes, in every format, and refuses what layers must not hold."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 
@@ -142,3 +143,12 @@ def test_checksum_over_high_bytes_unsigned_and_signed() -> None:
     off_by_one[10] ^= 1
     with pytest.raises(InvalidArgument, match="checksum"):
         list(TarReader(io.BytesIO(bytes(off_by_one) + bytes(1024))))
+
+
+def test_compressed_input_is_named_but_a_name_like_its_magic_is_not_refused() -> None:
+    gz = gzip.compress(_archive(tarfile.GNU_FORMAT))
+    with pytest.raises(InvalidArgument, match="gzip-compressed; decompress it first"):
+        list(TarReader(io.BytesIO(gz)))
+    # bzip2's magic is "BZh": a tar whose first member is named so is still a tar.
+    raw = tarfile.TarInfo("BZh91AY&SY").tobuf(tarfile.GNU_FORMAT) + bytes(1024)
+    assert [e.name for e in TarReader(io.BytesIO(raw))] == [b"BZh91AY&SY"]

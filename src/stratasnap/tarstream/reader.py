@@ -366,11 +366,15 @@ class TarReader:
         first = self._f.read(RECORD)
         if not first:
             return None  # a clean end at a record boundary (Go accepts it too)
-        if self.position == 0:
-            self._not_compressed(first)
+        start = self.position
         self.position += len(first)
         if len(first) < RECORD:
-            first += self._read_exact(RECORD - len(first), "a tar header")
+            try:
+                first += self._read_exact(RECORD - len(first), "a tar header")
+            except TruncatedTar:
+                if start == 0:  # shorter than one header: perhaps the usual mistake
+                    self._not_compressed(first)
+                raise
         return first
 
     def _next(self) -> TarEntry | None:
@@ -385,7 +389,12 @@ class TarReader:
                     raise TruncatedTar("archive ends after an extended header", offset=offset)
                 return None
             fields = _HEADER.unpack(block)
-            mode, uid, gid, size, mtime = _header_numbers(fields, block, offset)
+            try:
+                mode, uid, gid, size, mtime = _header_numbers(fields, block, offset)
+            except TarFormatError:
+                if offset == 0:  # not a tar: say so if it is the usual mistake
+                    self._not_compressed(block)
+                raise
             typ = fields[7]
             if size < 0 or size > MAX_FILE_SIZE:
                 raise LayerTooLarge(f"member size {size} is out of range", offset=offset)
