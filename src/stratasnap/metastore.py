@@ -154,7 +154,7 @@ def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
 
 def _regexp(pattern: str, value: str) -> bool:
     # The filters module's own compiler, so SQL and Selector.match agree exactly.
-    return _filters.compile_pattern(pattern).search(value) is not None
+    return _filters.compile_pattern(pattern).search(value)
 
 
 def _filter_sql(flt: _filters.Filter) -> tuple[str, list[str]]:
@@ -162,46 +162,69 @@ def _filter_sql(flt: _filters.Filter) -> tuple[str, list[str]]:
 
     Every field the snapshot adaptor knows goes into SQL, regexes through a
     registered REGEXP function, so a walk with a filter reads only matching rows.
+    ORs and ANDs are nested as balanced trees: SQLite refuses an expression
+    more than 1,000 deep, which a flat chain of 1,000 alternatives is.
     """
-    ors: list[str] = []
-    args: list[str] = []
-    for selectors in flt.alternatives:
-        ands: list[str] = []
-        for sel in selectors:
-            field_sql, field_args = _field_sql(sel.fieldpath)
-            op = sel.op
-            if op is _filters.Operator.PRESENT:
-                ands.append(f"({field_sql}) IS NOT NULL")
-                args.extend(field_args)
-            elif op is _filters.Operator.EQUAL:
-                ands.append(f"({field_sql}) = ?")
-                args.extend([*field_args, sel.value])
-            elif op is _filters.Operator.NOT_EQUAL:
-                # containerd compares an absent field as "": absent matches != x.
-                ands.append(f"COALESCE(({field_sql}), '') != ?")
-                args.extend([*field_args, sel.value])
-            else:
-                ands.append(f"regexp(?, COALESCE(({field_sql}), ''))")
-                args.extend([sel.value, *field_args])
-        ors.append("(" + (" AND ".join(ands) or "1") + ")")
-    return " OR ".join(ors) or "1", args
+    alternatives = [
+        _balanced("AND", [_selector_sql(sel) for sel in selectors]) if selectors else ("1", [])
+        for selectors in flt.alternatives
+    ]
+    return _balanced("OR", alternatives) if alternatives else ("0", [])
 
 
-def _field_sql(fieldpath: tuple[str, ...]) -> tuple[str, list[str]]:
-    # Like containerd's adaptor (and filters.field_value): only the first segment
-    # counts for name/parent/kind; under labels the rest joined by "." is the key.
-    head = fieldpath[0] if fieldpath else ""
-    if head == "name":
-        return "s.key", []
-    if head == "parent":
-        return "COALESCE(p.key, '')", []
-    if head == "kind":
-        return "s.kind", []
-    if head == "labels":
-        return "SELECT l.value FROM labels l WHERE l.snapshot_id = s.id AND l.key = ?", [
-            ".".join(fieldpath[1:])
-        ]
-    return "NULL", []
+def _balanced(op: str, terms: list[tuple[str, list[str]]]) -> tuple[str, list[str]]:
+    """``terms`` joined by ``op`` as a tree of depth log2(len(terms)), arguments in order."""
+    if len(terms) == 1:
+        return terms[0]
+    half = len(terms) // 2
+    left, left_args = _balanced(op, terms[:half])
+    right, right_args = _balanced(op, terms[half:])
+    return f"({left} {op} {right})", left_args + right_args
+
+
+def _selector_sql(sel: _filters.Selector) -> tuple[str, list[str]]:
+    op = sel.op
+    if sel.fieldpath[0] == "labels":
+        return _label_sql(".".join(sel.fieldpath[1:]), sel)
+    field_sql = _FIELD_SQL.get(sel.fieldpath[0], "NULL")
+    if op is _filters.Operator.PRESENT:
+        return f"{field_sql} IS NOT NULL", []
+    if op is _filters.Operator.EQUAL:
+        return f"{field_sql} = ?", [sel.value]
+    if op is _filters.Operator.NOT_EQUAL:
+        # containerd compares an absent field as "": absent matches != x.
+        return f"COALESCE({field_sql}, '') != ?", [sel.value]
+    return f"regexp(?, COALESCE({field_sql}, ''))", [sel.value]
+
+
+# Like containerd's adaptor (and filters.field_value): only the first segment
+# counts for name/parent/kind; other fields are absent.
+_FIELD_SQL = {"name": "s.key", "parent": "COALESCE(p.key, '')", "kind": "s.kind"}
+
+_WITH_LABEL = "s.id {} (SELECT snapshot_id FROM labels WHERE key = ?{})"
+
+
+def _label_sql(key: str, sel: _filters.Selector) -> tuple[str, list[str]]:
+    """A label selector as membership in the set of snapshots carrying the label.
+
+    The subquery does not depend on the row, so SQLite evaluates it once per
+    walk (through the (key, value) index) instead of once per snapshot and
+    selector: a thousand OR-ed label selectors cost a thousand lookups.
+    Stored labels are never "" (empty values are dropped), so an absent label,
+    which containerd compares as "", differs from every stored one.
+    """
+    op, value = sel.op, sel.value
+    if op is _filters.Operator.PRESENT or (op is _filters.Operator.NOT_EQUAL and not value):
+        return _WITH_LABEL.format("IN", ""), [key]
+    if op is _filters.Operator.EQUAL:
+        return _WITH_LABEL.format("IN", " AND value = ?"), [key, value]
+    if op is _filters.Operator.NOT_EQUAL:
+        return _WITH_LABEL.format("NOT IN", " AND value = ?"), [key, value]
+    if _filters.compile_pattern(value).search(""):
+        # Matches "" and so every snapshot without the label: all but those
+        # whose label does not match.
+        return _WITH_LABEL.format("NOT IN", " AND NOT regexp(?, value)"), [key, value]
+    return _WITH_LABEL.format("IN", " AND regexp(?, value)"), [key, value]
 
 
 class ReadTx:
