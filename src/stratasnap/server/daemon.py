@@ -43,10 +43,11 @@ import grpc
 from ..snapshotter import Snapshotter
 from .config import Config, SnapshotterConfig
 from .metrics import Metrics, MetricsServer
-from .service import SnapshotsService, Snapshotters
+from .service import SEND_TIMEOUT, SnapshotsService, Snapshotters
 
 __all__ = [
     "LOCK_NAME",
+    "MAX_CALLS",
     "MAX_MESSAGE_SIZE",
     "WORKERS",
     "DaemonError",
@@ -63,8 +64,14 @@ log = logging.getLogger("stratasnap.server")
 LOCK_NAME = ".stratasnap.lock"
 #: containerd's proxy client sends and receives up to 16 MiB.
 MAX_MESSAGE_SIZE = 16 << 20
-#: gRPC worker threads (4-8 is the measured sweet spot on small machines).
-WORKERS = 8
+#: gRPC worker threads. Threads that wait (a slow disk, a stream whose client
+#: reads slowly) cost only memory, so there are many more than CPUs: the 4-8
+#: that measure fastest would all be taken by eight stalled clients. Threads are
+#: started as calls need them.
+WORKERS = 64
+#: Calls in progress at once (running or queued for a thread); beyond, a call is
+#: RESOURCE_EXHAUSTED at once instead of queueing without bound.
+MAX_CALLS = 1024
 
 
 class DaemonError(Exception):
@@ -231,12 +238,14 @@ class Server:
         *,
         opener: Callable[[SnapshotterConfig], Snapshotter] = open_store,
         workers: int = WORKERS,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         self.config = config
         self.address = config.address
         self.metrics = Metrics()
         self._opener = opener
         self._workers = workers
+        self._send_timeout = send_timeout
         self._locks: list[_RootLock] = []
         self._stores: dict[str, Snapshotter] = {}
         self._service: SnapshotsService | None = None
@@ -302,7 +311,12 @@ class Server:
                     f"snapshotter {sc.name!r}: cannot open backend {sc.backend!r} on {sc.root}: {e}"
                 ) from e
 
-        service = SnapshotsService(Snapshotters(self._stores), self.metrics)
+        service = SnapshotsService(
+            Snapshotters(self._stores),
+            self.metrics,
+            max_streams=max(1, self._workers // 2),
+            send_timeout=self._send_timeout,
+        )
         self.metrics.watch(self._stores)
         self._service = service
 
@@ -322,6 +336,7 @@ class Server:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
             ],
+            maximum_concurrent_rpcs=MAX_CALLS,
         )
         service.register(server)
         self._grpc = server
@@ -403,6 +418,8 @@ class Server:
                 log.warning("closing stores with calls still running", extra={"calls": left})
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._service is not None:
+            self._service.close()
         for name, store in self._stores.items():
             try:
                 store.close()
