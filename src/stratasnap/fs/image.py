@@ -35,9 +35,11 @@ __all__ = [
     "ToolFailed",
     "find_tool",
     "grow_image",
+    "has_lost_found",
     "image_mountpoints",
     "make_image",
     "probe_fs_type",
+    "remove_lost_found",
     "used_inodes",
 ]
 
@@ -48,6 +50,7 @@ FS_TYPES = ("ext4", "xfs")
 PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "debugfs": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
     "xfs_growfs": "xfsprogs",
@@ -162,6 +165,8 @@ def make_image(
         finally:
             os.close(fd)
         _run([mkfs, *MKFS_ARGS[fs_type], *mkfs_args, tmp])
+        if fs_type == "ext4":
+            remove_lost_found(tmp)
         fsync_path(tmp)
         os.replace(tmp, dst)
     except BaseException:
@@ -242,12 +247,40 @@ def grow_image(path: StrPath, size: int, fs_type: str | None = None) -> None:
         return
     os.truncate(path, size)
     if fs_type == "ext4":
+        had_lost_found = has_lost_found(path)
         # 1: errors were corrected (e.g. the journal was replayed): fine to go on.
         _run([e2fsck, "-f", "-p", os.fspath(path)], ok=(0, 1))
         _run([resize2fs, os.fspath(path)])
+        if not had_lost_found:
+            # e2fsck makes one wherever it is missing; the snapshot did not have it.
+            remove_lost_found(path)
     else:
         _grow_xfs(Path(path), growfs)
     fsync_path(path)
+
+
+def has_lost_found(path: StrPath) -> bool:
+    """Whether the ext4 image's root holds ``lost+found`` (read with debugfs, no mount)."""
+    debugfs = find_tool("debugfs")
+    proc = subprocess.run(
+        [debugfs, "-R", "stat /lost+found", os.fspath(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+    return proc.returncode == 0 and "Inode:" in proc.stdout
+
+
+def remove_lost_found(path: StrPath) -> None:
+    """Remove the empty ``lost+found`` that mkfs.ext4 and e2fsck put in the root.
+
+    A snapshot starts as empty as every backend's (and as the image's layers
+    say): containerd's snapshotter tests, and containers, see its root. e2fsck
+    makes the directory again when it needs one, so nothing is lost.
+    """
+    _run([find_tool("debugfs"), "-w", "-R", "rmdir lost+found", os.fspath(path)])
 
 
 def _grow_xfs(path: Path, growfs: str) -> None:
