@@ -27,6 +27,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from . import filters as _filters
 from .errors import (
@@ -36,9 +37,18 @@ from .errors import (
     NotFound,
     Unavailable,
 )
+from .findings import Row
 from .types import Info, Kind, Timestamp, Usage
 
-__all__ = ["SCHEMA_VERSION", "MetaStore", "ReadTx", "Record", "WriteTx", "validate_key"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "MetaStore",
+    "ReadTx",
+    "Record",
+    "WriteTx",
+    "read_only_survey",
+    "validate_key",
+]
 
 SCHEMA_VERSION = 1
 
@@ -565,3 +575,42 @@ class MetaStore:
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
                 )
+
+
+def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
+    """Every snapshot row, and what SQLite's own checks say, without writing anything.
+
+    Opened read-only (``stratasnap check`` runs next to a live server): no
+    migration, no recovery. Problems are SQLite's integrity check and the
+    rows whose parent reference is dangling (foreign keys).
+    """
+    uri = f"file:{quote(str(Path(path).absolute()))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise Unavailable(f"cannot open {path} read-only: {exc}") from None
+    try:
+        problems: list[str] = []
+        try:
+            result = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(20)")]
+            if result != ["ok"]:
+                problems.extend(result)
+            for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check"):
+                problems.append(f"{table} row {rowid} refers to a missing row of {parent}")
+            rows: dict[int, Row] = {}
+            kinds = {k.value: k for k in Kind}
+            for sid, key, kind, parent_id in conn.execute(
+                "SELECT id, key, kind, parent_id FROM snapshots"
+            ):
+                rows[int(sid)] = Row(
+                    int(sid),
+                    str(key),
+                    kinds.get(str(kind)),
+                    None if parent_id is None else int(parent_id),
+                )
+        except sqlite3.DatabaseError as exc:
+            # Corrupt beyond reading its rows: that is the finding.
+            return {}, (*problems, f"cannot read the store: {exc}")
+        return rows, tuple(problems)
+    finally:
+        conn.close()

@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument
+from ..findings import Finding, Survey
 from ..fs import loop
 from ..fs.copy import copy_file, copy_file_atomic
 from ..fs.image import (
@@ -284,6 +285,36 @@ class BlockfileSnapshotter(BaseSnapshotter):
                     syncfs(where)
             fsync_path(image)
 
+    # -- check ---------------------------------------------------------------------
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """The layout's checks, then: every image there should be holds a filesystem."""
+        yield from super()._check(survey)
+        template = survey.root / TEMPLATE
+        if template.exists() and _fs_type(template) is None:
+            yield Finding(
+                "bad-image",
+                TEMPLATE,
+                "the scratch template holds no ext4 or xfs filesystem"
+                " (open with recreate_scratch=true to make a new one)",
+            )
+        for sid, row in survey.rows.items():
+            storage = survey.snapshots_dir / str(sid)
+            if row.kind is Kind.VIEW and row.parent_id is not None:
+                continue  # mounts its parent's image: nothing of its own
+            if str(sid) not in survey.entries:
+                continue  # reported by the layout check
+            for image in (storage / IMAGE, storage / VM_IMAGE):
+                where = str(image.relative_to(survey.root))
+                found = _fs_type(image)
+                if found is None and (image.name == IMAGE or image.exists()):
+                    yield Finding(
+                        "bad-image",
+                        where,
+                        f"the image of snapshot {row.key!r} is missing or holds no filesystem",
+                    )
+
     # -- removal ---------------------------------------------------------------------
 
     def remove(self, key: str) -> None:
@@ -333,6 +364,13 @@ class BlockfileSnapshotter(BaseSnapshotter):
     def _storage_busy(self, path: Path) -> bool:
         # Never delete an image a loop device still holds (cleanup() retries later).
         return bool(self._let_go(path))
+
+
+def _fs_type(image: Path) -> str | None:
+    try:
+        return probe_fs_type(image)
+    except OSError:
+        return None
 
 
 def _allocated(path: Path) -> int:

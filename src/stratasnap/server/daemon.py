@@ -40,6 +40,7 @@ from typing import IO, Any
 
 import grpc
 
+from ..defaults import LOCK_NAME
 from ..snapshotter import Snapshotter
 from .config import Config, SnapshotterConfig
 from .metrics import Metrics, MetricsServer
@@ -60,8 +61,6 @@ __all__ = [
 
 log = logging.getLogger("stratasnap.server")
 
-#: The lock file in every snapshotter root.
-LOCK_NAME = ".stratasnap.lock"
 #: containerd's proxy client sends and receives up to 16 MiB.
 MAX_MESSAGE_SIZE = 16 << 20
 #: gRPC worker threads. Threads that wait (a slow disk, a stream whose client
