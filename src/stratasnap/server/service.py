@@ -332,7 +332,7 @@ class SnapshotsService:
                     self._log_call(logging.DEBUG, method, request, context, 0, "", elapsed)
                 return response
             done(method, request, context, code, message, start)
-            context.abort(_STATUS[code], message)
+            context.abort(_STATUS[code], _clip(message))
 
         handle.__name__ = method
         return handle
@@ -456,7 +456,7 @@ class SnapshotsService:
                 self._streams += 1
         if code:
             self._done("List", request, context, code, message, start)
-            context.abort(_STATUS[code], message)
+            context.abort(_STATUS[code], _clip(message))
         stream = self._watch.watch(context.cancel)
         try:
             try:
@@ -473,7 +473,7 @@ class SnapshotsService:
                 code, message = _UNKNOWN, _describe(e)
                 self._log_crash("List", request, context, e)
             if code:
-                context.abort(_STATUS[code], message)
+                context.abort(_STATUS[code], _clip(message))
             stream.progress()
             for chunk in _batches(infos, self._batch):
                 yield pb.ListSnapshotsResponse(info=chunk)
@@ -519,6 +519,21 @@ _EXPECTED = frozenset(
         grpc.StatusCode.UNAVAILABLE,
     )
 )
+
+
+#: Characters of an error message on the wire. Messages quote what the client sent
+#: (keys, labels, filters up to 16 KiB), and gRPC clients refuse trailers over 8 KiB
+#: (RESOURCE_EXHAUSTED instead of the real error); the message travels
+#: percent-encoded, up to 12 bytes a character.
+MAX_MESSAGE_CHARS = 512
+
+
+def _clip(message: str) -> str:
+    """The message, its middle cut out when long: the end keeps containerd's class suffix."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    keep = MAX_MESSAGE_CHARS // 2 - 20
+    return f"{message[:keep]} …({len(message) - 2 * keep} characters)… {message[-keep:]}"
 
 
 def _code_of(e: SnapshotError) -> int:
