@@ -43,7 +43,8 @@ never means something else here):
   filter strings (OR-ed alternatives)       :data:`MAX_ALTERNATIVES` (4096)
   bytes of all filter strings together      :data:`MAX_FILTER_BYTES` (16 KiB)
   selectors in all alternatives together    :data:`MAX_SELECTORS` (4096)
-  bytes of all ``~=`` patterns together     :data:`MAX_PATTERNS_BYTES` (2 KiB)
+  bytes of all ``~=`` patterns together     :data:`MAX_PATTERNS_BYTES` (1 KiB)
+  ``~=`` selectors                          :data:`MAX_PATTERNS` (16)
   one pattern                               see :mod:`stratasnap.regex`
   ========================================  =====================================
 """
@@ -62,6 +63,7 @@ from stratasnap.types import Info
 __all__ = [
     "MAX_ALTERNATIVES",
     "MAX_FILTER_BYTES",
+    "MAX_PATTERNS",
     "MAX_PATTERNS_BYTES",
     "MAX_SELECTORS",
     "Filter",
@@ -78,8 +80,12 @@ MAX_ALTERNATIVES = 4096
 MAX_FILTER_BYTES = 16 * 1024
 #: Selectors in one request, all alternatives together.
 MAX_SELECTORS = 4096
-#: Bytes of one request's ``~=`` patterns together: compiling is the costly part.
-MAX_PATTERNS_BYTES = 2048
+#: Bytes of one request's ``~=`` patterns together: compiling is the costly part
+#: (up to about 11 ms per KiB for the costliest shapes on a quiet 2-CPU machine).
+MAX_PATTERNS_BYTES = 1024
+#: ``~=`` selectors in one request: a pattern on a name or a label is tried on
+#: every snapshot (or every snapshot with that label), one pass each.
+MAX_PATTERNS = 16
 
 
 class Operator(enum.Enum):
@@ -219,6 +225,7 @@ class _Budget:
 
     def __init__(self) -> None:
         self.selectors = 0
+        self.patterns = 0
         self.pattern_bytes = 0
 
 
@@ -306,6 +313,11 @@ class _Parser:
         value_pos, value = self.value(op)
         if op is Operator.MATCHES:
             # Counted before compiling: the budget is there to bound compile time.
+            budget.patterns += 1
+            if budget.patterns > MAX_PATTERNS:
+                raise self.error(
+                    value_pos, f"more than {MAX_PATTERNS} regular expressions in one request"
+                )
             budget.pattern_bytes += len(value.encode())
             if budget.pattern_bytes > MAX_PATTERNS_BYTES:
                 raise self.error(

@@ -38,6 +38,7 @@ from .errors import (
     Unavailable,
 )
 from .findings import Row
+from .store_filter import matching_ids
 from .types import Info, Kind, Timestamp, Usage
 
 __all__ = [
@@ -162,81 +163,6 @@ def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _regexp(pattern: str, value: str) -> bool:
-    # The filters module's own compiler, so SQL and Selector.match agree exactly.
-    return _filters.compile_pattern(pattern).search(value)
-
-
-def _filter_sql(flt: _filters.Filter) -> tuple[str, list[str]]:
-    """Translate a parsed filter into a WHERE clause over ``s`` (snapshots) and ``p`` (parent).
-
-    Every field the snapshot adaptor knows goes into SQL, regexes through a
-    registered REGEXP function, so a walk with a filter reads only matching rows.
-    ORs and ANDs are nested as balanced trees: SQLite refuses an expression
-    more than 1,000 deep, which a flat chain of 1,000 alternatives is.
-    """
-    alternatives = [
-        _balanced("AND", [_selector_sql(sel) for sel in selectors]) if selectors else ("1", [])
-        for selectors in flt.alternatives
-    ]
-    return _balanced("OR", alternatives) if alternatives else ("0", [])
-
-
-def _balanced(op: str, terms: list[tuple[str, list[str]]]) -> tuple[str, list[str]]:
-    """``terms`` joined by ``op`` as a tree of depth log2(len(terms)), arguments in order."""
-    if len(terms) == 1:
-        return terms[0]
-    half = len(terms) // 2
-    left, left_args = _balanced(op, terms[:half])
-    right, right_args = _balanced(op, terms[half:])
-    return f"({left} {op} {right})", left_args + right_args
-
-
-def _selector_sql(sel: _filters.Selector) -> tuple[str, list[str]]:
-    op = sel.op
-    if sel.fieldpath[0] == "labels":
-        return _label_sql(".".join(sel.fieldpath[1:]), sel)
-    field_sql = _FIELD_SQL.get(sel.fieldpath[0], "NULL")
-    if op is _filters.Operator.PRESENT:
-        return f"{field_sql} IS NOT NULL", []
-    if op is _filters.Operator.EQUAL:
-        return f"{field_sql} = ?", [sel.value]
-    if op is _filters.Operator.NOT_EQUAL:
-        # containerd compares an absent field as "": absent matches != x.
-        return f"COALESCE({field_sql}, '') != ?", [sel.value]
-    return f"regexp(?, COALESCE({field_sql}, ''))", [sel.value]
-
-
-# Like containerd's adaptor (and filters.field_value): only the first segment
-# counts for name/parent/kind; other fields are absent.
-_FIELD_SQL = {"name": "s.key", "parent": "COALESCE(p.key, '')", "kind": "s.kind"}
-
-_WITH_LABEL = "s.id {} (SELECT snapshot_id FROM labels WHERE key = ?{})"
-
-
-def _label_sql(key: str, sel: _filters.Selector) -> tuple[str, list[str]]:
-    """A label selector as membership in the set of snapshots carrying the label.
-
-    The subquery does not depend on the row, so SQLite evaluates it once per
-    walk (through the (key, value) index) instead of once per snapshot and
-    selector: a thousand OR-ed label selectors cost a thousand lookups.
-    Stored labels are never "" (empty values are dropped), so an absent label,
-    which containerd compares as "", differs from every stored one.
-    """
-    op, value = sel.op, sel.value
-    if op is _filters.Operator.PRESENT or (op is _filters.Operator.NOT_EQUAL and not value):
-        return _WITH_LABEL.format("IN", ""), [key]
-    if op is _filters.Operator.EQUAL:
-        return _WITH_LABEL.format("IN", " AND value = ?"), [key, value]
-    if op is _filters.Operator.NOT_EQUAL:
-        return _WITH_LABEL.format("NOT IN", " AND value = ?"), [key, value]
-    if _filters.compile_pattern(value).search(""):
-        # Matches "" and so every snapshot without the label: all but those
-        # whose label does not match.
-        return _WITH_LABEL.format("NOT IN", " AND NOT regexp(?, value)"), [key, value]
-    return _WITH_LABEL.format("IN", " AND regexp(?, value)"), [key, value]
-
-
 class ReadTx:
     """Reads inside one consistent snapshot of the store."""
 
@@ -330,9 +256,23 @@ class ReadTx:
         return rec, prec.id
 
     def walk(self, flt: _filters.Filter) -> list[Info]:
-        """Every snapshot matching ``flt``, ordered by key."""
-        where, args = ("1", []) if flt.matches_everything else _filter_sql(flt)
-        rows = self._conn.execute(_INFO_SELECT + f" WHERE {where} ORDER BY s.key", args)
+        """Every snapshot matching ``flt``, ordered by key.
+
+        The filter is evaluated as sets of ids (:mod:`.store_filter`), then
+        only the matching rows are read.
+        """
+        if flt.matches_everything:
+            rows = self._conn.execute(_INFO_SELECT + " ORDER BY s.key")
+        else:
+            ids = matching_ids(self._conn, flt)
+            if not ids.negated and not ids.ids:
+                return []
+            membership = "NOT IN" if ids.negated else "IN"
+            rows = self._conn.execute(
+                _INFO_SELECT
+                + f" WHERE s.id {membership} (SELECT value FROM json_each(?)) ORDER BY s.key",
+                (json.dumps(sorted(ids.ids)),),
+            )
         return [self._row_to_record(r, False).info for r in rows]
 
     def id_map(self) -> dict[int, str]:
@@ -462,7 +402,6 @@ class MetaStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.create_function("regexp", 2, _regexp, deterministic=True)
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)

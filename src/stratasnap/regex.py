@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 #: Bytes in one pattern. Compiling the costliest shapes (``\pL{1000}`` repeated)
-#: takes about 11 ms per KiB here, so two KiB stay well inside a request's budget.
+#: takes about 11 ms per KiB on a quiet 2-CPU machine; a filter request allows
+#: less (``filters.MAX_PATTERNS_BYTES``), a library caller this much.
 MAX_PATTERN_BYTES = 2048
 #: How deep groups may nest: Go's regexp/syntax limit (maxHeight).
 MAX_NESTING = 1000

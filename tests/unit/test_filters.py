@@ -506,7 +506,10 @@ def test_request_bounds_are_invalid_argument_naming_the_bound() -> None:
         parse(",".join(["k"] * 2049), ",".join(["n"] * 2048))
     assert len(parse(",".join(["k"] * 2048), ",".join(["n"] * 2048)).alternatives) == 2
     with pytest.raises(InvalidArgument, match="regular expressions of one request total more"):
-        parse("name~=" + "a" * 1024, "labels.x~=" + "b" * 1025)
+        parse("name~=" + "a" * 512, "labels.x~=" + "b" * 513)
+    parse(*[f"labels.{i}~=x" for i in range(16)])
+    with pytest.raises(InvalidArgument, match="more than 16 regular expressions in one request"):
+        parse(*[f"labels.{i}~=x" for i in range(17)])
 
 
 # --- properties ---------------------------------------------------------------------
