@@ -31,6 +31,7 @@ from .findings import Finding, Repair, Row, Survey
 from .fs import loop
 from .fs.mount import mounts_under, unmount
 from .metastore import read_only_survey
+from .snapshotter import create_in_progress
 from .types import Kind
 
 __all__ = ["Report", "check", "repair", "survey"]
@@ -76,7 +77,9 @@ def survey(root: Path) -> Survey:
         entries = frozenset(os.listdir(snapshots))
     except FileNotFoundError:
         entries = frozenset()
-    locked = frozenset(n for n in entries if n.startswith("new-") and _locked(snapshots / n))
+    locked = frozenset(
+        n for n in entries if n.startswith("new-") and create_in_progress(snapshots / n)
+    )
     real = Path(os.path.realpath(snapshots))
     loops = tuple(
         (dev, Path(backing))
@@ -184,21 +187,6 @@ def _key(row: Row) -> str:
 
 
 # -- the root's lock ---------------------------------------------------------------------
-
-
-def _locked(path: Path) -> bool:
-    """Whether a create (in any process) holds ``path``'s lock."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 @contextmanager

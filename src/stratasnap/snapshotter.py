@@ -32,7 +32,7 @@ from .fs.usage import disk_usage, flush_tree
 from .metastore import MetaStore, Record, clean_labels, validate_key
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["BaseSnapshotter", "Snapshotter"]
+__all__ = ["BaseSnapshotter", "Snapshotter", "create_in_progress"]
 
 log = logging.getLogger("stratasnap")
 
@@ -450,7 +450,7 @@ class BaseSnapshotter:
                     if sid.isdigit() and int(sid) in owned:
                         continue  # recovered at open; a live snapshot's storage
                     doomed.append(path)
-                elif name.startswith("new-") and not _in_use(path):
+                elif name.startswith("new-") and not create_in_progress(path):
                     doomed.append(path)
         paths: list[str] = []
         total = 0
@@ -516,7 +516,7 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
 
 
-def _in_use(path: Path) -> bool:
+def create_in_progress(path: Path) -> bool:
     """Whether a create (in any process) holds the lock on this ``new-*`` directory."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
