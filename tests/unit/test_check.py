@@ -229,3 +229,36 @@ def test_blockfile_images_must_hold_a_filesystem(blockfile_root: Path) -> None:
     (finding,) = check(blockfile_root, "blockfile").findings
     assert (finding.code, finding.where) == ("bad-image", "snapshots/1/rootfs.img")
     assert finding.repair is Repair.PERSON
+
+
+def test_a_backend_adds_its_own_checks_through_the_hook(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    from stratasnap.backends import BACKENDS
+    from stratasnap.backends.native import NativeSnapshotter
+    from stratasnap.findings import Survey
+    from stratasnap.types import Kind
+
+    class SealedSnapshotter(NativeSnapshotter):
+        """A backend of the future: committed layers carry a seal file that check verifies."""
+
+        backend_name = "sealed"
+
+        @classmethod
+        def _check(cls, survey: Survey) -> Iterator[Finding]:
+            yield from super()._check(survey)
+            for sid, row in survey.rows.items():
+                seal = survey.snapshots_dir / str(sid) / "seal"
+                if row.kind is Kind.COMMITTED and not seal.exists():
+                    yield Finding("unsealed-layer", f"snapshots/{sid}", f"{row.key} has no seal")
+
+    monkeypatch.setitem(globals(), "SealedSnapshotter", SealedSnapshotter)
+    monkeypatch.setitem(BACKENDS, "sealed", f"{__name__}:SealedSnapshotter")
+    (root / "snapshots" / "999").mkdir()
+    found = codes(check(root, "sealed").findings)
+    assert found == [
+        ("orphan-storage", "snapshots/999", Repair.RECLAIM),  # the layout's check still runs
+        ("unsealed-layer", "snapshots/1", Repair.PERSON),
+    ]
+    assert codes(check(root, "native").findings) == found[:1]
