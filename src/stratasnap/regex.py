@@ -72,7 +72,10 @@ class Pattern:
     _program: Any
 
     def search(self, value: str) -> bool:
-        data = value.encode("utf-8", "surrogatepass")
+        return self.search_bytes(value.encode("utf-8", "surrogatepass"))
+
+    def search_bytes(self, data: bytes) -> bool:
+        """:meth:`search` on UTF-8 already encoded (scans encode each text once)."""
         # The binding's own search() decodes every match offset back to
         # characters; asking RE2 directly costs a third of that.
         span = self._program.Match(_UNANCHORED, data, 0, len(data))[0]

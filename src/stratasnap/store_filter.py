@@ -149,13 +149,13 @@ class _Scans:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self._rows: list[tuple[int, str, str]] | None = None
+        self._rows: list[tuple[int, bytes, bytes]] | None = None
 
-    def rows(self) -> list[tuple[int, str, str]]:
-        """(id, key, parent key) of every snapshot."""
+    def rows(self) -> list[tuple[int, bytes, bytes]]:
+        """(id, key, parent key) of every snapshot, keys as UTF-8 (encoded once for all)."""
         if self._rows is None:
             self._rows = [
-                (int(i), str(k), str(p))
+                (int(i), str(k).encode(), str(p).encode())
                 for i, k, p in self._conn.execute(
                     "SELECT s.id, s.key, COALESCE(p.key, '') FROM snapshots s "
                     "LEFT JOIN snapshots p ON p.id = s.parent_id"
@@ -177,9 +177,10 @@ def _selector_ids(conn: sqlite3.Connection, scans: _Scans, sel: _filters.Selecto
         if head == "kind":
             kinds = [k for (k,) in conn.execute("SELECT DISTINCT kind FROM snapshots")]
             return _query(conn, "kind", [k for k in kinds if regex.search(k)])
+        test = regex.search_bytes
         if head == "name":
-            return Ids(frozenset(i for i, key, _ in scans.rows() if regex.search(key)))
-        return Ids(frozenset(i for i, _, parent in scans.rows() if regex.search(parent)))
+            return Ids(frozenset(i for i, key, _ in scans.rows() if test(key)))
+        return Ids(frozenset(i for i, _, parent in scans.rows() if test(parent)))
     equal = _equal_ids(conn, head, sel.value)
     return equal if sel.op is _Op.EQUAL else Ids(equal.ids, True)
 

@@ -36,7 +36,8 @@ def check(session: Session, do_repair: bool, as_json: bool) -> None:
     changes nothing and is safe next to a running server.
 
     Each finding says what --repair would do, or that it needs a person.
-    Exit status: 0 healthy, 1 problems remain.
+    Exit status: 0 healthy, 1 problems remain, 7 when --repair is refused
+    because a server serves the root, 4 when there is no store at the root.
 
     \b
     Examples:
