@@ -110,8 +110,10 @@ def repair(
 ) -> Report:
     """Check, do what is safe, check again; FailedPrecondition while a server holds the root."""
     root = Path(root).absolute()
-    before = check(root, backend)
+    if not (root / "metadata.db").is_file():
+        check(root, backend)  # NotFound, naming the root, before any lock file is made
     with _root_lock(root):
+        before = check(root, backend)
         fixable = [f for f in before.findings if f.repair is not Repair.PERSON]
         # Mounts first (deepest first, as listed), then loop devices: a detach
         # fails while the device is still mounted.
@@ -119,8 +121,12 @@ def repair(
             if finding.repair is Repair.UNMOUNT:
                 with suppress(OSError):
                     unmount(finding.where, lazy=True)
+        ours = f"{os.path.realpath(root / 'snapshots')}/"
         for finding in fixable:
-            if finding.repair is Repair.DETACH:
+            # A device freed meanwhile may already serve another process's image:
+            # detach it only while it is still backed by a file under this root.
+            backing = dict(loop.backing_files()).get(Path(finding.where), "")
+            if finding.repair is Repair.DETACH and backing.startswith(ours):
                 with suppress(OSError):
                     loop.detach(finding.where)
         if any(f.repair in (Repair.RECLAIM, Repair.RESTORE) for f in fixable):

@@ -54,6 +54,9 @@ def test_healthy_root(root: Path) -> None:
 def test_no_store_is_not_found(scratch: Path) -> None:
     with pytest.raises(NotFound, match="no snapshot store"):
         check(scratch / "nothing")
+    with pytest.raises(NotFound, match="no snapshot store"):
+        repair(scratch / "nothing")
+    assert not (scratch / "nothing").exists()
 
 
 def test_leftovers_are_found_without_changing_anything_then_repaired(root: Path) -> None:
