@@ -150,6 +150,19 @@ class _Scans:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._rows: list[tuple[int, bytes, bytes]] | None = None
+        self._labels: dict[str, list[tuple[int, bytes]]] = {}
+
+    def labels(self, key: str) -> list[tuple[int, bytes]]:
+        """(id, value as UTF-8) of every snapshot carrying label ``key``."""
+        found = self._labels.get(key)
+        if found is None:
+            found = self._labels[key] = [
+                (int(i), str(v).encode())
+                for i, v in self._conn.execute(
+                    "SELECT snapshot_id, value FROM labels WHERE key = ?", (key,)
+                )
+            ]
+        return found
 
     def rows(self) -> list[tuple[int, bytes, bytes]]:
         """(id, key, parent key) of every snapshot, keys as UTF-8 (encoded once for all)."""
@@ -167,7 +180,7 @@ class _Scans:
 def _selector_ids(conn: sqlite3.Connection, scans: _Scans, sel: _filters.Selector) -> Ids:
     head = sel.fieldpath[0]
     if head == "labels":
-        return _label_ids(conn, ".".join(sel.fieldpath[1:]), sel)
+        return _label_ids(conn, scans, ".".join(sel.fieldpath[1:]), sel)
     if head not in ("name", "parent", "kind"):
         return _absent(sel)
     if sel.op is _Op.PRESENT:
@@ -206,7 +219,7 @@ def _query(conn: sqlite3.Connection, column: str, values: list[str]) -> Ids:
     return Ids(frozenset(out))
 
 
-def _label_ids(conn: sqlite3.Connection, key: str, sel: _filters.Selector) -> Ids:
+def _label_ids(conn: sqlite3.Connection, scans: _Scans, key: str, sel: _filters.Selector) -> Ids:
     """Stored labels are never "": an absent label (compared as "") differs from all."""
     op, value = sel.op, sel.value
     if op is _Op.PRESENT or (op is _Op.NOT_EQUAL and not value):
@@ -214,12 +227,12 @@ def _label_ids(conn: sqlite3.Connection, key: str, sel: _filters.Selector) -> Id
     if op in (_Op.EQUAL, _Op.NOT_EQUAL):
         ids = _ids(conn, "SELECT snapshot_id FROM labels WHERE key = ? AND value = ?", key, value)
         return ids if op is _Op.EQUAL else Ids(ids.ids, True)
-    regex = _filters.compile_pattern(value)
-    rows = conn.execute("SELECT snapshot_id, value FROM labels WHERE key = ?", (key,))
-    if regex.search(""):
+    test = _filters.compile_pattern(value).search_bytes
+    rows = scans.labels(key)
+    if test(b""):
         # Absent labels match too: everything but the labels that do not.
-        return Ids(frozenset(int(i) for i, v in rows if not regex.search(v)), True)
-    return Ids(frozenset(int(i) for i, v in rows if regex.search(v)))
+        return Ids(frozenset(i for i, v in rows if not test(v)), True)
+    return Ids(frozenset(i for i, v in rows if test(v)))
 
 
 def _absent(sel: _filters.Selector) -> Ids:
