@@ -11,6 +11,7 @@ from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
 from .check import check
 from .edit import commit, label, mounts, prepare, rm, view
+from .erofs import erofs
 from .query import cleanup, info, ls, tree, usage
 
 __all__ = ["Session", "cli", "default_root", "main", "pass_snapshotter"]
@@ -30,6 +31,7 @@ _VERBS = (
     cleanup,
     check,
     config,
+    erofs,
 )
 for _verb in _VERBS:
     cli.add_command(_verb)
