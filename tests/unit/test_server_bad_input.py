@@ -10,6 +10,7 @@ INTERNAL only for bytes that are no request at all (gRPC's own answer, as Go's).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import need
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import DecodeError
 
@@ -59,10 +61,16 @@ METHODS: list[tuple[str, Any, bool]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(_scratch_base: Path) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["native", "overlay", "blockfile"])
+def server(_scratch_base: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    backend = request.param
+    if backend == "blockfile":
+        need(shutil.which("mkfs.ext4", path="/usr/sbin:/sbin:/usr/bin") is not None, "no mkfs.ext4")
     work = Path(tempfile.mkdtemp(prefix="bad-input-", dir=_scratch_base))
-    config = load_config(root=work / "root", address=work / "s.sock")
+    options = {"scratch_size": "64M"} if backend == "blockfile" else None
+    config = load_config(
+        root=work / "root", address=work / "s.sock", backend=backend, options=options
+    )
     with Server(config) as s:
         sn = s.snapshotters["stratasnap"]
         sn.prepare("layer", labels={"keep": "me"})
