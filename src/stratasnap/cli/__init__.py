@@ -12,6 +12,7 @@ from ._app import Session, cli, default_root, pass_snapshotter
 from .check import check
 from .edit import commit, label, mounts, prepare, rm, view
 from .erofs import erofs
+from .image import diff, image
 from .query import cleanup, info, ls, tree, usage
 
 __all__ = ["Session", "cli", "default_root", "main", "pass_snapshotter"]
@@ -30,6 +31,8 @@ _VERBS = (
     tree,
     cleanup,
     check,
+    image,
+    diff,
     config,
     erofs,
 )
