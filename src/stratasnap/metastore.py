@@ -40,7 +40,7 @@ from .types import Info, Kind, Timestamp, Usage
 
 __all__ = ["SCHEMA_VERSION", "MetaStore", "ReadTx", "Record", "WriteTx", "validate_key"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: containerd's rule (pkg/labels): a label's key and value together fit in 4096 bytes.
 MAX_LABEL_BYTES = 4096
@@ -54,7 +54,19 @@ MAX_LABELS = 1024
 # up to this size as it keeps creating (a busy server).
 _ID_BATCH_MAX = 32
 
-_SCHEMA = """
+# Facts a backend records about a snapshot's storage at commit (an image's
+# digest...): not labels, which containerd may replace at any time.
+_DETAILS_SCHEMA = """
+CREATE TABLE details (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, name)
+) WITHOUT ROWID;
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE sequence (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE snapshots (
@@ -77,9 +89,16 @@ CREATE TABLE labels (
 CREATE INDEX labels_key_value ON labels(key, value);
 INSERT INTO sequence VALUES ('snapshot', 0);
 """
+    + _DETAILS_SCHEMA
+)
+
 
 #: Migrations from version N to N+1, run inside one write transaction on open.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+def _add_details(conn: sqlite3.Connection) -> None:
+    conn.execute(_DETAILS_SCHEMA)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_details}
 
 # One statement gives a consistent Info (row, parent key and labels) without an
 # explicit transaction around several queries.
@@ -302,6 +321,17 @@ class ReadTx:
         rows = self._conn.execute(_INFO_SELECT + f" WHERE {where} ORDER BY s.key", args)
         return [self._row_to_record(r, False).info for r in rows]
 
+    def details(self, sid: int) -> dict[str, str]:
+        """What the backend recorded about snapshot id ``sid``'s storage at commit."""
+        rows = self._conn.execute(
+            "SELECT name, value FROM details WHERE snapshot_id = ? ORDER BY name", (sid,)
+        )
+        return {str(n): str(v) for n, v in rows}
+
+    def id_kinds(self) -> dict[int, Kind]:
+        """Every snapshot's id and kind."""
+        return {int(i): Kind(k) for i, k in self._conn.execute("SELECT id, kind FROM snapshots")}
+
     def id_map(self) -> dict[int, str]:
         """Every snapshot's id and key (what owns storage)."""
         return {int(i): str(k) for i, k in self._conn.execute("SELECT id, key FROM snapshots")}
@@ -332,9 +362,19 @@ class WriteTx(ReadTx):
         return self.get(key, with_parents=True)
 
     def commit_active(
-        self, key: str, name: str, usage: Usage, labels: Mapping[str, str], parent: str = ""
+        self,
+        key: str,
+        name: str,
+        usage: Usage,
+        labels: Mapping[str, str],
+        parent: str = "",
+        details: Mapping[str, str] | None = None,
     ) -> Record:
-        """Turn active ``key`` into committed ``name``, keeping its id (and storage)."""
+        """Turn active ``key`` into committed ``name``, keeping its id (and storage).
+
+        ``details`` are the backend's facts about the committed storage
+        (see :meth:`ReadTx.details`).
+        """
         rec, parent_id = self.check_commit(name, key, parent)
         now = _now_ns()
         self._conn.execute(
@@ -345,6 +385,11 @@ class WriteTx(ReadTx):
         # Commit replaces labels; it does not inherit the active snapshot's.
         self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._set_labels(rec.id, labels)
+        self._conn.execute("DELETE FROM details WHERE snapshot_id = ?", (rec.id,))
+        self._conn.executemany(
+            "INSERT INTO details (snapshot_id, name, value) VALUES (?, ?, ?)",
+            [(rec.id, k, v) for k, v in (details or {}).items()],
+        )
         return self.get(name, with_parents=True)
 
     def update_info(self, info: Info, fieldpaths: Iterable[str]) -> Info:
@@ -382,6 +427,7 @@ class WriteTx(ReadTx):
         if child is not None:
             raise FailedPrecondition(f"cannot remove snapshot {_q(key)} with child {_q(child[0])}")
         self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        self._conn.execute("DELETE FROM details WHERE snapshot_id = ?", (rec.id,))
         self._conn.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         return rec
 

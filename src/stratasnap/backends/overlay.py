@@ -92,7 +92,7 @@ class OverlaySnapshotter(BaseSnapshotter):
 
     def __init__(self, root: str | Path, **options: object) -> None:
         rest = dict(options)
-        self.config = OverlayOptions.take(rest)
+        self.config = OverlayOptions.take(rest, self.backend_name)
         self.sync_remove = self.config.sync_remove
         self.mount_options = default_mount_options(self.config.mount_options)
         self.capabilities = _capabilities(self.config.slow_chown)

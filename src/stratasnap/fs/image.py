@@ -50,6 +50,7 @@ PACKAGES = {
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
+    "mkfs.erofs": "erofs-utils",
     "xfs_growfs": "xfsprogs",
 }
 
