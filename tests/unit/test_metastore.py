@@ -264,9 +264,11 @@ def test_times_keep_nanoseconds(store: MetaStore) -> None:
     assert before <= created.epoch_ns <= after
     assert created.nanosecond // 1000 == created.microsecond
     # Stored in nanoseconds, read back exactly (not rounded to microseconds).
-    (stored,) = sqlite3.connect(store.path).execute(
-        "SELECT created_ns FROM snapshots WHERE key = 't'"
-    ).fetchone()
+    (stored,) = (
+        sqlite3.connect(store.path)
+        .execute("SELECT created_ns FROM snapshots WHERE key = 't'")
+        .fetchone()
+    )
     assert created.epoch_ns == stored
 
 
