@@ -24,7 +24,13 @@ from stratasnap import open_snapshotter
 from stratasnap.backends.erofs import DIGEST_DETAIL, IMAGE, ErofsSnapshotter
 from stratasnap.cli import cli
 from stratasnap.errors import FailedPrecondition
-from stratasnap.fs.erofs_image import file_sha256, is_immutable, mount_image
+from stratasnap.fs.erofs_image import (
+    file_sha256,
+    is_immutable,
+    mount_image,
+    supports_ztailpacking,
+)
+from stratasnap.fs.image import find_tool
 from stratasnap.fs.loop import backing_files
 from stratasnap.fs.manifest import manifest
 from stratasnap.fs.mount import is_mountpoint, mounts_under, unmount_all_under
@@ -276,3 +282,13 @@ def test_limited_upper_commits_to_an_image(scratch: Path) -> None:
         assert _view(s, scratch, "l2") == {"g": "x" * 100_000}
         # Only the two layer images remain attached (tmpfs: through loop devices).
         assert len(_settled_loops(scratch / "root", 2)) == 2
+
+
+def test_ztailpacking_probe_mounts_a_real_image_and_leaves_nothing(scratch: Path) -> None:
+    need_root()
+    probe = scratch / "probe"
+    probe.mkdir()
+    # Linux 5.17+ reads inline compressed tails; Debian 12's 6.1 and later do.
+    assert supports_ztailpacking(find_tool("mkfs.erofs"), probe)
+    assert os.listdir(probe) == []
+    assert mounts_under(scratch) == []

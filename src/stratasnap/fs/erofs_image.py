@@ -28,7 +28,7 @@ from pathlib import Path
 from . import loop
 from ._libc import StrPath
 from .image import ToolFailed, find_tool
-from .mount import mount
+from .mount import mount, unmount
 from .mountopts import MS_RDONLY
 from .usage import fsync_path
 
@@ -44,6 +44,7 @@ __all__ = [
     "mkfs_compressors",
     "mount_image",
     "set_immutable",
+    "supports_ztailpacking",
 ]
 
 #: What ``compression`` may name: none, or a compressor every erofs-utils since 1.0 has.
@@ -115,11 +116,12 @@ def build_image(
     argv = [
         mkfs or find_mkfs(),
         "--quiet",
-        # Tails inline in the inode save little and cost a copy per read.
-        "-Enoinline_data",
         # Without it erofs-utils 1.5 may store the build time instead of a file's own.
         "--preserve-mtime",
     ]
+    # Inline tails stay on (unlike containerd's -Enoinline_data, which keeps data
+    # block-aligned for its tar index mode): a layer of small files then takes
+    # 20-30% less space.
     if compression != "none":
         argv.append(f"-z{compression}")
     argv += [*extra, os.fspath(image), os.fspath(source)]
@@ -137,6 +139,45 @@ def build_image(
         with suppress(FileNotFoundError):
             os.unlink(image)
         raise
+
+
+#: mkfs.erofs option that stores compressed tails inline (Linux 5.17+ mounts them).
+ZTAILPACKING = "-Eztailpacking"
+_PROBE_DATA = b"stratasnap probe " * 1000 + b"tail"
+
+
+def supports_ztailpacking(mkfs: str, scratch: StrPath) -> bool:
+    """Whether this mkfs.erofs writes, and this kernel reads, inline compressed tails.
+
+    Probed for real: a tiny lz4 image with the feature is built and mounted in
+    the empty directory ``scratch`` (left empty again), and its file read back.
+    """
+    src, image, mnt = (Path(scratch) / n for n in ("src", "probe.erofs", "mnt"))
+    os.mkdir(src)
+    os.mkdir(mnt)
+    try:
+        (src / "f").write_bytes(_PROBE_DATA)
+        try:
+            build_image(src, image, "lz4", (ZTAILPACKING,), mkfs)
+        except ToolFailed:
+            return False  # an erofs-utils without the option (before 1.5)
+        try:
+            mount_image(image, mnt)
+        except OSError:
+            return False  # the kernel refuses the feature (EOPNOTSUPP before 5.17)
+        try:
+            return (mnt / "f").read_bytes() == _PROBE_DATA
+        except OSError:
+            return False
+        finally:
+            unmount(mnt)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(image)
+        with suppress(FileNotFoundError):
+            os.unlink(src / "f")
+        os.rmdir(src)
+        os.rmdir(mnt)
 
 
 def describe(image: StrPath) -> ErofsImage:
