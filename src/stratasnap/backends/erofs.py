@@ -110,15 +110,16 @@ class ErofsSnapshotter(OverlaySnapshotter):
         for entry in os.scandir(self.snapshots_dir):
             if not entry.name.isdigit() or int(entry.name) not in kinds:
                 continue  # not ours: cleanup() decides
-            storage = Path(entry.path)
+            # Plain strings: this runs for every snapshot at every open.
             if kinds[int(entry.name)] is Kind.COMMITTED:
-                if _unsettled(storage):
+                if _unsettled(entry.path):
                     with suppress(OSError), self._locked():
                         # A broken image must not keep the store from opening;
                         # mounts() of a child reports the error instead.
-                        self._settle(storage)
-            elif os.path.lexists(storage / IMAGE):
-                _unlink_image(storage / IMAGE)  # built by a commit that never committed
+                        self._settle(Path(entry.path))
+            elif os.path.lexists(entry.path + "/" + IMAGE):
+                # Built by a commit that never committed.
+                _unlink_image(Path(entry.path, IMAGE))
         super()._opened()
 
     def _populate(
@@ -324,11 +325,12 @@ def _erofs_module_available() -> bool:
         return False
 
 
-def _unsettled(storage: Path) -> bool:
+def _unsettled(storage: str) -> bool:
     """Whether a committed layer's storage still holds what the commit meant to drop."""
     return any(
-        os.path.lexists(storage / name) for name in (_OLD_UPPER, "work", LIMIT_IMAGE, LIMIT_SETUP)
-    ) or not os.path.isdir(storage / "fs")
+        os.path.lexists(f"{storage}/{name}")
+        for name in (_OLD_UPPER, "work", LIMIT_IMAGE, LIMIT_SETUP)
+    ) or not os.path.isdir(f"{storage}/fs")
 
 
 def _has_entries(directory: Path) -> bool:
