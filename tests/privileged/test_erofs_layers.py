@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from test_overlay_layers import _commit_layer, _view, _whiteouts_and_opaque
 from stratasnap import open_snapshotter
 from stratasnap.backends.erofs import DIGEST_DETAIL, IMAGE, ErofsSnapshotter
 from stratasnap.cli import cli
-from stratasnap.errors import FailedPrecondition
+from stratasnap.errors import FailedPrecondition, NotFound, SnapshotError
 from stratasnap.fs.erofs_image import (
     file_sha256,
     is_immutable,
@@ -292,3 +293,28 @@ def test_ztailpacking_probe_mounts_a_real_image_and_leaves_nothing(scratch: Path
     assert supports_ztailpacking(find_tool("mkfs.erofs"), probe)
     assert os.listdir(probe) == []
     assert mounts_under(scratch) == []
+
+
+def test_concurrent_commits_of_one_key_leave_one_intact_layer(
+    sn: ErofsSnapshotter, scratch: Path
+) -> None:
+    with mounted(sn.prepare("a"), scratch) as r:
+        (r / "f").write_text("data")
+    errors: list[BaseException] = []
+
+    def commit(name: str) -> None:
+        try:
+            sn.commit(name, "a")
+        except SnapshotError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit, args=(f"c{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 3 and all(isinstance(e, NotFound) for e in errors), errors
+    [name] = [i.name for i in sn.walk()]
+    storage = _storage(sn, name)
+    assert sn.details(name)[DIGEST_DETAIL] == "sha256:" + file_sha256(storage / IMAGE)
+    assert _view(sn, scratch, name) == {"f": "data"}

@@ -45,6 +45,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -105,6 +106,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
             raise
         self._mount_lock = self.root / "erofs-mounts.lock"
         self._mkfs_args: tuple[str, ...] | None = None  # decided at the first commit
+        self._commit_locks: dict[int, threading.Lock] = {}
+        self._commit_locks_guard = threading.Lock()
         with self._store.read() as tx:
             kinds = tx.id_kinds()
         for entry in os.scandir(self.snapshots_dir):
@@ -135,6 +138,32 @@ class ErofsSnapshotter(OverlaySnapshotter):
         return super()._mounts(rec)
 
     def _stage_commit(self, rec: Record) -> StagedCommit:
+        # Two commits of one key at once would each build an image, and the loser's
+        # undo would delete the winner's: one at a time, then re-check that the
+        # snapshot is still the active one (released by _committed/_commit_failed).
+        lock = self._commit_lock(rec.id)
+        lock.acquire()
+        try:
+            with self._store.read() as tx:
+                now = tx.get(rec.info.name)  # NotFound: committed by the other
+            if now.id != rec.id or now.info.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {rec.info.name!r} is not active")
+            return self._build_layer(rec)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _commit_lock(self, sid: int) -> threading.Lock:
+        with self._commit_locks_guard:
+            return self._commit_locks.setdefault(sid, threading.Lock())
+
+    def _commit_done(self, sid: int) -> None:
+        with self._commit_locks_guard:
+            lock = self._commit_locks.pop(sid)
+        lock.release()
+
+    def _build_layer(self, rec: Record) -> StagedCommit:
+        """The image of active ``rec``, built, durable and in place beside its upper."""
         storage = self.storage_dir(rec.id)
         limited = self._limits.ensure_mounted(storage)
         # No flush of the upper: the image is what becomes the layer, and it is
@@ -193,9 +222,11 @@ class ErofsSnapshotter(OverlaySnapshotter):
             log.warning("%s: cannot set the immutable flag: %s", image, exc)
 
     def _commit_failed(self, rec: Record) -> None:
-        image = self.storage_dir(rec.id) / IMAGE
-        with suppress(FileNotFoundError):
-            _unlink_image(image)
+        try:
+            with suppress(FileNotFoundError):
+                _unlink_image(self.storage_dir(rec.id) / IMAGE)
+        finally:
+            self._commit_done(rec.id)
 
     def _committed(self, rec: Record) -> None:
         try:
@@ -204,6 +235,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
         except OSError as exc:
             # Committed already; the next open or first use finishes the job.
             log.warning("committed %s; mounting its image failed: %s", rec.info.name, exc)
+        finally:
+            self._commit_done(rec.id)
 
     def _rename_aside(self, src: Path, dst: Path) -> bool:
         fs = src / "fs"
