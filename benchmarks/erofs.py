@@ -7,7 +7,8 @@ where EROFS images are mounted from the file itself (Linux 6.12+). Parts
 
 1. ``compress``: ``mkfs.erofs`` of one generated layer (``--files`` files,
    sizes averaging ``--mean-size``, half random and half repeated bytes,
-   like tests/e2e/oci.py's images) with compression none, lz4 and lz4hc:
+   like tests/e2e/oci.py's images; or a copy of ``--tree``, real files)
+   with compression none, lz4 and lz4hc:
    build time and image size against the tree's own allocated size. This
    is what picks the default compression.
 2. ``remove``: remove + cleanup of a committed layer of that tree, overlay
@@ -141,13 +142,16 @@ def committed_layer(
 
 def bench_compress(base: Path, args: argparse.Namespace) -> list[str]:
     tree = base / "tree"
-    data = write_tree(tree, args.files, args.mean_size, 1)
+    if args.tree:
+        # Real files (say /usr): copied first, so the source's filesystem is ours.
+        subprocess.run(["cp", "-a", str(args.tree), str(tree)], check=True)
+        what = f"a copy of {args.tree}"
+    else:
+        data = write_tree(tree, args.files, args.mean_size, 1)
+        what = f"{args.files:,} generated files, {data / 1e6:.0f} MB of data"
     os.sync()
     allocated = du_x(tree)
-    print(
-        f"# tree: {args.files:,} files, {data / 1e6:.0f} MB of data, "
-        f"{allocated / 1e6:.0f} MB allocated"
-    )
+    print(f"# tree: {what}, {allocated / 1e6:.0f} MB allocated")
     times: dict[str, list[float]] = {c: [] for c in COMPRESSIONS}
     sizes: dict[str, int] = {}
     for rep in range(args.reps):
@@ -381,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mean-size", type=int, default=10_000, help="mean file size, bytes")
     ap.add_argument("--reps", type=int, default=3, help="runs per compared case")
     ap.add_argument("--open-layers", type=int, default=1000)
+    ap.add_argument("--tree", type=Path, help="compress: a real directory to build images of")
     ap.add_argument("--only", choices=list(PARTS), action="append", help="run only these parts")
     ap.add_argument("--fs", default="ext4")
     ap.add_argument("--size", default="12G", help="of the scratch filesystem")
