@@ -74,3 +74,16 @@ def test_probes_read_the_system(tmp_path: Path) -> None:
     fake.write_text("nodev\ttmpfs\n\terofs\n")
     assert kernel_supports_erofs(fake)
     assert {"lz4", "lz4hc"} <= mkfs_compressors(fi.find_tool("mkfs.erofs"))
+
+
+def test_containerd_snippet_advertises_what_erofs_supports() -> None:
+    from stratasnap.backends import backend_class
+    from stratasnap.fs.overlay_probe import idmapped_layers_supported, in_user_namespace
+
+    caps = backend_class("erofs").capabilities_for({"compression": "none"})
+    # EROFS took idmapped mounts in Linux 5.19, with overlayfs' idmapped layers.
+    assert ("remap-ids" in caps) == idmapped_layers_supported()
+    assert ("rebase" in caps) == (not in_user_namespace())
+    assert caps == backend_class("overlay").capabilities_for({})
+    slow = backend_class("erofs").capabilities_for({"slow_chown": "true"})
+    assert "only-remap-ids" not in slow
