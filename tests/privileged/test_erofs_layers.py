@@ -19,7 +19,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import need_root
-from test_overlay_layers import _commit_layer, _view, _whiteouts_and_opaque
+
+# The overlay backend's test_* cases are collected here again with this module's
+# ``sn`` (erofs): 128- and 200-layer chains of mounted images (lowerdir beyond one
+# page), rebase at commit, and containerd's relative-path compaction.
+from test_overlay_layers import (  # noqa: F401
+    _commit_layer,
+    _view,
+    _whiteouts_and_opaque,
+    test_containerd_style_compaction_mounts_200_layers,
+    test_deep_chains_mount_and_read,
+    test_rebase_with_real_mounts,
+)
 
 from stratasnap import open_snapshotter
 from stratasnap.backends.erofs import DIGEST_DETAIL, IMAGE, ErofsSnapshotter
