@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +166,11 @@ def test_compression_round_trip(scratch: Path, compression: str) -> None:
         os.lchown(root / "dir" / "link", 42, 43)
         os.setxattr(root / "dir", "user.note", b"kept")
         os.setxattr(root / "text", "trusted.something", b"\x00\x01")
+        # File capabilities (ping's cap_net_raw+ep), as images carry them.
+        cap = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+        os.setxattr(root / "random", "security.capability", cap)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(root / "dir" / "sock"))
         os.utime(root / "random", ns=(1_000_000_000, 1_234_567_891_011_121_314))
         os.utime(root / "dir" / "sub", ns=(5, 946_684_800_123_456_789))
 
