@@ -343,3 +343,15 @@ def test_concurrent_commits_of_one_key_leave_one_intact_layer(
     storage = _storage(sn, name)
     assert sn.details(name)[DIGEST_DETAIL] == "sha256:" + file_sha256(storage / IMAGE)
     assert _view(sn, scratch, name) == {"f": "data"}
+
+
+def test_a_lost_image_is_a_clear_error_naming_it(scratch: Path) -> None:
+    need_root()
+    root = scratch / "root"
+    with _open(root) as s:
+        _commit_layer(s, scratch, "l1", "", lambda r: (r / "f").write_text("one"))
+        image = _storage(s, "l1") / IMAGE
+    unmount_all_under(root / "snapshots")
+    image.unlink()  # an operator's mistake, or a disk that lost it
+    with _open(root) as s, pytest.raises(SnapshotError, match=f"mounting layer image {image}"):
+        s.prepare("c", "l1")

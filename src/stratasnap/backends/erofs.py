@@ -50,7 +50,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, from_os_error
 from ..fs.erofs_image import (
     ZTAILPACKING,
     build_image,
@@ -277,8 +277,12 @@ class ErofsSnapshotter(OverlaySnapshotter):
         fs = self._fs_dir(sid)
         if is_mountpoint(fs):
             return False
-        with self._locked():
-            return self._settle(self.storage_dir(sid))
+        try:
+            with self._locked():
+                return self._settle(self.storage_dir(sid))
+        except OSError as exc:
+            # A missing or broken image: say which layer, with the OS's words.
+            raise from_os_error(exc, f"mounting layer image {fs.parent / IMAGE}") from exc
 
     def _settle(self, storage: Path) -> bool:
         """Finish a committed layer: image mounted on an empty ``fs``, nothing else left.
