@@ -80,10 +80,14 @@ def test_containerd_snippet_advertises_what_erofs_supports() -> None:
     from stratasnap.backends import backend_class
     from stratasnap.fs.overlay_probe import idmapped_layers_supported, in_user_namespace
 
-    caps = backend_class("erofs").capabilities_for({"compression": "none"})
+    caps = backend_class("erofs").capabilities_for({"compression": "none", "immutable": "yes"})
     # EROFS took idmapped mounts in Linux 5.19, with overlayfs' idmapped layers.
     assert ("remap-ids" in caps) == idmapped_layers_supported()
     assert ("rebase" in caps) == (not in_user_namespace())
     assert caps == backend_class("overlay").capabilities_for({})
     slow = backend_class("erofs").capabilities_for({"slow_chown": "true"})
     assert "only-remap-ids" not in slow
+    with pytest.raises(InvalidArgument, match="erofs option compression='zstd'"):
+        backend_class("erofs").capabilities_for({"compression": "zstd"})
+    with pytest.raises(InvalidArgument, match="unknown option"):
+        backend_class("erofs").capabilities_for({"scratch_size": "1G"})

@@ -96,6 +96,12 @@ class ErofsSnapshotter(OverlaySnapshotter):
         self.erofs = ErofsOptions.take(rest)
         super().__init__(root, **rest)
 
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        rest = dict(options)
+        ErofsOptions.take(rest)  # a bad value is InvalidArgument, as at open
+        return super().capabilities_for(rest)
+
     # -- hooks -----------------------------------------------------------------------
 
     def _opened(self) -> None:
