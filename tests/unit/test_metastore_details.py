@@ -29,11 +29,11 @@ def test_details_are_recorded_at_commit_and_go_with_the_snapshot(scratch: Path) 
     store.close()
 
 
-def test_a_version_1_store_gains_the_details_table(scratch: Path) -> None:
+def test_a_version_2_store_gains_the_details_table(scratch: Path) -> None:
     MetaStore(scratch / "m.db").close()
     conn = sqlite3.connect(scratch / "m.db")
     conn.execute("DROP TABLE details")
-    conn.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
     conn.commit()
     conn.close()
     store = MetaStore(scratch / "m.db")
