@@ -91,3 +91,17 @@ def test_containerd_snippet_advertises_what_erofs_supports() -> None:
         backend_class("erofs").capabilities_for({"compression": "zstd"})
     with pytest.raises(InvalidArgument, match="unknown option"):
         backend_class("erofs").capabilities_for({"scratch_size": "1G"})
+
+
+def test_recovery_that_fails_closes_its_scan_and_the_store(tmp_path: Path) -> None:
+    from functools import partial
+
+    from test_scandir_closed import _unclosed_scans
+
+    root = tmp_path / "root"
+    with open_snapshotter(root, "erofs") as sn:
+        sn.prepare("a")
+        [storage] = list(sn.snapshots_dir.iterdir())
+    (storage / "layer.erofs").mkdir()  # a spare image that cannot be unlinked
+    opening = partial(open_snapshotter, root, "erofs")
+    assert _unclosed_scans(opening, IsADirectoryError) == []

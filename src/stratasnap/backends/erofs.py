@@ -105,31 +105,36 @@ class ErofsSnapshotter(OverlaySnapshotter):
     # -- hooks -----------------------------------------------------------------------
 
     def _opened(self) -> None:
-        try:
-            self._mkfs = _preconditions(self.erofs.compression)
-        except BaseException:
-            self.close()
-            raise
         self._mount_lock = self.root / "erofs-mounts.lock"
         self._mkfs_args: tuple[str, ...] | None = None  # decided at the first commit
         self._commit_locks: dict[int, threading.Lock] = {}
         self._commit_locks_guard = threading.Lock()
+        try:
+            self._mkfs = _preconditions(self.erofs.compression)
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+        super()._opened()
+
+    def _recover(self) -> None:
+        """Finish or undo what a killed commit left (see the module docstring)."""
         with self._store.read() as tx:
             kinds = tx.id_kinds()
-        for entry in os.scandir(self.snapshots_dir):
-            if not entry.name.isdigit() or int(entry.name) not in kinds:
-                continue  # not ours: cleanup() decides
-            # Plain strings: this runs for every snapshot at every open.
-            if kinds[int(entry.name)] is Kind.COMMITTED:
-                if _unsettled(entry.path):
-                    with suppress(OSError), self._locked():
-                        # A broken image must not keep the store from opening;
-                        # mounts() of a child reports the error instead.
-                        self._settle(Path(entry.path))
-            elif os.path.lexists(entry.path + "/" + IMAGE):
-                # Built by a commit that never committed.
-                _unlink_image(Path(entry.path, IMAGE))
-        super()._opened()
+        with os.scandir(self.snapshots_dir) as scan:  # closed even when a step fails
+            for entry in scan:
+                if not entry.name.isdigit() or int(entry.name) not in kinds:
+                    continue  # not ours: cleanup() decides
+                # Plain strings: this runs for every snapshot at every open.
+                if kinds[int(entry.name)] is Kind.COMMITTED:
+                    if _unsettled(entry.path):
+                        with suppress(OSError), self._locked():
+                            # A broken image must not keep the store from opening;
+                            # mounts() of a child reports the error instead.
+                            self._settle(Path(entry.path))
+                elif os.path.lexists(entry.path + "/" + IMAGE):
+                    # Built by a commit that never committed.
+                    _unlink_image(Path(entry.path, IMAGE))
 
     def _populate(
         self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
