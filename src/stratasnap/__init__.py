@@ -46,4 +46,3 @@ __all__ = [
     "errors",
     "open_snapshotter",
 ]
-

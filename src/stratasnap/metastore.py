@@ -71,7 +71,7 @@ __all__ = [
     "validate_key",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 log = logging.getLogger("stratasnap.metastore")
 
@@ -127,6 +127,7 @@ CREATE INDEX labels_key_value ON labels(key, value);
 INSERT INTO sequence VALUES ('snapshot', 0);
 """
 
+
 # Version 2: image records (stratasnap.images). An image name points at one
 # manifest (for one platform); the content store holds the blobs.
 _IMAGES_SCHEMA = """
@@ -142,6 +143,17 @@ CREATE TABLE images (
 CREATE INDEX images_digest ON images(digest);
 """
 
+# Version 3: facts a backend records about a snapshot's storage at commit (the
+# erofs backend: its image's digest); not labels, which containerd may replace.
+_DETAILS_SCHEMA = """
+CREATE TABLE details (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, name)
+) WITHOUT ROWID;
+"""
+
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     for stmt in script.split(";"):
@@ -152,6 +164,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 #: Migrations from version N to N+1, run inside one write transaction on open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     1: lambda conn: _run_script(conn, _IMAGES_SCHEMA),
+    2: lambda conn: _run_script(conn, _DETAILS_SCHEMA),
 }
 
 # One statement gives a consistent Info (row, parent key and labels) without an
@@ -354,6 +367,17 @@ class ReadTx:
             )
         return [self._row_to_record(r, False).info for r in rows]
 
+    def details(self, sid: int) -> dict[str, str]:
+        """What the backend recorded about snapshot id ``sid``'s storage at commit."""
+        rows = self._conn.execute(
+            "SELECT name, value FROM details WHERE snapshot_id = ? ORDER BY name", (sid,)
+        )
+        return {str(n): str(v) for n, v in rows}
+
+    def id_kinds(self) -> dict[int, Kind]:
+        """Every snapshot's id and kind."""
+        return {int(i): Kind(k) for i, k in self._conn.execute("SELECT id, kind FROM snapshots")}
+
     def id_map(self) -> dict[int, str]:
         """Every snapshot's id and key (what owns storage)."""
         return {int(i): str(k) for i, k in self._conn.execute("SELECT id, key FROM snapshots")}
@@ -416,9 +440,20 @@ class WriteTx(ReadTx):
         return self.get(key, with_parents=True)
 
     def commit_active(
-        self, key: str, name: str, usage: Usage, labels: Mapping[str, str], parent: str = ""
+        self,
+        key: str,
+        name: str,
+        usage: Usage,
+        labels: Mapping[str, str],
+        parent: str = "",
+        details: Mapping[str, str] | None = None,
     ) -> None:
-        """Turn active ``key`` into committed ``name``, keeping its id (and storage)."""
+        """Turn active ``key`` into committed ``name``, keeping its id (and storage).
+
+        ``details`` are the backend's facts about the committed storage
+        (see :meth:`ReadTx.details`); only commit writes them, so an active
+        snapshot has none to delete first.
+        """
         rec, parent_id = self.check_commit(name, key, parent)
         now = _now_ns()
         self._conn.execute(
@@ -430,6 +465,11 @@ class WriteTx(ReadTx):
         if rec.info.labels:
             self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._set_labels(rec.id, labels)
+        if details:
+            self._conn.executemany(
+                "INSERT INTO details (snapshot_id, name, value) VALUES (?, ?, ?)",
+                [(rec.id, k, v) for k, v in details.items()],
+            )
 
     def update_info(self, info: Info, fieldpaths: Iterable[str]) -> Info:
         """Update labels as containerd does; other fields of ``info`` are ignored."""
@@ -465,7 +505,7 @@ class WriteTx(ReadTx):
         ).fetchone()
         if child is not None:
             raise FailedPrecondition(f"cannot remove snapshot {_q(key)} with child {_q(child[0])}")
-        # Its labels go with it (ON DELETE CASCADE).
+        # Its labels and details go with it (ON DELETE CASCADE).
         self._conn.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         return rec
 
@@ -787,6 +827,7 @@ class MetaStore:
             if not has_meta:
                 _run_script(conn, _SCHEMA)
                 _run_script(conn, _IMAGES_SCHEMA)
+                _run_script(conn, _DETAILS_SCHEMA)
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Container, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
@@ -38,9 +39,23 @@ from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, val
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["BaseSnapshotter", "Snapshotter", "create_in_progress", "unknown_options"]
+__all__ = [
+    "BaseSnapshotter",
+    "Snapshotter",
+    "StagedCommit",
+    "create_in_progress",
+    "unknown_options",
+]
 
 log = logging.getLogger("stratasnap")
+
+
+@dataclass(frozen=True)
+class StagedCommit:
+    """What a backend hands the store for a commit: usage, and facts about the storage."""
+
+    usage: Usage
+    details: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -122,6 +137,7 @@ class BaseSnapshotter:
     #: value is what a default instance on this kernel offers; an instance may
     #: narrow or widen it from its options and environment.
     capabilities: tuple[str, ...] = ()
+
     @classmethod
     def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
         """The capabilities an instance opened with ``options`` would offer, without opening one.
@@ -190,6 +206,27 @@ class BaseSnapshotter:
         (containerd#5854) and measures it, in one walk.
         """
         return flush_tree(self._fs_dir(rec.id))
+
+    def _stage_commit(self, rec: Record) -> StagedCommit:
+        """Storage work before the commit transaction; what the store records for it.
+
+        Backends that record details about the committed storage override
+        this; the others override :meth:`_prepare_commit`.
+        """
+        return StagedCommit(self._prepare_commit(rec))
+
+    def _commit_failed(self, rec: Record) -> None:
+        """Undo :meth:`_stage_commit` when the commit transaction did not commit."""
+
+    def _committed(self, rec: Record) -> None:
+        """Storage work after the commit is durable.
+
+        ``rec`` is the active record as it was before the commit: the same id
+        (and storage), not re-read, so a commit costs no extra query.
+
+        The commit stands whatever happens here: a failure must leave work
+        that the backend finishes on its own later (at open, on first use).
+        """
 
     def _release(self, path: Path) -> None:
         """Let go of a removed snapshot's storage (mounts, loop devices) before deletion.
@@ -374,11 +411,16 @@ class BaseSnapshotter:
             )
         # Flush and measure outside the write lock: both can take long on a big layer.
         try:
-            usage = self._prepare_commit(rec)
+            staged = self._stage_commit(rec)
         except OSError as exc:
             raise from_os_error(exc, f"committing snapshot {json.dumps(key)}") from exc
-        with self._store.write() as wtx:
-            wtx.commit_active(key, name, usage, clean, parent)
+        try:
+            with self._store.write() as wtx:
+                wtx.commit_active(key, name, staged.usage, clean, parent, staged.details)
+        except BaseException:
+            self._commit_failed(rec)
+            raise
+        self._committed(rec)
 
     def remove(self, key: str) -> None:
         validate_key(key)
@@ -447,6 +489,11 @@ class BaseSnapshotter:
             with self._store.read() as tx:
                 tx.get(key)
             raise
+
+    def details(self, key: str) -> dict[str, str]:
+        """What the backend recorded about a snapshot's storage (e.g. an image digest)."""
+        with self._store.read() as tx:
+            return tx.details(tx.get(key).id)
 
     def walk(self, *filters: str) -> Iterator[Info]:
         flt = parse_filters(*filters)  # parse now so a bad filter fails at the call

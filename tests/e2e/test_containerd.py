@@ -327,4 +327,16 @@ def test_gc_removes_our_snapshots_and_storage(stack: Stack, imported: ImageInfo)
 
 
 def test_nothing_is_left_mounted_below_the_stack(stack: Stack) -> None:
-    assert mounts_below(stack.base) == []
+    left = [Path(m) for m in mounts_below(stack.base)]
+    if stack.backend == "erofs":
+        # A committed layer's image stays mounted at snapshots/<id>/fs while the layer
+        # exists (tests run in random order: the GC may not have run yet).
+        layers = stack.ss_root / "snapshots"
+        left = [
+            m
+            for m in left
+            if not (
+                m.name == "fs" and m.parent.parent == layers and (m.parent / "layer.erofs").exists()
+            )
+        ]
+    assert left == []

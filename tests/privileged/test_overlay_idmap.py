@@ -1,4 +1,7 @@
-"""ID-mapped snapshots: mapping labels become uidmap=/gidmap= options and idmapped layers."""
+"""ID-mapped snapshots: mapping labels become uidmap=/gidmap= options and idmapped layers.
+
+Run on the overlay backend and on erofs, whose lowers are mounted EROFS images.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +27,10 @@ pytestmark = pytest.mark.privileged
 MAPPED = {UIDMAP_LABEL: "0:100000:65536", GIDMAP_LABEL: "0:200000:65536"}
 
 
-@pytest.fixture
-def sn(scratch: Path) -> Iterator[OverlaySnapshotter]:
+@pytest.fixture(params=["overlay", "erofs"])
+def sn(scratch: Path, request: pytest.FixtureRequest) -> Iterator[OverlaySnapshotter]:
     need_root()
-    s = open_snapshotter(scratch / "root", "overlay")
+    s = open_snapshotter(scratch / "root", request.param)
     assert isinstance(s, OverlaySnapshotter)
     try:
         yield s

@@ -83,6 +83,7 @@ def test_schema_v1_store_migrates(scratch: Path) -> None:
     MetaStore(db).close()
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE images")
+    conn.execute("DROP TABLE details")  # version 3's (a version 1 store has neither)
     conn.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
     conn.commit()
     conn.close()
@@ -91,7 +92,7 @@ def test_schema_v1_store_migrates(scratch: Path) -> None:
         assert tx.images() == []
     ms.close()
     (v,) = sqlite3.connect(db).execute("SELECT value FROM meta").fetchone()
-    assert int(v) == SCHEMA_VERSION == 2
+    assert int(v) == SCHEMA_VERSION == 3
 
 
 def test_import_rm_reclaims(scratch: Path) -> None:

@@ -94,7 +94,7 @@ class OverlaySnapshotter(BaseSnapshotter):
 
     def __init__(self, root: str | Path, **options: object) -> None:
         rest = dict(options)
-        self.config = OverlayOptions.take(rest)
+        self.config = OverlayOptions.take(rest, self.backend_name)
         self.sync_remove = self.config.sync_remove
         self.mount_options = default_mount_options(self.config.mount_options)
         self.capabilities = _capabilities(self.config.slow_chown)
@@ -103,7 +103,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     @classmethod
     def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
         rest = dict(options)
-        parsed = OverlayOptions.take(rest)  # a bad value is InvalidArgument, as at open
+        parsed = OverlayOptions.take(rest, cls.backend_name)  # bad: InvalidArgument, as at open
         if rest:
             raise unknown_options(cls.backend_name, rest)
         return _capabilities(parsed.slow_chown)

@@ -270,5 +270,3 @@ def _lay_out(root: Path, owner: tuple[int, int] | None) -> None:
     fs_blocks = os.lstat(root / "fs").st_blocks * 512
     # The empty upper itself counts, as it does for a plain snapshot.
     os.setxattr(root, _BASELINE, _baseline_value(use.size - fs_blocks, use.inodes - 1))
-
-

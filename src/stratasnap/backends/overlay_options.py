@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import InvalidArgument
 from ..fs.overlay_image import MAX_SIZE, MIN_SIZE
 
-__all__ = ["MAX_SIZE_LABEL", "OverlayOptions", "parse_size_label"]
+__all__ = ["MAX_SIZE_LABEL", "OverlayOptions", "parse_bool", "parse_size_label", "parse_words"]
 
 #: containerd's label for the size limit of a writable layer, in bytes.
 MAX_SIZE_LABEL = "containerd.io/snapshot/max-size"
@@ -39,21 +39,23 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
 
 
-def _bool(name: str, value: object) -> bool:
+def parse_bool(name: str, value: object, backend: str = "overlay") -> bool:
+    """A boolean option: a TOML boolean, or true/false/yes/no/on/off/1/0 as text."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise InvalidArgument(f"overlay option {name}={value!r}: expected true or false")
+    raise InvalidArgument(f"{backend} option {name}={value!r}: expected true or false")
 
 
-def _words(name: str, value: object) -> tuple[str, ...]:
+def parse_words(name: str, value: object, backend: str = "overlay") -> tuple[str, ...]:
+    """A list option: a TOML list of strings, or one comma-separated string."""
     if isinstance(value, str):
         # The command line gives one string: "volatile,metacopy=on".
         return tuple(w for w in (p.strip() for p in value.split(",")) if w)
     if isinstance(value, Iterable) and all(isinstance(w, str) for w in value):
         return tuple(str(w) for w in value)
-    raise InvalidArgument(f"overlay option {name}={value!r}: expected a list of mount options")
+    raise InvalidArgument(f"{backend} option {name}={value!r}: expected a list of words")
 
 
 def _check_range(what: str, value: str, size: int) -> int:
@@ -64,24 +66,24 @@ def _check_range(what: str, value: str, size: int) -> int:
     return size
 
 
-def _size_option(name: str, value: object) -> int:
+def _size_option(name: str, value: object, backend: str) -> int:
     """``default_size``: bytes as an integer, or a string such as ``"10GiB"``; 0 is none."""
     if isinstance(value, bool):
-        raise InvalidArgument(f"overlay option {name}={value!r}: expected a size")
+        raise InvalidArgument(f"{backend} option {name}={value!r}: expected a size")
     if isinstance(value, int):
         size, text = value, str(value)
     elif isinstance(value, str):
         m = _SIZE.fullmatch(value)
         if m is None or m.group(2).lower() not in _UNITS:
             raise InvalidArgument(
-                f"overlay option {name}={value!r}: expected a size such as 1073741824 or 10GiB"
+                f"{backend} option {name}={value!r}: expected a size such as 1073741824 or 10GiB"
             )
         size, text = int(m.group(1)) * _UNITS[m.group(2).lower()], value
     else:
-        raise InvalidArgument(f"overlay option {name}={value!r}: expected a size")
+        raise InvalidArgument(f"{backend} option {name}={value!r}: expected a size")
     if size == 0:
         return 0
-    return _check_range(f"overlay option {name}", text, size)
+    return _check_range(f"{backend} option {name}", text, size)
 
 
 def parse_size_label(labels: Mapping[str, str]) -> int | None:
@@ -125,13 +127,17 @@ class OverlayOptions:
     slow_chown: bool = False
 
     @classmethod
-    def take(cls, options: dict[str, object]) -> OverlayOptions:
-        """Parse and remove this backend's options from ``options`` (the rest are unknown)."""
+    def take(cls, options: dict[str, object], backend: str = "overlay") -> OverlayOptions:
+        """Parse and remove these options from ``options`` (the rest are another's or unknown).
+
+        ``backend`` names the backend in error messages (erofs shares these options).
+        """
+        b = backend
         parsed = cls(
-            upperdir_label=_bool("upperdir_label", options.pop("upperdir_label", False)),
-            sync_remove=_bool("sync_remove", options.pop("sync_remove", False)),
-            mount_options=_words("mount_options", options.pop("mount_options", ())),
-            default_size=_size_option("default_size", options.pop("default_size", 0)),
-            slow_chown=_bool("slow_chown", options.pop("slow_chown", False)),
+            upperdir_label=parse_bool("upperdir_label", options.pop("upperdir_label", False), b),
+            sync_remove=parse_bool("sync_remove", options.pop("sync_remove", False), b),
+            mount_options=parse_words("mount_options", options.pop("mount_options", ()), b),
+            default_size=_size_option("default_size", options.pop("default_size", 0), b),
+            slow_chown=parse_bool("slow_chown", options.pop("slow_chown", False), b),
         )
         return parsed

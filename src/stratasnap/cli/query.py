@@ -8,7 +8,7 @@ from collections import defaultdict
 import click
 
 from ..errors import NotFound, SnapshotError
-from ..snapshotter import Snapshotter
+from ..snapshotter import BaseSnapshotter, Snapshotter
 from ..types import Usage
 from ._app import error_line, pass_snapshotter
 from ._format import human_size, info_dict, table
@@ -60,13 +60,19 @@ def info(sn: Snapshotter, key: str) -> None:
     """Print what is known about snapshot KEY, as JSON.
 
     Fields: name, parent ("" for none), kind (active, view or committed),
-    labels, created and updated (RFC 3339, UTC).
+    labels, created and updated (RFC 3339, UTC), and "storage" where the
+    backend recorded facts about a committed snapshot's storage (the erofs
+    backend: the image's sha256).
 
     \b
     Example:
       stratasnap info base
     """
-    click.echo(json.dumps(info_dict(sn.stat(key)), indent=4))
+    shown = info_dict(sn.stat(key))
+    details = sn.details(key) if isinstance(sn, BaseSnapshotter) else {}
+    if details:
+        shown["storage"] = details
+    click.echo(json.dumps(shown, indent=4))
 
 
 @click.command()

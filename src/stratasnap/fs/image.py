@@ -55,6 +55,7 @@ PACKAGES = {
     "debugfs": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
+    "mkfs.erofs": "erofs-utils",
     "xfs_growfs": "xfsprogs",
 }
 

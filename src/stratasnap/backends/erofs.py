@@ -1,0 +1,394 @@
+"""The erofs backend: overlay layers whose committed ones are read-only EROFS images.
+
+Layout (containerd's erofs snapshotter's, non-block mode)::
+
+    snapshots/<id>/fs            active: the overlay upper; committed: where
+                                 the layer's image is mounted read-only
+    snapshots/<id>/work          active: the overlay workdir
+    snapshots/<id>/layer.erofs   committed: the layer, one EROFS image file
+
+Everything about active snapshots is the overlay backend's (this class is
+one): the mounts it hands out, size-limited uppers, uid/gid mapping labels,
+options. What differs is what a commit leaves behind. Commit builds
+``layer.erofs`` from the upper with ``mkfs.erofs`` (whiteouts and opaque
+marks carry over as they are), makes it durable, records its allocated size
+as the usage and its sha256 in the store, then empties ``fs`` and mounts the
+image there. The lowerdirs of children are those mounts, so containerd
+(down to 1.6) only ever sees a plain ``overlay`` or ``bind``.
+
+Crash safety, step by step (each leaves one of two states, both complete):
+
+1. the image is built in a locked ``new-commit-*`` directory: a crash
+   leaves the active snapshot untouched and cleanup() deletes the directory;
+2. it is fsynced and renamed to ``layer.erofs`` beside the upper: a crash
+   before the store commits leaves the active snapshot with a spare image,
+   which opening the store deletes;
+3. the store commits (usage, digest): from here the layer is the image;
+4. ``fs`` is renamed to ``upper.old``, a fresh ``fs`` gets the image
+   mounted, and ``upper.old``/``work`` are deleted: a crash anywhere here
+   is finished at open (or the first time the layer is needed).
+
+Committed images are mounted on first use (a prepare, view or mounts()
+that has them as parents), not at open: opening a store with 1,000 layers
+then costs a directory scan instead of 1,000 mounts (see README figures).
+
+Removing a committed layer unmounts its image (still in use:
+FailedPrecondition, so containerd's GC retries later), clears the immutable
+flag and unlinks the file: no walk over the layer's files.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ..errors import FailedPrecondition, InvalidArgument, from_os_error
+from ..fs.erofs_image import (
+    ZTAILPACKING,
+    build_image,
+    find_mkfs,
+    kernel_supports_erofs,
+    mkfs_compressors,
+    mount_image,
+    set_immutable,
+    supports_ztailpacking,
+)
+from ..fs.image import MissingTool
+from ..fs.mount import is_mountpoint, unmount
+from ..fs.usage import fsync_path
+from ..metastore import Record
+from ..snapshotter import StagedCommit
+from ..types import Kind, Mount, Usage
+from .erofs_options import ErofsOptions
+from .overlay import OverlaySnapshotter
+from .overlay_limits import IMAGE as LIMIT_IMAGE
+from .overlay_limits import SETUP as LIMIT_SETUP
+
+__all__ = ["DIGEST_DETAIL", "IMAGE", "ErofsSnapshotter"]
+
+log = logging.getLogger("stratasnap")
+
+IMAGE = "layer.erofs"
+#: The store detail holding a committed layer's image digest ("sha256:<hex>").
+DIGEST_DETAIL = "image.digest"
+_OLD_UPPER = "upper.old"
+
+
+class ErofsSnapshotter(OverlaySnapshotter):
+    """Overlay snapshots whose committed layers are EROFS images.
+
+    Options: the overlay backend's (:class:`~.overlay_options.OverlayOptions`)
+    and :class:`~.erofs_options.ErofsOptions`.
+    """
+
+    backend_name = "erofs"
+
+    def __init__(self, root: str | Path, **options: object) -> None:
+        rest = dict(options)
+        self.erofs = ErofsOptions.take(rest)
+        super().__init__(root, **rest)
+
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        rest = dict(options)
+        ErofsOptions.take(rest)  # a bad value is InvalidArgument, as at open
+        return super().capabilities_for(rest)
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def _opened(self) -> None:
+        self._mount_lock = self.root / "erofs-mounts.lock"
+        self._mkfs_args: tuple[str, ...] | None = None  # decided at the first commit
+        self._commit_locks: dict[int, threading.Lock] = {}
+        self._commit_locks_guard = threading.Lock()
+        try:
+            self._mkfs = _preconditions(self.erofs.compression)
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+        super()._opened()
+
+    def _recover(self) -> None:
+        """Finish or undo what a killed commit left (see the module docstring)."""
+        with self._store.read() as tx:
+            kinds = tx.id_kinds()
+        with os.scandir(self.snapshots_dir) as scan:  # closed even when a step fails
+            for entry in scan:
+                if not entry.name.isdigit() or int(entry.name) not in kinds:
+                    continue  # not ours: cleanup() decides
+                # Plain strings: this runs for every snapshot at every open.
+                if kinds[int(entry.name)] is Kind.COMMITTED:
+                    if _unsettled(entry.path):
+                        with suppress(OSError), self._locked():
+                            # A broken image must not keep the store from opening;
+                            # mounts() of a child reports the error instead.
+                            self._settle(Path(entry.path))
+                elif os.path.lexists(entry.path + "/" + IMAGE):
+                    # Built by a commit that never committed.
+                    _unlink_image(Path(entry.path, IMAGE))
+
+    def _populate(
+        self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
+    ) -> None:
+        if parent is not None:
+            self._ensure_layer(parent.id)  # its mounted root gives the upper its owner
+        super()._populate(work, kind, parent, labels)
+
+    def _mounts(self, rec: Record) -> list[Mount]:
+        for pid in rec.parent_ids:
+            self._ensure_layer(pid)
+        return super()._mounts(rec)
+
+    def _stage_commit(self, rec: Record) -> StagedCommit:
+        # Two commits of one key at once would each build an image, and the loser's
+        # undo would delete the winner's: one at a time, then re-check that the
+        # snapshot is still the active one (released by _committed/_commit_failed).
+        lock = self._commit_lock(rec.id)
+        lock.acquire()
+        try:
+            with self._store.read() as tx:
+                now = tx.get(rec.info.name)  # NotFound: committed by the other
+            if now.id != rec.id or now.info.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {rec.info.name!r} is not active")
+            return self._build_layer(rec)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _commit_lock(self, sid: int) -> threading.Lock:
+        with self._commit_locks_guard:
+            return self._commit_locks.setdefault(sid, threading.Lock())
+
+    def _commit_done(self, sid: int) -> None:
+        with self._commit_locks_guard:
+            lock = self._commit_locks.pop(sid)
+        lock.release()
+
+    def _build_layer(self, rec: Record) -> StagedCommit:
+        """The image of active ``rec``, built, durable and in place beside its upper."""
+        storage = self.storage_dir(rec.id)
+        limited = self._limits.ensure_mounted(storage)
+        # No flush of the upper: the image is what becomes the layer, and it is
+        # fsynced before the store commits; the upper is discarded after.
+        staging = Path(tempfile.mkdtemp(prefix=f"new-commit-{rec.id}-", dir=self.snapshots_dir))
+        lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # cleanup() leaves a locked new-* alone
+            built = build_image(
+                storage / "fs",
+                staging / IMAGE,
+                self.erofs.compression,
+                self._mkfs_arguments(staging),
+                self._mkfs,
+            )
+            if limited:
+                # The image goes beside the limited filesystem, not into it.
+                # Busy (EBUSY): the commit fails and the snapshot stays as it was.
+                unmount(storage)
+            final = storage / IMAGE
+            if os.path.lexists(final):
+                _unlink_image(final)
+            os.rename(staging / IMAGE, final)
+            try:
+                fsync_path(storage)
+            except BaseException:
+                _unlink_image(final)
+                raise
+            if self.erofs.immutable:
+                self._seal(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.close(lock)
+        return StagedCommit(
+            Usage(size=built.allocated, inodes=built.inodes),
+            {DIGEST_DETAIL: f"sha256:{built.sha256}"},
+        )
+
+    def _mkfs_arguments(self, scratch: Path) -> tuple[str, ...]:
+        """Our mkfs.erofs arguments, then the configured ones (which may override ours)."""
+        if self._mkfs_args is None:
+            ours: tuple[str, ...] = ()
+            # Inline compressed tails: a third less space for layers of small files,
+            # where the kernel can read them (probed once, in the empty ``scratch``).
+            if self.erofs.compression != "none" and supports_ztailpacking(self._mkfs, scratch):
+                ours = (ZTAILPACKING,)
+            self._mkfs_args = (*ours, *self.erofs.mkfs_options)
+        return self._mkfs_args
+
+    def _seal(self, image: Path) -> None:
+        # Like containerd, a flag that cannot be set only costs the protection.
+        try:
+            if not set_immutable(image, True):
+                log.info("%s: its filesystem has no immutable flag", image)
+        except OSError as exc:
+            log.warning("%s: cannot set the immutable flag: %s", image, exc)
+
+    def _commit_failed(self, rec: Record) -> None:
+        try:
+            with suppress(FileNotFoundError):
+                _unlink_image(self.storage_dir(rec.id) / IMAGE)
+        finally:
+            self._commit_done(rec.id)
+
+    def _committed(self, rec: Record) -> None:
+        try:
+            with self._locked():
+                self._settle(self.storage_dir(rec.id))
+        except OSError as exc:
+            # Committed already; the next open or first use finishes the job.
+            log.warning("committed active %s; mounting its image failed: %s", rec.info.name, exc)
+        finally:
+            self._commit_done(rec.id)
+
+    def _rename_aside(self, src: Path, dst: Path) -> bool:
+        fs = src / "fs"
+        try:
+            mounted = is_mountpoint(fs)
+        except (FileNotFoundError, NotADirectoryError):
+            mounted = False
+        if mounted:
+            try:
+                unmount(fs)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise FailedPrecondition(
+                        f"layer image {src / IMAGE} is in use (mounted at {fs}): {exc.strerror}"
+                    ) from exc
+                raise
+        return super()._rename_aside(src, dst)
+
+    def _release(self, path: Path) -> None:
+        super()._release(path)  # unmounts first: the image must not be in use
+        with suppress(FileNotFoundError):
+            _unlink_image(path / IMAGE)
+
+    # -- layers ------------------------------------------------------------------------
+
+    def mount_layers(self) -> int:
+        """Mount every committed layer's image now (else each is on first use); how many."""
+        with self._store.read() as tx:
+            kinds = tx.id_kinds()
+        count = 0
+        for sid, kind in sorted(kinds.items()):
+            if kind is Kind.COMMITTED and self._ensure_layer(sid):
+                count += 1
+        return count
+
+    def _ensure_layer(self, sid: int) -> bool:
+        """Mount a committed layer's image if it is not; True if this call mounted it."""
+        fs = self._fs_dir(sid)
+        if is_mountpoint(fs):
+            return False
+        try:
+            with self._locked():
+                return self._settle(self.storage_dir(sid))
+        except OSError as exc:
+            # A missing or broken image: say which layer, with the OS's words.
+            raise from_os_error(exc, f"mounting layer image {fs.parent / IMAGE}") from exc
+
+    def _settle(self, storage: Path) -> bool:
+        """Finish a committed layer: image mounted on an empty ``fs``, nothing else left.
+
+        Idempotent, so it finishes whatever step a crash interrupted. Call
+        with the lock held. True if it mounted the image.
+        """
+        fs = storage / "fs"
+        image = storage / IMAGE
+        if not os.path.exists(image):
+            raise FileNotFoundError(errno.ENOENT, "committed layer has no image", str(image))
+        if is_mountpoint(storage):
+            unmount(storage)  # a limited upper's filesystem, reattached by an older open
+        mounted = False
+        if not (os.path.isdir(fs) and is_mountpoint(fs)):
+            old = storage / _OLD_UPPER
+            if os.path.isdir(fs) and _has_entries(fs):
+                if os.path.lexists(old):
+                    shutil.rmtree(old)
+                os.rename(fs, old)
+            if not os.path.isdir(fs):
+                os.mkdir(fs, 0o755)
+            mount_image(image, fs)
+            mounted = True
+        # The rest is garbage: the upper's files (now in the image) and overlay's.
+        for name in (_OLD_UPPER, "work"):
+            if os.path.lexists(storage / name):
+                shutil.rmtree(storage / name)
+        with suppress(FileNotFoundError):
+            os.unlink(storage / LIMIT_IMAGE)
+        with suppress(FileNotFoundError):
+            os.rmdir(storage / LIMIT_SETUP)
+        return mounted
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # flock on an open of its own: threads and processes (CLI and server) alike.
+        fd = os.open(self._mount_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _preconditions(compression: str) -> str:
+    """The path of mkfs.erofs, once the kernel and the tools are known to do the job."""
+    if not kernel_supports_erofs() and not _erofs_module_available():
+        raise FailedPrecondition(
+            "the kernel has no EROFS filesystem (not in /proc/filesystems, no erofs module): "
+            "use a kernel with CONFIG_EROFS_FS, or load the module with `modprobe erofs`"
+        )
+    try:
+        mkfs = find_mkfs()
+    except MissingTool as exc:
+        raise FailedPrecondition(
+            f"the erofs backend builds layer images with {exc.tool}, which is not installed: "
+            f"install the Debian package {exc.package or 'erofs-utils'}"
+        ) from exc
+    if compression != "none":
+        have = mkfs_compressors(mkfs)
+        if compression not in have:
+            raise InvalidArgument(
+                f"erofs option compression={compression!r}: {mkfs} offers "
+                + (", ".join(sorted(have)) or "no compressor")
+            )
+    return mkfs
+
+
+def _erofs_module_available() -> bool:
+    """Whether an erofs module exists for this kernel (mount(2) loads it on demand)."""
+    release = os.uname().release
+    try:
+        with open(f"/lib/modules/{release}/modules.dep") as f:
+            return any("/erofs.ko" in line.split(":", 1)[0] for line in f)
+    except OSError:
+        return False
+
+
+def _unsettled(storage: str) -> bool:
+    """Whether a committed layer's storage still holds what the commit meant to drop."""
+    return any(
+        os.path.lexists(f"{storage}/{name}")
+        for name in (_OLD_UPPER, "work", LIMIT_IMAGE, LIMIT_SETUP)
+    ) or not os.path.isdir(f"{storage}/fs")
+
+
+def _has_entries(directory: Path) -> bool:
+    with os.scandir(directory) as it:
+        return next(it, None) is not None
+
+
+def _unlink_image(image: Path) -> None:
+    """Delete an image, clearing the immutable flag it may carry first."""
+    with suppress(OSError):
+        # Not set, or a filesystem without the flag: the unlink says what matters.
+        set_immutable(image, False)
+    os.unlink(image)

@@ -1,0 +1,225 @@
+"""erofs crash safety: a process killed (SIGKILL) before any step of commit or remove.
+
+The child counts every storage step (image build, rename, mkdir, unlink,
+rmtree, mount, unmount, fsync, immutable flag, store commit) and kills
+itself just before step N. For every N until the operation finishes, the
+test reopens the store (a restart), runs cleanup(), and checks every
+snapshot: the operation happened entirely or not at all, active snapshots
+still hold all their files, committed layers have their image (matching
+the recorded digest) mounted with the right content, and nothing is left
+that no snapshot owns: no directory, no mount, no loop device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import need_root
+
+from stratasnap import Kind, open_snapshotter
+from stratasnap.backends.erofs import DIGEST_DETAIL, IMAGE, ErofsSnapshotter
+from stratasnap.fs.erofs_image import file_sha256
+from stratasnap.fs.loop import backing_files
+from stratasnap.fs.manifest import manifest
+from stratasnap.fs.mount import mounts_under, unmount_all_under
+from stratasnap.testing import mounted
+
+pytestmark = pytest.mark.privileged
+
+CHILD = textwrap.dedent(
+    """
+    import os, shutil, signal, sys, json
+    import stratasnap.metastore as ms
+    import stratasnap.backends.erofs as eb
+    import stratasnap.fs.mount as fm
+    from stratasnap import open_snapshotter
+
+    root, op, kill_at, options = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    count = 0
+
+    def step(fn):
+        def wrapped(*a, **kw):
+            global count
+            count += 1
+            if count == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*a, **kw)
+        return wrapped
+
+    sn = open_snapshotter(root, "erofs", **json.loads(options))
+    for mod, name in [
+        (os, "rename"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
+        (eb, "build_image"), (eb, "mount_image"), (eb, "unmount"), (eb, "fsync_path"),
+        (eb, "set_immutable"), (fm, "unmount"), (ms.MetaStore, "_commit"),
+    ]:
+        setattr(mod, name, step(getattr(mod, name)))
+    if op == "commit":
+        sn.commit("child-committed", "active")
+    elif op == "remove":
+        sn.remove("leaf")
+    elif op == "cleanup":
+        sn.cleanup()
+    print(json.dumps({"steps": count}))
+    """
+)
+
+
+def _content(root: Path) -> dict[str, object]:
+    return {k: (e.kind, e.mode, e.sha256, e.xattrs) for k, e in manifest(root).items()}
+
+
+def _storage(sn: ErofsSnapshotter, key: str) -> Path:
+    with sn._store.read() as tx:
+        return sn.storage_dir(tx.get(key).id)
+
+
+def _setup(root: Path, mnt: Path, options: dict[str, object]) -> dict[str, dict[str, object]]:
+    """base (committed) <- leaf (committed); active on base with a whiteout and data."""
+    digests: dict[str, dict[str, object]] = {}
+    with open_snapshotter(root, "erofs", **options) as sn:
+        with mounted(sn.prepare("base-a"), mnt) as r:
+            (r / "dir").mkdir()
+            (r / "dir" / "a").write_bytes(b"A" * 5000)
+            (r / "b").write_text("bee")
+        sn.commit("base", "base-a")
+        with mounted(sn.prepare("leaf-a", "base"), mnt) as r:
+            (r / "leaf-only").write_text("leaf")
+        sn.commit("leaf", "leaf-a")
+        with mounted(sn.prepare("active", "base"), mnt) as r:
+            (r / "written").write_text("in the active snapshot")
+            (r / "b").unlink()  # a whiteout in the upper, to carry into the image
+            digests["active"] = _content(r)
+        for name in ("base", "leaf"):
+            with mounted(sn.view(f"v-{name}", name), mnt) as r:
+                digests[name] = _content(r)
+            sn.remove(f"v-{name}")
+        sn.cleanup()
+    return digests
+
+
+def _run_child(root: Path, op: str, kill_at: int, options: dict[str, object]) -> int | None:
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), op, str(kill_at), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if r.returncode == -signal.SIGKILL:
+        return None
+    assert r.returncode == 0, r.stderr
+    return int(json.loads(r.stdout)["steps"])
+
+
+def _loops_under(root: Path) -> list[str]:
+    prefix = str(root) + "/"
+    return [backing for _, backing in backing_files() if backing.startswith(prefix)]
+
+
+def _stray(root: Path, ids: set[str], backing: str) -> bool:
+    top = Path(backing).relative_to(root / "snapshots").parts[0]
+    return top not in ids or backing.endswith(" (deleted)")
+
+
+def _wait_loops(root: Path, bad: Callable[[str], bool]) -> list[str]:
+    # Autoclear devices are released a moment after their last unmount.
+    deadline = time.monotonic() + 10
+    found = [b for b in _loops_under(root) if bad(b)]
+    while found and time.monotonic() < deadline:
+        time.sleep(0.01)
+        found = [b for b in _loops_under(root) if bad(b)]
+    return found
+
+
+def _check(
+    root: Path, mnt: Path, digests: dict[str, dict[str, object]], options: dict[str, object]
+) -> dict[str, Kind]:
+    with open_snapshotter(root, "erofs", **options) as sn:
+        assert isinstance(sn, ErofsSnapshotter)
+        sn.cleanup()
+        infos = {i.name: i for i in sn.walk()}
+        expected = set()
+        for name, info in infos.items():
+            storage = _storage(sn, name)
+            if info.kind is Kind.COMMITTED:
+                image = storage / IMAGE
+                assert sn.details(name)[DIGEST_DETAIL] == "sha256:" + file_sha256(image)
+                assert sorted(os.listdir(storage)) == ["fs", IMAGE], f"{name}: leftovers"
+                with mounted(sn.view(f"check-{name}", name), mnt) as r:
+                    content = _content(r)
+                sn.remove(f"check-{name}")
+                expected.add(storage / "fs")
+            else:
+                assert not os.path.lexists(storage / IMAGE), f"{name}: a spare image"
+                expected.add(storage)  # a size-limited upper's filesystem
+                with mounted(sn.mounts(name), mnt) as r:
+                    content = _content(r)
+            want = digests["active" if name == "child-committed" else name]
+            assert content == want, f"content of {name} changed"
+        sn.cleanup()
+        with sn._store.read() as tx:
+            ids = {str(i) for i in tx.id_map()}
+        left = set(os.listdir(root / "snapshots"))
+        assert left == ids, f"unowned storage left: {sorted(left - ids)}"
+        # Mounts: committed layers' images, limited uppers, nothing else.
+        assert set(mounts_under(root)) <= expected
+        stray = _wait_loops(root, lambda b: _stray(root, ids, b))
+        assert not stray, f"loop devices left: {stray}"
+        return {n: i.kind for n, i in infos.items()}
+
+
+def _committed(kinds: dict[str, Kind]) -> bool:
+    return kinds.get("child-committed") is Kind.COMMITTED and "active" not in kinds
+
+
+@pytest.mark.parametrize(
+    ("op", "options", "done"),
+    [
+        ("commit", {}, _committed),
+        ("commit", {"immutable": True}, _committed),
+        ("commit", {"default_size": "32MiB"}, _committed),
+        ("remove", {"immutable": True}, lambda k: "leaf" not in k),
+        ("remove", {"sync_remove": True}, lambda k: "leaf" not in k),
+        ("cleanup", {}, lambda k: True),
+    ],
+    ids=["commit", "commit-immutable", "commit-limited", "remove", "remove-sync", "cleanup"],
+)
+def test_kill_at_every_step(
+    loopfs: Callable[..., Path],
+    op: str,
+    options: dict[str, object],
+    done: Callable[[dict[str, Kind]], bool],
+) -> None:
+    # ext4: images are file-backed where the kernel can, and immutable flags stick.
+    need_root()
+    base = loopfs("ext4", size="512M")
+    mnt = base / "mnt"
+    mnt.mkdir()
+    kill_at = 1
+    finished = None
+    while finished is None:
+        root = base / f"{op}-{kill_at}"
+        digests = _setup(root, mnt, options)
+        if op == "cleanup":
+            (root / "snapshots" / "new-424242" / "x").mkdir(parents=True)
+            (root / "snapshots" / "rm-434343").mkdir()
+        finished = _run_child(root, op, kill_at, options)
+        kinds = _check(root, mnt, digests, options)
+        if finished is not None:
+            assert done(kinds), f"{op} finished but its effect is missing: {kinds}"
+        else:
+            assert kinds.get("base") is Kind.COMMITTED
+        unmount_all_under(root)
+        assert _wait_loops(root, lambda b: True) == []
+        kill_at += 1
+        assert kill_at < 100, "operation never finished"
+    print(f"{op}: killed before each of {kill_at - 2} steps")
+    assert kill_at > 3, f"{op}: no step was interrupted; the test checks nothing"
