@@ -182,6 +182,10 @@ class BaseSnapshotter:
             with suppress(OSError):
                 unmount_all_under(path)
 
+    def _erase(self, path: Path) -> None:
+        """Delete released storage at ``path`` and everything below it (default: rmtree)."""
+        _rmtree(path)
+
     def _storage_busy(self, path: Path) -> bool:
         """Whether storage below ``path`` is still in use where the mount table does not show.
 
@@ -419,7 +423,7 @@ class BaseSnapshotter:
         self._release(path)
         if mounts_under(path) or self._storage_busy(path):
             return False
-        _rmtree(path)
+        self._erase(path)
         return True
 
 

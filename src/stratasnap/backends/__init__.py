@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "native": "stratasnap.backends.native:NativeSnapshotter",
     "overlay": "stratasnap.backends.overlay:OverlaySnapshotter",
     "blockfile": "stratasnap.backends.blockfile:BlockfileSnapshotter",
+    "btrfs": "stratasnap.backends.btrfs:BtrfsSnapshotter",
 }
 
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from ..errors import InvalidArgument
 from ..fs.overlay_image import MAX_SIZE, MIN_SIZE
 
-__all__ = ["MAX_SIZE_LABEL", "OverlayOptions", "parse_size_label"]
+__all__ = [
+    "MAX_SIZE_LABEL",
+    "OverlayOptions",
+    "parse_bool_option",
+    "parse_size_label",
+    "parse_size_option",
+]
 
 #: containerd's label for the size limit of a writable layer, in bytes.
 MAX_SIZE_LABEL = "containerd.io/snapshot/max-size"
@@ -39,12 +45,13 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
 
 
-def _bool(name: str, value: object) -> bool:
+def parse_bool_option(name: str, value: object, backend: str = "overlay") -> bool:
+    """A boolean option: a real bool, or text such as ``true``/``off``."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise InvalidArgument(f"overlay option {name}={value!r}: expected true or false")
+    raise InvalidArgument(f"{backend} option {name}={value!r}: expected true or false")
 
 
 def _words(name: str, value: object) -> tuple[str, ...]:
@@ -64,24 +71,24 @@ def _check_range(what: str, value: str, size: int) -> int:
     return size
 
 
-def _size_option(name: str, value: object) -> int:
+def parse_size_option(name: str, value: object, backend: str = "overlay") -> int:
     """``default_size``: bytes as an integer, or a string such as ``"10GiB"``; 0 is none."""
     if isinstance(value, bool):
-        raise InvalidArgument(f"overlay option {name}={value!r}: expected a size")
+        raise InvalidArgument(f"{backend} option {name}={value!r}: expected a size")
     if isinstance(value, int):
         size, text = value, str(value)
     elif isinstance(value, str):
         m = _SIZE.fullmatch(value)
         if m is None or m.group(2).lower() not in _UNITS:
             raise InvalidArgument(
-                f"overlay option {name}={value!r}: expected a size such as 1073741824 or 10GiB"
+                f"{backend} option {name}={value!r}: expected a size such as 1073741824 or 10GiB"
             )
         size, text = int(m.group(1)) * _UNITS[m.group(2).lower()], value
     else:
-        raise InvalidArgument(f"overlay option {name}={value!r}: expected a size")
+        raise InvalidArgument(f"{backend} option {name}={value!r}: expected a size")
     if size == 0:
         return 0
-    return _check_range(f"overlay option {name}", text, size)
+    return _check_range(f"{backend} option {name}", text, size)
 
 
 def parse_size_label(labels: Mapping[str, str]) -> int | None:
@@ -127,10 +134,12 @@ class OverlayOptions:
     def take(cls, options: dict[str, object]) -> OverlayOptions:
         """Parse and remove this backend's options from ``options`` (the rest are unknown)."""
         parsed = cls(
-            upperdir_label=_bool("upperdir_label", options.pop("upperdir_label", False)),
-            sync_remove=_bool("sync_remove", options.pop("sync_remove", False)),
+            upperdir_label=parse_bool_option(
+                "upperdir_label", options.pop("upperdir_label", False)
+            ),
+            sync_remove=parse_bool_option("sync_remove", options.pop("sync_remove", False)),
             mount_options=_words("mount_options", options.pop("mount_options", ())),
-            default_size=_size_option("default_size", options.pop("default_size", 0)),
-            slow_chown=_bool("slow_chown", options.pop("slow_chown", False)),
+            default_size=parse_size_option("default_size", options.pop("default_size", 0)),
+            slow_chown=parse_bool_option("slow_chown", options.pop("slow_chown", False)),
         )
         return parsed

@@ -1,0 +1,241 @@
+"""The btrfs backend: every snapshot is a btrfs subvolume, made by the kernel in one ioctl.
+
+Layout (the shared one, plus one subvolume per snapshot)::
+
+    snapshots/<id>/        a plain directory: what the base class renames
+    snapshots/<id>/fs      the snapshot's subvolume (absent for a view of a parent)
+
+The subvolume sits one level below the directory the base class creates,
+renames and locks, rather than being that directory: the create path holds
+an flock on ``new-<id>`` while the snapshot is made (a snapshot ioctl
+creates its destination itself, so it could not be locked beforehand), and
+the two-phase remove renames a plain directory whatever state the
+subvolume is in. Only erasing storage knows about subvolumes.
+
+- **prepare** on a parent: a writable snapshot of the parent's subvolume
+  (``BTRFS_IOC_SNAP_CREATE_V2``): one ioctl, whatever the parent holds.
+  Without a parent: an empty subvolume.
+- **view**: a read-only bind of the parent's subvolume, which is read-only
+  already: no storage at all (a read-only snapshot would cost a transaction
+  commit per view for nothing; ``benchmarks/btrfs.py`` measures both).
+- **commit**: set the subvolume's RDONLY flag first (writes end there, also
+  through existing mounts), then write back and commit the filesystem's
+  transaction (``BTRFS_IOC_SYNC``), then the metadata. A commit that fails
+  after the flag clears it again; one killed in between leaves an active
+  snapshot with the flag set, which opening the snapshotter clears.
+- **remove**: the base class's two-phase rename, then one
+  ``BTRFS_IOC_SNAP_DESTROY_V2``; btrfs frees the blocks in the background.
+- **mounts**: ``bind`` of the subvolume, ``rw`` (active) or ``ro`` (view).
+  containerd's own btrfs snapshotter mounts the device with ``subvolid=``;
+  a bind needs no device and works the same from any mount namespace.
+
+Quotas (btrfs qgroups), when the filesystem has them on (option
+``quota=true`` turns them on when the snapshotter opens): the
+``containerd.io/snapshot/max-size`` label, or option ``default_size``,
+limits an active snapshot's exclusive bytes (what it wrote itself; writes
+past it fail with EDQUOT in that snapshot only), and the usage of an
+active snapshot is its qgroup's exclusive bytes, read in constant time
+after a transaction commit, instead of a walk. qgroups count bytes, not
+inodes: usage from a qgroup reports 0 inodes. Without quotas usage walks
+the tree (the parent's files included, as the native backend's), and a
+size limit is InvalidArgument.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FailedPrecondition, InvalidArgument
+from ..filters import parse as parse_filters
+from ..fs import btrfs
+from ..fs.usage import disk_usage
+from ..metastore import Record
+from ..snapshotter import BaseSnapshotter
+from ..types import Kind, Mount, Usage
+from .overlay_options import (
+    MAX_SIZE_LABEL,
+    parse_bool_option,
+    parse_size_label,
+    parse_size_option,
+)
+
+__all__ = ["BtrfsOptions", "BtrfsSnapshotter"]
+
+FS = "fs"
+_QUOTA_HINT = "turn them on with the option quota=true, or `btrfs quota enable <root>`"
+
+
+@dataclass(frozen=True)
+class BtrfsOptions:
+    """What a btrfs snapshotter was opened with.
+
+    ``quota``: turn btrfs quotas (qgroups) on when opening, if they are not.
+    ``default_size``: size limit in bytes of every active snapshot without a
+    ``max-size`` label (0: unlimited); needs quotas.
+    """
+
+    quota: bool = False
+    default_size: int = 0
+
+    @classmethod
+    def take(cls, options: dict[str, object]) -> BtrfsOptions:
+        """Parse and remove this backend's options from ``options`` (the rest are unknown)."""
+        return cls(
+            quota=parse_bool_option("quota", options.pop("quota", False), "btrfs"),
+            default_size=parse_size_option("default_size", options.pop("default_size", 0), "btrfs"),
+        )
+
+
+def _check_on_btrfs(root: Path) -> None:
+    """FailedPrecondition unless ``root`` (or where it will be made) is on btrfs."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not btrfs.is_btrfs(probe):
+        raise FailedPrecondition(
+            f"backend 'btrfs' needs its root on a btrfs filesystem; {root} is on "
+            f"{btrfs.filesystem_name(probe)}"
+        )
+
+
+class BtrfsSnapshotter(BaseSnapshotter):
+    """Snapshots as btrfs subvolumes under ``<root>/snapshots/<id>/fs``.
+
+    Options: see :class:`BtrfsOptions`.
+    """
+
+    backend_name = "btrfs"
+
+    def __init__(self, root: str | Path, **options: object) -> None:
+        rest = dict(options)
+        self.config = BtrfsOptions.take(rest)
+        _check_on_btrfs(Path(root).absolute())
+        super().__init__(root, **rest)
+
+    # -- hooks -----------------------------------------------------------------------
+
+    def _opened(self) -> None:
+        try:
+            if self.config.quota and not btrfs.quota_status(self.root).enabled:
+                btrfs.enable_quota(self.root)
+            if self.config.default_size and not self.quotas_enabled():
+                raise InvalidArgument(
+                    f"btrfs option default_size={self.config.default_size} needs btrfs quotas, "
+                    f"which are off on the filesystem of {self.root}: {_QUOTA_HINT}"
+                )
+            self._thaw_actives()
+        except BaseException:
+            self.close()
+            raise
+
+    def _thaw_actives(self) -> None:
+        """Make writable again the active snapshots a commit killed midway left read-only."""
+        with self._store.read() as tx:
+            ids = [tx.get(i.name).id for i in tx.walk(parse_filters("kind==active"))]
+        for sid in ids:
+            with suppress(FileNotFoundError):
+                btrfs.set_readonly(self._fs_dir(sid), False)
+
+    def _populate(
+        self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
+    ) -> None:
+        size = parse_size_label(labels)  # a malformed label fails even on a view
+        if kind is Kind.VIEW:
+            if parent is None:
+                # Nothing to bind: an empty subvolume, read-only like the parent would be.
+                btrfs.create_subvolume(work, FS)
+                os.chmod(work / FS, 0o755)
+                btrfs.set_readonly(work / FS)
+            return  # a view holds no writes: no limit either
+        if size is None:
+            size = self.config.default_size
+        if size and not self.quotas_enabled():
+            raise InvalidArgument(
+                f"label {MAX_SIZE_LABEL}={size}: size limits need btrfs quotas, which are "
+                f"off on the filesystem of {self.root}: {_QUOTA_HINT}"
+            )
+        if parent is not None:
+            btrfs.snapshot(self._fs_dir(parent.id), work, FS)
+        else:
+            btrfs.create_subvolume(work, FS)
+            os.chmod(work / FS, 0o755)  # whatever the umask: a fresh root is 0755
+        if size:
+            btrfs.set_qgroup_limit(work / FS, size)
+
+    def _fs_dir(self, sid: int) -> Path:
+        return self.storage_dir(sid) / FS
+
+    def _mounts(self, rec: Record) -> list[Mount]:
+        if rec.info.kind is Kind.VIEW and rec.parent_ids:
+            source = self._fs_dir(rec.parent_ids[0])
+        else:
+            source = self._fs_dir(rec.id)
+        mode = "rw" if rec.info.kind is Kind.ACTIVE else "ro"
+        return [Mount(type="bind", source=str(source), options=("rbind", mode))]
+
+    def _measure(self, rec: Record) -> Usage:
+        fs = self._fs_dir(rec.id)
+        return self._qgroup_usage(fs) or disk_usage(fs)
+
+    def _prepare_commit(self, rec: Record) -> Usage:
+        fs = self._fs_dir(rec.id)
+        # Read-only first: nothing written after the flush can be missed by it.
+        btrfs.set_readonly(fs)
+        try:
+            btrfs.sync(fs)  # containerd#5854: the data is durable before the commit is
+            return self._measure(rec)
+        except BaseException:
+            btrfs.set_readonly(fs, False)
+            raise
+
+    def _erase(self, path: Path) -> None:
+        if not btrfs.destroy_subvolumes_in(path):
+            super()._erase(path)
+
+    # -- calls that differ -------------------------------------------------------------
+
+    def commit(
+        self,
+        name: str,
+        key: str,
+        labels: Mapping[str, str] | None = None,
+        parent: str = "",
+    ) -> None:
+        try:
+            super().commit(name, key, labels, parent)
+        except BaseException:
+            # The metadata did not change: the snapshot is still active, so
+            # its subvolume must be writable again.
+            with self._store.read() as tx:
+                rec = tx.find(key)
+            if rec is not None and rec.info.kind is Kind.ACTIVE:
+                with suppress(OSError):
+                    btrfs.set_readonly(self._fs_dir(rec.id), False)
+            raise
+
+    # -- quotas --------------------------------------------------------------------------
+
+    def quotas_enabled(self) -> bool:
+        """Whether btrfs quotas are on for the filesystem of the root (read now)."""
+        return btrfs.quota_status(self.root).enabled
+
+    def _qgroup_usage(self, fs: Path) -> Usage | None:
+        """The exclusive bytes of ``fs``'s qgroup, or None when qgroups cannot tell.
+
+        The kernel brings qgroup numbers up to date when it commits a
+        transaction, so the pending one is committed first (a no-op when
+        nothing changed). While a rescan runs, or after quotas were off for
+        a while, the numbers are wrong: None then, and the caller walks.
+        """
+        status = btrfs.quota_status(fs)
+        if not status.enabled or status.rescanning or status.inconsistent:
+            return None
+        btrfs.sync(fs)
+        info = btrfs.qgroup_info(fs, btrfs.subvolume_id(fs))
+        if info is None:
+            return None
+        return Usage(size=info.exclusive, inodes=0)
