@@ -353,7 +353,8 @@ root = "{DEFAULT_ROOT}"
 address = "{DEFAULT_ADDRESS}"
 
 # The backend of the default snapshotter: native (directory copies, works
-# anywhere), overlay (overlayfs, needs root), blockfile (filesystem images).
+# anywhere), overlay (overlayfs, needs root), blockfile (filesystem images),
+# btrfs (subvolume snapshots; the root must be on btrfs).
 backend = "{DEFAULT_BACKEND}"
 
 # debug, info, warning, error or critical.
