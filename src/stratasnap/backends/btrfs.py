@@ -229,9 +229,13 @@ class BtrfsSnapshotter(BaseSnapshotter):
         The kernel brings qgroup numbers up to date when it commits a
         transaction, so the pending one is committed first (a no-op when
         nothing changed). While a rescan runs, or after quotas were off for
-        a while, the numbers are wrong: None then, and the caller walks.
+        a while, the numbers are wrong: None then, and the caller walks
+        (also when this process may not read the quota tree).
         """
-        status = btrfs.quota_status(fs)
+        try:
+            status = btrfs.quota_status(fs)
+        except PermissionError:
+            return None  # reading the quota tree takes CAP_SYS_ADMIN: walk instead
         if not status.enabled or status.rescanning or status.inconsistent:
             return None
         btrfs.sync(fs)
