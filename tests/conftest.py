@@ -124,6 +124,9 @@ def _btrfs_module_fs(factory: pytest.TempPathFactory, quota: bool) -> Iterator[P
     try:
         if quota:
             subprocess.run(["btrfs", "quota", "enable", str(mnt)], check=True)
+            # Until the first rescan ends the numbers are marked inconsistent
+            # (and the backend walks instead of reading them).
+            subprocess.run(["btrfs", "quota", "rescan", "-W", str(mnt)], check=True)
         yield mnt
     finally:
         unmount_loopfs(mnt)
