@@ -8,6 +8,7 @@ a test that turns quotas on itself).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import tempfile
@@ -162,6 +163,14 @@ def test_open_makes_actives_a_killed_commit_left_read_only_writable(btrfs_fs: Pa
         s.commit("c", "b")
         committed = _fs(s, "c")
     btrfs.set_readonly(fs)  # what a commit killed after its first step leaves
+    # While a commit (here: its lock) is under way elsewhere, opening leaves it be.
+    lock = os.open(fs.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _open(root).close()
+        assert btrfs.is_readonly(fs)
+    finally:
+        os.close(lock)
     with _open(root) as s:
         assert not btrfs.is_readonly(fs)
         assert btrfs.is_readonly(committed)  # committed ones stay read-only

@@ -43,9 +43,10 @@ size limit is InvalidArgument.
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Mapping
-from contextlib import suppress
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,12 +134,21 @@ class BtrfsSnapshotter(BaseSnapshotter):
             raise
 
     def _thaw_actives(self) -> None:
-        """Make writable again the active snapshots a commit killed midway left read-only."""
+        """Make writable again the active snapshots a commit killed midway left read-only.
+
+        A commit holds the lock of the snapshot's storage directory from the
+        flag to the metadata commit: a locked one is being committed right
+        now (another process), not left behind, and is not touched.
+        """
         with self._store.read() as tx:
             ids = [tx.get(i.name).id for i in tx.walk(parse_filters("kind==active"))]
         for sid in ids:
-            with suppress(FileNotFoundError):
-                btrfs.set_readonly(self._fs_dir(sid), False)
+            with (
+                suppress(FileNotFoundError),
+                _storage_lock(self.storage_dir(sid), wait=False) as got,
+            ):
+                if got:
+                    btrfs.set_readonly(self._fs_dir(sid), False)
 
     def _populate(
         self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]
@@ -205,17 +215,24 @@ class BtrfsSnapshotter(BaseSnapshotter):
         labels: Mapping[str, str] | None = None,
         parent: str = "",
     ) -> None:
-        try:
-            super().commit(name, key, labels, parent)
-        except BaseException:
-            # The metadata did not change: the snapshot is still active, so
-            # its subvolume must be writable again.
-            with self._store.read() as tx:
-                rec = tx.find(key)
-            if rec is not None and rec.info.kind is Kind.ACTIVE:
-                with suppress(OSError):
-                    btrfs.set_readonly(self._fs_dir(rec.id), False)
-            raise
+        with self._store.read() as tx:
+            rec = tx.find(key)
+        if rec is None or rec.info.kind is not Kind.ACTIVE:
+            super().commit(name, key, labels, parent)  # raises the contract's error
+            return
+        # Locked from the RDONLY flag to the metadata commit: see _thaw_actives.
+        with _storage_lock(self.storage_dir(rec.id), wait=True):
+            try:
+                super().commit(name, key, labels, parent)
+            except BaseException:
+                # The metadata did not change: if the snapshot is still active
+                # its subvolume must be writable again.
+                with self._store.read() as tx:
+                    still = tx.find(key)
+                if still is not None and still.id == rec.id and still.info.kind is Kind.ACTIVE:
+                    with suppress(OSError):
+                        btrfs.set_readonly(self._fs_dir(rec.id), False)
+                raise
 
     # -- quotas --------------------------------------------------------------------------
 
@@ -243,3 +260,26 @@ class BtrfsSnapshotter(BaseSnapshotter):
         if info is None:
             return None
         return Usage(size=info.exclusive, inodes=0)
+
+
+@contextmanager
+def _storage_lock(storage: Path, wait: bool) -> Iterator[bool]:
+    """flock a snapshot's storage directory; yields False if ``wait`` is off and it is taken.
+
+    flock locks belong to an open file description, so this excludes other
+    threads of this process as well as other processes.
+    """
+    try:
+        fd = os.open(storage, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield False  # removed meanwhile: nothing to lock (the caller's next step says so)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
