@@ -322,3 +322,35 @@ def test_default_size_applies_to_actives_and_max_size_zero_lifts_it(
         _fill(free / "f", 24 * MiB)
         with pytest.raises(InvalidArgument, match=MAX_SIZE_LABEL):
             s.prepare("bad", labels={MAX_SIZE_LABEL: "lots"})
+
+
+def _qgroup_ids(fs: Path) -> set[int]:
+    """Level-0 qgroup ids on ``fs``, from btrfs-progs."""
+    out = subprocess.run(
+        ["btrfs", "qgroup", "show", "--raw", str(fs)], check=True, capture_output=True, text=True
+    ).stdout
+    return {
+        int(w.split("/")[1])
+        for w in (ln.split()[0] for ln in out.splitlines() if ln)
+        if w.startswith("0/")
+    }
+
+
+def test_removed_snapshots_leave_no_qgroups_behind(
+    qsn: BtrfsSnapshotter, btrfs_quota_fs: Path
+) -> None:
+    qsn.prepare("a-a")
+    qsn.commit("a", "a-a")
+    qsn.prepare("b", "a", labels={MAX_SIZE_LABEL: str(32 * MiB)})
+    ids = {btrfs.subvolume_id(_fs(qsn, k)) for k in ("a", "b")}
+    assert ids <= _qgroup_ids(btrfs_quota_fs)
+    qsn.remove("b")
+    qsn.remove("a")
+    assert set(qsn._stale_qgroups.pending()) == ids  # remembered across restarts, too
+    # btrfs drops deleted subvolumes in the background, after a transaction
+    # commit wakes its cleaner; wait for that, as cleanup's next pass would.
+    btrfs.sync(btrfs_quota_fs)
+    subprocess.run(["btrfs", "subvolume", "sync", str(btrfs_quota_fs)], check=True)
+    qsn.cleanup()
+    assert not ids & _qgroup_ids(btrfs_quota_fs)
+    assert qsn._stale_qgroups.pending() == []

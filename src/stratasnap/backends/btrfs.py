@@ -4,6 +4,7 @@ Layout (the shared one, plus one subvolume per snapshot)::
 
     snapshots/<id>/        a plain directory: what the base class renames
     snapshots/<id>/fs      the snapshot's subvolume (absent for a view of a parent)
+    btrfs-stale-qgroups    ids of deleted subvolumes whose qgroups cleanup() removes
 
 The subvolume sits one level below the directory the base class creates,
 renames and locks, rather than being that directory: the create path holds
@@ -43,9 +44,11 @@ size limit is InvalidArgument.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +59,7 @@ from ..fs import btrfs
 from ..fs.usage import disk_usage
 from ..metastore import Record
 from ..snapshotter import BaseSnapshotter
-from ..types import Kind, Mount, Usage
+from ..types import Kind, Mount, Reclaimed, Usage
 from .overlay_options import (
     MAX_SIZE_LABEL,
     parse_bool_option,
@@ -64,7 +67,7 @@ from .overlay_options import (
     parse_size_option,
 )
 
-__all__ = ["BtrfsOptions", "BtrfsSnapshotter"]
+__all__ = ["BtrfsOptions", "BtrfsSnapshotter", "StaleQgroups"]
 
 FS = "fs"
 _QUOTA_HINT = "turn them on with the option quota=true, or `btrfs quota enable <root>`"
@@ -120,6 +123,7 @@ class BtrfsSnapshotter(BaseSnapshotter):
     # -- hooks -----------------------------------------------------------------------
 
     def _opened(self) -> None:
+        self._stale_qgroups = StaleQgroups(self.root / "btrfs-stale-qgroups")
         try:
             if self.config.quota and not btrfs.quota_status(self.root).enabled:
                 btrfs.enable_quota(self.root)
@@ -203,10 +207,31 @@ class BtrfsSnapshotter(BaseSnapshotter):
             raise
 
     def _erase(self, path: Path) -> None:
+        ids = self._qgroup_ids_below(path)
         if not btrfs.destroy_subvolumes_in(path):
             super()._erase(path)
+        if ids:
+            self._stale_qgroups.add(ids)
+
+    def _qgroup_ids_below(self, path: Path) -> list[int]:
+        """Ids of the snapshot subvolumes at or in ``path`` whose qgroups outlive them.
+
+        Kernels before 6.x keep a deleted subvolume's level-0 qgroup (stale,
+        but listed and loaded forever); cleanup() removes those of ours.
+        """
+        ids = []
+        for sub in (path, path / FS):
+            with suppress(OSError):
+                if btrfs.is_subvolume(sub):
+                    ids.append(btrfs.subvolume_id(sub))
+        return ids if ids and self._quota_status_or_none() is not None else []
 
     # -- calls that differ -------------------------------------------------------------
+
+    def cleanup(self) -> Reclaimed:
+        reclaimed = super().cleanup()
+        self._stale_qgroups.remove_dropped(self.root)
+        return reclaimed
 
     def commit(
         self,
@@ -240,6 +265,14 @@ class BtrfsSnapshotter(BaseSnapshotter):
         """Whether btrfs quotas are on for the filesystem of the root (read now)."""
         return btrfs.quota_status(self.root).enabled
 
+    def _quota_status_or_none(self) -> btrfs.QuotaStatus | None:
+        """The quota status if quotas are on and this process may read it, else None."""
+        try:
+            status = btrfs.quota_status(self.root)
+        except PermissionError:
+            return None  # reading the quota tree takes CAP_SYS_ADMIN
+        return status if status.enabled else None
+
     def _qgroup_usage(self, fs: Path) -> Usage | None:
         """The exclusive bytes of ``fs``'s qgroup, or None when qgroups cannot tell.
 
@@ -249,11 +282,8 @@ class BtrfsSnapshotter(BaseSnapshotter):
         a while, the numbers are wrong: None then, and the caller walks
         (also when this process may not read the quota tree).
         """
-        try:
-            status = btrfs.quota_status(fs)
-        except PermissionError:
-            return None  # reading the quota tree takes CAP_SYS_ADMIN: walk instead
-        if not status.enabled or status.rescanning or status.inconsistent:
+        status = self._quota_status_or_none()
+        if status is None or status.rescanning or status.inconsistent:
             return None
         btrfs.sync(fs)
         info = btrfs.qgroup_info(fs, btrfs.subvolume_id(fs))
@@ -283,3 +313,44 @@ def _storage_lock(storage: Path, wait: bool) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+class StaleQgroups:
+    """Ids of deleted snapshot subvolumes whose level-0 qgroups may still need removing.
+
+    Kept in a small text file (one id a line) so that a restart does not
+    forget them; losing it costs nothing but a stale qgroup. A qgroup can
+    only go once btrfs has dropped the subvolume in the background (EBUSY
+    until then), so each cleanup() tries again; kernels that remove it
+    themselves answer ENOENT, which also settles it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def add(self, ids: Iterable[int]) -> None:
+        with self._lock, open(self.path, "a", encoding="ascii") as f:
+            f.writelines(f"{i}\n" for i in ids)
+
+    def pending(self) -> list[int]:
+        try:
+            text = self.path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return []
+        return [int(w) for w in text.split() if w.isdigit()]
+
+    def remove_dropped(self, fs: Path) -> list[int]:
+        """Remove the qgroups btrfs is done with; return the ids still waiting."""
+        with self._lock:
+            left = []
+            for sid in dict.fromkeys(self.pending()):
+                try:
+                    btrfs.remove_qgroup(fs, sid)
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ENOTCONN, errno.EINVAL):
+                        left.append(sid)  # EBUSY: not dropped yet; anything else: later
+            tmp = self.path.with_name(self.path.name + ".new")
+            tmp.write_text("".join(f"{i}\n" for i in left), encoding="ascii")
+            os.replace(tmp, self.path)
+            return left
