@@ -216,7 +216,7 @@ class BtrfsSnapshotter(BaseSnapshotter):
     def _qgroup_ids_below(self, path: Path) -> list[int]:
         """Ids of the snapshot subvolumes at or in ``path`` whose qgroups outlive them.
 
-        Kernels before 6.x keep a deleted subvolume's level-0 qgroup (stale,
+        Older kernels keep a deleted subvolume's level-0 qgroup (stale,
         but listed and loaded forever); cleanup() removes those of ours.
         """
         ids = []
