@@ -245,8 +245,10 @@ def test_size_limit_without_quotas_is_invalid_argument_naming_quotas(
     assert os.listdir(sn.snapshots_dir) == []
     with pytest.raises(NotFound):
         sn.stat("a")
+    root = _fresh(btrfs_fs)
     with pytest.raises(InvalidArgument, match=r"default_size.*quotas"):
-        _open(_fresh(btrfs_fs), default_size="64MiB")
+        _open(root, default_size="64MiB")
+    assert not root.exists()  # nothing made for a configuration that cannot work
 
 
 def test_quota_option_turns_quotas_on(loopfs: Callable[..., Path]) -> None:

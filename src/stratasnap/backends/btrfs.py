@@ -94,8 +94,8 @@ class BtrfsOptions:
         )
 
 
-def _check_on_btrfs(root: Path) -> None:
-    """FailedPrecondition unless ``root`` (or where it will be made) is on btrfs."""
+def _check_on_btrfs(root: Path) -> Path:
+    """The nearest existing path at or above ``root``; FailedPrecondition unless it is on btrfs."""
     probe = root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -104,6 +104,7 @@ def _check_on_btrfs(root: Path) -> None:
             f"backend 'btrfs' needs its root on a btrfs filesystem; {root} is on "
             f"{btrfs.filesystem_name(probe)}"
         )
+    return probe
 
 
 class BtrfsSnapshotter(BaseSnapshotter):
@@ -117,7 +118,16 @@ class BtrfsSnapshotter(BaseSnapshotter):
     def __init__(self, root: str | Path, **options: object) -> None:
         rest = dict(options)
         self.config = BtrfsOptions.take(rest)
-        _check_on_btrfs(Path(root).absolute())
+        # Before anything is made under the root: a wrong filesystem or a
+        # size limit without quotas leaves nothing behind.
+        fs = _check_on_btrfs(Path(root).absolute())
+        if self.config.quota and not btrfs.quota_status(fs).enabled:
+            btrfs.enable_quota(fs)
+        if self.config.default_size and not btrfs.quota_status(fs).enabled:
+            raise InvalidArgument(
+                f"btrfs option default_size={self.config.default_size} needs btrfs quotas, "
+                f"which are off on the filesystem of {root}: {_QUOTA_HINT}"
+            )
         super().__init__(root, **rest)
 
     # -- hooks -----------------------------------------------------------------------
@@ -125,13 +135,6 @@ class BtrfsSnapshotter(BaseSnapshotter):
     def _opened(self) -> None:
         self._stale_qgroups = StaleQgroups(self.root / "btrfs-stale-qgroups")
         try:
-            if self.config.quota and not btrfs.quota_status(self.root).enabled:
-                btrfs.enable_quota(self.root)
-            if self.config.default_size and not self.quotas_enabled():
-                raise InvalidArgument(
-                    f"btrfs option default_size={self.config.default_size} needs btrfs quotas, "
-                    f"which are off on the filesystem of {self.root}: {_QUOTA_HINT}"
-                )
             self._thaw_actives()
         except BaseException:
             self.close()
