@@ -346,8 +346,11 @@ class StaleQgroups:
     def remove_dropped(self, fs: Path) -> list[int]:
         """Remove the qgroups btrfs is done with; return the ids still waiting."""
         with self._lock:
+            pending = self.pending()
+            if not pending:
+                return []
             left = []
-            for sid in dict.fromkeys(self.pending()):
+            for sid in dict.fromkeys(pending):
                 try:
                     btrfs.remove_qgroup(fs, sid)
                 except OSError as e:
