@@ -100,6 +100,7 @@ def bench_prepare(files: int, mb: int, reps: int) -> None:
             "native prepare (reflinks)": [],
             "cp -a --reflink=always": [],
         }
+        removes: dict[str, list[float]] = {"btrfs remove": [], "native remove": []}
         for r in range(reps):
             times["btrfs prepare"].append(timed(lambda r=r: sn.prepare(f"c{r}", "parent")))
             times["native prepare (reflinks)"].append(
@@ -111,13 +112,15 @@ def bench_prepare(files: int, mb: int, reps: int) -> None:
                 timed(lambda cp=cp: subprocess.run(cp, check=True))
             )
             shutil.rmtree(dst)
-            sn.remove(f"c{r}")
-            native.remove(f"c{r}")
+            removes["btrfs remove"].append(timed(lambda r=r: sn.remove(f"c{r}")))
+            removes["native remove"].append(timed(lambda r=r: native.remove(f"c{r}")))
         m = {k: med(v) for k, v in times.items()}
         base = m["btrfs prepare"]
         for k, v in m.items():
             print(f"  {k:<28}{ms(v)}   {v / base:8.1f}x the btrfs prepare")
         print("  target: native and cp -a >= 20x the btrfs prepare")
+        rb, rn = med(removes["btrfs remove"]), med(removes["native remove"])
+        print(f"  remove of such a child: btrfs {ms(rb).strip()}, native {ms(rn).strip()}")
 
         print("\n## view of that parent")
         bind: list[float] = []
