@@ -12,6 +12,8 @@ import fcntl
 import os
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from stratasnap import open_snapshotter
 from stratasnap.backends.btrfs import BtrfsSnapshotter
 from stratasnap.backends.overlay_options import MAX_SIZE_LABEL
-from stratasnap.errors import FailedPrecondition, InvalidArgument, NotFound
+from stratasnap.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from stratasnap.fs import btrfs
 from stratasnap.fs.usage import disk_usage
 from stratasnap.metastore import WriteTx
@@ -356,3 +358,29 @@ def test_removed_snapshots_leave_no_qgroups_behind(
     qsn.cleanup()
     assert not ids & _qgroup_ids(btrfs_quota_fs)
     assert qsn._stale_qgroups.pending() == []
+
+
+def test_a_failing_commit_never_thaws_one_under_way(
+    sn: BtrfsSnapshotter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two commits of one key: the loser's clean-up must not undo the winner's flag."""
+    sn.prepare("taken-a")
+    sn.commit("taken", "taken-a")
+    fs = Path(sn.prepare("a")[0].source)
+    in_flush = threading.Event()
+    real_sync = btrfs.sync
+
+    def slow_sync(path: object) -> None:
+        in_flush.set()  # the winner has set the flag and is flushing
+        time.sleep(0.3)
+        real_sync(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(btrfs, "sync", slow_sync)
+    winner = threading.Thread(target=sn.commit, args=("c", "a"))
+    winner.start()
+    assert in_flush.wait(10)
+    with pytest.raises(AlreadyExists):
+        sn.commit("taken", "a")  # fails while the winner is between flag and metadata
+    winner.join()
+    assert sn.stat("c").kind.value == "committed"
+    assert btrfs.is_readonly(fs)
