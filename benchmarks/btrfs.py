@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -139,49 +140,57 @@ def bench_prepare(files: int, mb: int, reps: int) -> None:
         sn.close()
 
 
+def chain(sn: BtrfsSnapshotter, prefix: str, presync: bool) -> tuple[list[float], list[float]]:
+    """Prepare and commit times of a 16-layer chain, each layer ten 1 MiB files and a copy."""
+    data = os.urandom(MiB)
+    prep: list[float] = []
+    commit: list[float] = []
+    parent = ""
+    for layer in range(16):
+        key, name = f"{prefix}-a{layer}", f"{prefix}-{layer}"
+        t0 = time.perf_counter()
+        root = Path(sn.prepare(key, parent)[0].source)
+        prep.append(time.perf_counter() - t0)
+        for i in range(10):
+            (root / f"l{layer}-f{i}").write_bytes(data)
+        if layer:
+            # Rewrite 4 bytes in the middle of a file of the layer below.
+            with open(root / f"l{layer - 1}-f0", "r+b") as f:
+                f.seek(MiB // 2)
+                f.write(b"abcd")
+        if presync:
+            os.sync()
+        t0 = time.perf_counter()
+        sn.commit(name, key)
+        commit.append(time.perf_counter() - t0)
+        parent = name
+    return prep, commit
+
+
 def bench_commit() -> None:
-    with scratch_fs("btrfs", "4G") as (mnt, desc):
-        print(f"\n## 16-layer chain (containerd benchsuite shape), median per layer ({desc})")
-        sn = _open(mnt / "root")
-        floor = fsync_floor(mnt)
-        print(
-            f"  reference: one-row SQLite write transaction here (fsync floor) {ms(floor).strip()}"
-        )
-        snap = Path(sn.prepare("ref")[0].source)
-        setro = med([timed(lambda ro=ro: btrfs.set_readonly(snap, ro)) for ro in (True, False) * 5])
-        print(f"  reference: the RDONLY flag alone (a btrfs transaction) {ms(setro).strip()}")
-        data = os.urandom(MiB)
-        for presync in (False, True):
-            prefix = "s" if presync else "c"
-            prep: list[float] = []
-            commit: list[float] = []
-            parent = ""
-            for layer in range(16):
-                key, name = f"{prefix}-a{layer}", f"{prefix}-{layer}"
-                t0 = time.perf_counter()
-                root = Path(sn.prepare(key, parent)[0].source)
-                prep.append(time.perf_counter() - t0)
-                for i in range(10):
-                    (root / f"l{layer}-f{i}").write_bytes(data)
-                if layer:
-                    with open(root / f"l{layer - 1}-f0", "r+b") as f:
-                        f.seek(MiB // 2)
-                        f.write(b"abcd")
-                if presync:
-                    os.sync()
-                t0 = time.perf_counter()
-                sn.commit(name, key)
-                commit.append(time.perf_counter() - t0)
-                parent = name
-            label = "data synced before commit" if presync else "commit flushes the data"
-            print(f"  [{label}]")
-            print(f"    prepare {ms(med(prep))}   (max {ms(max(prep)).strip()})")
+    for quota in (False, True):
+        with scratch_fs("btrfs", "4G") as (mnt, desc):
+            what = "quotas on: usage from the qgroup" if quota else "quotas off: usage walks"
+            print(f"\n## 16-layer chain (containerd benchsuite shape), {what} ({desc})")
+            sn = _open(mnt / "root", quota=quota)
+            floor = fsync_floor(mnt)
             print(
-                f"    commit  {ms(med(commit))}   (max {ms(max(commit)).strip()};"
-                f" {med(commit) / floor:.1f}x the fsync floor)"
+                f"  reference: one-row SQLite write transaction (fsync floor) {ms(floor).strip()}"
             )
-        print("  target: commit <= 2 ms")
-        sn.close()
+            snap = Path(sn.prepare("ref")[0].source)
+            flips = [timed(partial(btrfs.set_readonly, snap, ro)) for ro in (True, False) * 5]
+            print(f"  reference: the RDONLY flag alone (a transaction) {ms(med(flips)).strip()}")
+            for presync in (False, True):
+                prep, commit = chain(sn, "s" if presync else "c", presync)
+                label = "data synced before commit" if presync else "commit flushes the data"
+                print(f"  [{label}]")
+                print(f"    prepare {ms(med(prep))}   (max {ms(max(prep)).strip()})")
+                print(
+                    f"    commit  {ms(med(commit))}   (max {ms(max(commit)).strip()};"
+                    f" {med(commit) / floor:.1f}x the fsync floor)"
+                )
+            print("  target: commit <= 2 ms")
+            sn.close()
 
 
 def bench_usage(files: int, reps: int) -> None:
