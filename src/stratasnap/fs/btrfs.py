@@ -257,57 +257,29 @@ def sync(path: StrPath) -> None:
 # -- tree search ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Item:
-    objectid: int
-    type: int
-    offset: int
-    data: bytes
+def _lookup_item(
+    path: StrPath, tree_id: int, objectid: int, item_type: int, offset: int
+) -> bytes | None:
+    """The data of the item with exactly this key in tree ``tree_id``; None if there is none.
 
-
-_Key = tuple[int, int, int]  # (objectid, type, offset): btrfs orders keys by this tuple
-
-
-def _search(fd: int, path: StrPath, tree_id: int, lo: _Key, hi: _Key) -> Iterator[_Item]:
-    """Every item of ``tree_id`` whose key lies in ``[lo, hi]``, in key order.
-
-    The range is on whole keys, compared as tuples (the kernel's
-    ``key_in_sk``), so items of other types between two keys come too.
-    Tree id 0 is the subvolume the fd is in.
+    One TREE_SEARCH whose range is the one key. ENOENT: the tree itself does
+    not exist (the quota tree before quotas were ever enabled), also None.
     """
-    while True:
-        buf = bytearray(_SEARCH_ARGS)
-        _SEARCH_KEY.pack_into(
-            buf, 0, tree_id, lo[0], hi[0], lo[2], hi[2], 0, _U64_MAX, lo[1], hi[1], 4096,
-            0, 0, 0, 0, 0,
-        )  # fmt: skip
-        _ioctl(fd, IOC_TREE_SEARCH, buf, path, "BTRFS_IOC_TREE_SEARCH")
-        nr = _SEARCH_KEY.unpack_from(buf, 0)[9]
-        if nr == 0:
-            return
-        pos = _SEARCH_KEY.size
-        last = lo
-        for _ in range(nr):
-            _, objectid, offset, typ, length = _SEARCH_HEADER.unpack_from(buf, pos)
-            pos += _SEARCH_HEADER.size
-            yield _Item(objectid, typ, offset, bytes(buf[pos : pos + length]))
-            pos += length
-            last = (objectid, typ, offset)
-        nxt = _next_key(last)
-        if nxt is None or nxt > hi:
-            return
-        lo = nxt
-
-
-def _next_key(key: _Key) -> _Key | None:
-    objectid, typ, offset = key
-    if offset < _U64_MAX:
-        return (objectid, typ, offset + 1)
-    if typ < 0xFF:
-        return (objectid, typ + 1, 0)
-    if objectid < _U64_MAX:
-        return (objectid + 1, 0, 0)
-    return None
+    buf = bytearray(_SEARCH_ARGS)
+    _SEARCH_KEY.pack_into(
+        buf, 0, tree_id, objectid, objectid, offset, offset, 0, _U64_MAX,
+        item_type, item_type, 1, 0, 0, 0, 0, 0,
+    )  # fmt: skip
+    with _opened(path) as fd:
+        try:
+            _ioctl(fd, IOC_TREE_SEARCH, buf, path, "BTRFS_IOC_TREE_SEARCH")
+        except FileNotFoundError:
+            return None
+    if _SEARCH_KEY.unpack_from(buf, 0)[9] == 0:  # nr_items
+        return None
+    *_, length = _SEARCH_HEADER.unpack_from(buf, _SEARCH_KEY.size)
+    start = _SEARCH_KEY.size + _SEARCH_HEADER.size
+    return bytes(buf[start : start + length])
 
 
 # -- quotas ------------------------------------------------------------------------------------
@@ -332,17 +304,10 @@ class QgroupInfo:
 
 def quota_status(path: StrPath) -> QuotaStatus:
     """The qgroup status of the btrfs filesystem holding ``path`` (needs CAP_SYS_ADMIN)."""
-    with _opened(path) as fd:
-        try:
-            key = (0, _QGROUP_STATUS_KEY, 0)
-            items = list(_search(fd, path, _QUOTA_TREE, key, key))
-        except OSError as e:
-            if e.errno == errno.ENOENT:  # no quota tree: quotas were never enabled
-                return QuotaStatus(enabled=False)
-            raise
-    if not items:
+    data = _lookup_item(path, _QUOTA_TREE, 0, _QGROUP_STATUS_KEY, 0)
+    if data is None:
         return QuotaStatus(enabled=False)
-    _version, _generation, flags = struct.unpack_from("<3Q", items[0].data)
+    _version, _generation, flags = struct.unpack_from("<3Q", data)
     return QuotaStatus(
         enabled=bool(flags & _QGROUP_STATUS_ON),
         rescanning=bool(flags & _QGROUP_STATUS_RESCAN),
@@ -380,16 +345,11 @@ def qgroup_info(fs_path: StrPath, subvol_id: int) -> QgroupInfo | None:
     ``fs_path`` is any path on the filesystem (the search names the tree).
     One TREE_SEARCH of the quota tree for the key ``(0, QGROUP_INFO, id)``.
     """
-    with _opened(fs_path) as fd:
-        try:
-            key = (0, _QGROUP_INFO_KEY, subvol_id)
-            for item in _search(fd, fs_path, _QUOTA_TREE, key, key):
-                _gen, rfer, _rfer_cmpr, excl, _excl_cmpr = struct.unpack_from("<5Q", item.data)
-                return QgroupInfo(referenced=int(rfer), exclusive=int(excl))
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-    return None
+    data = _lookup_item(fs_path, _QUOTA_TREE, 0, _QGROUP_INFO_KEY, subvol_id)
+    if data is None:
+        return None
+    _gen, rfer, _rfer_cmpr, excl, _excl_cmpr = struct.unpack_from("<5Q", data)
+    return QgroupInfo(referenced=int(rfer), exclusive=int(excl))
 
 
 def remove_qgroup(fs_path: StrPath, subvol_id: int) -> None:
