@@ -242,7 +242,7 @@ def subvolume_id(path: StrPath) -> int:
     """The id (tree id) of the subvolume holding ``path``: also its level-0 qgroup's id."""
     buf = bytearray(4096)  # struct btrfs_ioctl_ino_lookup_args; treeid 0: the fd's own
     struct.pack_into("=QQ", buf, 0, 0, _FIRST_FREE_OBJECTID)
-    with _opened(path) as fd:
+    with _opened(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) as fd:
         _ioctl(fd, IOC_INO_LOOKUP, buf, path, "BTRFS_IOC_INO_LOOKUP")
     (treeid,) = struct.unpack_from("=Q", buf, 0)
     return int(treeid)
