@@ -9,7 +9,8 @@ import pytest
 
 from stratasnap import open_snapshotter
 from stratasnap.backends import BACKENDS, backend_class
-from stratasnap.backends.btrfs import BtrfsOptions, BtrfsSnapshotter
+from stratasnap.backends.btrfs import BtrfsSnapshotter
+from stratasnap.backends.btrfs_options import BtrfsOptions
 from stratasnap.errors import FailedPrecondition, InvalidArgument
 from stratasnap.fs import btrfs
 

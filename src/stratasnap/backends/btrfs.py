@@ -44,13 +44,10 @@ size limit is InvalidArgument.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument
@@ -60,38 +57,14 @@ from ..fs.usage import disk_usage
 from ..metastore import Record
 from ..snapshotter import BaseSnapshotter
 from ..types import Kind, Mount, Reclaimed, Usage
-from .overlay_options import (
-    MAX_SIZE_LABEL,
-    parse_bool_option,
-    parse_size_label,
-    parse_size_option,
-)
+from .btrfs_options import BtrfsOptions
+from .btrfs_qgroups import StaleQgroups
+from .overlay_options import MAX_SIZE_LABEL, parse_size_label
 
-__all__ = ["BtrfsOptions", "BtrfsSnapshotter", "StaleQgroups"]
+__all__ = ["BtrfsSnapshotter"]
 
 FS = "fs"
 _QUOTA_HINT = "turn them on with the option quota=true, or `btrfs quota enable <root>`"
-
-
-@dataclass(frozen=True)
-class BtrfsOptions:
-    """What a btrfs snapshotter was opened with.
-
-    ``quota``: turn btrfs quotas (qgroups) on when opening, if they are not.
-    ``default_size``: size limit in bytes of every active snapshot without a
-    ``max-size`` label (0: unlimited); needs quotas.
-    """
-
-    quota: bool = False
-    default_size: int = 0
-
-    @classmethod
-    def take(cls, options: dict[str, object]) -> BtrfsOptions:
-        """Parse and remove this backend's options from ``options`` (the rest are unknown)."""
-        return cls(
-            quota=parse_bool_option("quota", options.pop("quota", False), "btrfs"),
-            default_size=parse_size_option("default_size", options.pop("default_size", 0), "btrfs"),
-        )
 
 
 def _check_on_btrfs(root: Path) -> Path:
@@ -110,7 +83,7 @@ def _check_on_btrfs(root: Path) -> Path:
 class BtrfsSnapshotter(BaseSnapshotter):
     """Snapshots as btrfs subvolumes under ``<root>/snapshots/<id>/fs``.
 
-    Options: see :class:`BtrfsOptions`.
+    Options: see :class:`~.btrfs_options.BtrfsOptions`.
     """
 
     backend_name = "btrfs"
@@ -316,47 +289,3 @@ def _storage_lock(storage: Path, wait: bool) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
-
-
-class StaleQgroups:
-    """Ids of deleted snapshot subvolumes whose level-0 qgroups may still need removing.
-
-    Kept in a small text file (one id a line) so that a restart does not
-    forget them; losing it costs nothing but a stale qgroup. A qgroup can
-    only go once btrfs has dropped the subvolume in the background (EBUSY
-    until then), so each cleanup() tries again; kernels that remove it
-    themselves answer ENOENT, which also settles it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def add(self, ids: Iterable[int]) -> None:
-        with self._lock, open(self.path, "a", encoding="ascii") as f:
-            f.writelines(f"{i}\n" for i in ids)
-
-    def pending(self) -> list[int]:
-        try:
-            text = self.path.read_text(encoding="ascii")
-        except FileNotFoundError:
-            return []
-        return [int(w) for w in text.split() if w.isdigit()]
-
-    def remove_dropped(self, fs: Path) -> list[int]:
-        """Remove the qgroups btrfs is done with; return the ids still waiting."""
-        with self._lock:
-            pending = self.pending()
-            if not pending:
-                return []
-            left = []
-            for sid in dict.fromkeys(pending):
-                try:
-                    btrfs.remove_qgroup(fs, sid)
-                except OSError as e:
-                    if e.errno not in (errno.ENOENT, errno.ENOTCONN, errno.EINVAL):
-                        left.append(sid)  # EBUSY: not dropped yet; anything else: later
-            tmp = self.path.with_name(self.path.name + ".new")
-            tmp.write_text("".join(f"{i}\n" for i in left), encoding="ascii")
-            os.replace(tmp, self.path)
-            return left
