@@ -50,7 +50,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..errors import FailedPrecondition, InvalidArgument
+from ..errors import FailedPrecondition, InvalidArgument, from_os_error
 from ..filters import parse as parse_filters
 from ..fs import btrfs
 from ..fs.usage import disk_usage
@@ -94,9 +94,14 @@ class BtrfsSnapshotter(BaseSnapshotter):
         # Before anything is made under the root: a wrong filesystem or a
         # size limit without quotas leaves nothing behind.
         fs = _check_on_btrfs(Path(root).absolute())
-        if self.config.quota and not btrfs.quota_status(fs).enabled:
-            btrfs.enable_quota(fs)
-        if self.config.default_size and not btrfs.quota_status(fs).enabled:
+        try:
+            if self.config.quota and not btrfs.quota_status(fs).enabled:
+                btrfs.enable_quota(fs)
+            quotas = bool(self.config.default_size) and btrfs.quota_status(fs).enabled
+        except OSError as exc:
+            # EPERM: quota ioctls take CAP_SYS_ADMIN.
+            raise from_os_error(exc, f"btrfs quotas on the filesystem of {root}") from exc
+        if self.config.default_size and not quotas:
             raise InvalidArgument(
                 f"btrfs option default_size={self.config.default_size} needs btrfs quotas, "
                 f"which are off on the filesystem of {root}: {_QUOTA_HINT}"
