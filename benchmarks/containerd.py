@@ -8,8 +8,10 @@ and blockfile): ``ss-native``, ``ss-overlay``, ``ss-blockfile``. They are the
 named snapshotters (``[snapshotters.NAME]``, each its own backend and root) of
 one stratasnap server, and containerd's ``[proxy_plugins.NAME]`` entries all
 point at its socket. ``overlayfs`` is the fair reference for ``ss-overlay``
-(same mounts), ``native`` for ``ss-native`` (a full copy per layer). Every
-measurement alternates between them in one run:
+(same mounts), ``native`` for ``ss-native`` (a full copy per layer). With
+``--fs btrfs`` containerd's own ``btrfs`` snapshotter loads as well, the reference
+for ``ss-btrfs`` (``--backends btrfs``). Every measurement alternates between
+them in one run:
 
 1. **import + unpack** of a large image the benchmark builds (3 layers of
    generated files, by default 30,000 files and ~300 MB): ``ctr images
