@@ -1,7 +1,7 @@
 """Overlay backend: containerd's benchsuite shape, size-limited usage and prepare.
 
-Run: ``.venv/bin/python benchmarks/overlay.py`` as root (mounts, loop devices);
-it makes a fresh ext4 loop filesystem for the root. Prints:
+Run: ``.venv/bin/python benchmarks/overlay.py [--fs ext4]`` as root (mounts, loop
+devices); it makes a fresh loop filesystem of that type for the root. Prints:
 
 1. A 16-layer chain as containerd's snapshotter benchmark builds it: per
    layer prepare, mount, write ten 1 MiB files and rewrite 4 bytes in the
@@ -20,6 +20,7 @@ Figures and ratios, never pass/fail.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sqlite3
 import statistics
@@ -133,9 +134,13 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fs", default="ext4", help="filesystem of the root (ext4, xfs, tmpfs…)")
+    ap.add_argument("--size", default="8G", help="of that scratch filesystem")
+    args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("benchmarks/overlay.py needs root (overlay mounts, loop devices)")
-    with scratch_fs("ext4", "8G") as (base, desc):
+    with scratch_fs(args.fs, args.size) as (base, desc):
         print(f"# overlay benchmark on {desc}")
         sn = open_snapshotter(base / "root", "overlay")
         assert isinstance(sn, OverlaySnapshotter)

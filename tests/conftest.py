@@ -33,6 +33,31 @@ def need(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def need_kernel(condition: bool, feature: str) -> None:
+    """Skip, even under CI, when the running kernel lacks ``feature``.
+
+    ``condition`` comes from a probe of the feature, never from the kernel
+    version (distributions backport). Unlike a missing tool, a missing
+    kernel feature is not a broken CI set-up: Debian 12 runs Linux 6.1, and
+    the skip names what the test would need.
+    """
+    if not condition:
+        pytest.skip(f"this kernel lacks {feature}")
+
+
+def user_xattrs_work(directory: Path) -> bool:
+    """Whether ``user.*`` xattrs can be set in ``directory`` (tmpfs: Linux 6.6 and later)."""
+    probe = directory / ".user-xattr-probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
 def need_root() -> None:
     need(IS_ROOT, "needs root (mounts, loop devices)")
 

@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
@@ -31,7 +30,7 @@ from .fs.usage import disk_usage, flush_tree
 from .metastore import MetaStore, Record, clean_labels, validate_key
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["BaseSnapshotter", "Snapshotter"]
+__all__ = ["BaseSnapshotter", "Snapshotter", "unknown_options"]
 
 log = logging.getLogger("stratasnap")
 
@@ -127,9 +126,7 @@ class BaseSnapshotter:
 
     def __init__(self, root: str | Path, **options: object) -> None:
         if options:
-            raise InvalidArgument(
-                f"unknown option(s) {', '.join(sorted(options))} for backend {self.backend_name!r}"
-            )
+            raise unknown_options(self.backend_name, options)
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
@@ -179,8 +176,11 @@ class BaseSnapshotter:
         The default unmounts everything still mounted below ``path``.
         """
         if mounts_under(path):
-            with suppress(OSError):
+            try:
                 unmount_all_under(path)
+            except OSError as exc:
+                # _delete() sees the mount that stayed and keeps the directory.
+                log.warning("storage %s is busy, left for a later cleanup(): %s", path, exc)
 
     def _erase(self, path: Path) -> None:
         """Delete released storage at ``path`` and everything below it (default: rmtree)."""
@@ -361,7 +361,9 @@ class BaseSnapshotter:
         doomed: list[Path] = []
         with self._store.write() as tx:
             owned = tx.id_map()
-            for entry in os.scandir(self.snapshots_dir):
+            with os.scandir(self.snapshots_dir) as it:
+                entries = list(it)  # closed even when a rename below fails
+            for entry in entries:
                 path = Path(entry.path)
                 name = entry.name
                 if name.isdigit():
@@ -405,7 +407,9 @@ class BaseSnapshotter:
         """
         with self._store.write() as tx:
             owned = tx.id_map()
-            for entry in os.scandir(self.snapshots_dir):
+            with os.scandir(self.snapshots_dir) as it:
+                entries = list(it)
+            for entry in entries:
                 sid = entry.name[3:]
                 if entry.name.startswith("rm-") and sid.isdigit() and int(sid) in owned:
                     back = self.storage_dir(int(sid))
@@ -425,6 +429,12 @@ class BaseSnapshotter:
             return False
         self._erase(path)
         return True
+
+
+def unknown_options(backend: str, options: Mapping[str, object]) -> InvalidArgument:
+    """The error for options a backend does not know (its own ones taken out first)."""
+    names = ", ".join(sorted(options))
+    return InvalidArgument(f"unknown option(s) {names} for backend {backend!r}")
 
 
 def _rmtree(path: Path) -> None:

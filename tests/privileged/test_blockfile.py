@@ -340,3 +340,31 @@ def test_remove_refuses_an_image_held_open_then_goes_once_released(
         os.close(held)  # the detach asked for above happens at this last close
     sn.remove("a")  # waits for the kernel to let go
     assert not os.path.exists(m.source) and not loop.loop_devices_for(m.source)
+
+
+def test_an_io_error_flushing_a_mounted_image_fails_the_commit(
+    scratch: Path, open_bf: Callable[..., BlockfileSnapshotter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stratasnap.backends import blockfile
+    from stratasnap.errors import SnapshotError
+    from stratasnap.types import Kind
+
+    sn = open_bf(scratch / "root")
+    with mounted(sn.prepare("a"), scratch) as root:
+        (root / "f").write_text("x")
+        flushed: list[Path] = []
+
+        def failing_syncfs(where: Path) -> None:
+            flushed.append(Path(where))
+            raise OSError(errno.EIO, "Input/output error", str(where))
+
+        monkeypatch.setattr(blockfile, "syncfs", failing_syncfs)
+        with pytest.raises(SnapshotError, match="Input/output error"):
+            sn.commit("c", "a")
+        assert flushed == [root]  # the mount of the image, not some other filesystem
+        assert sn.stat("a").kind is Kind.ACTIVE
+        with pytest.raises(NotFound):
+            sn.stat("c")
+        monkeypatch.undo()
+        sn.commit("c", "a")  # once the disk answers again
+    assert sn.stat("c").kind is Kind.COMMITTED

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import need_root
+from conftest import need_kernel, need_root
 
 from stratasnap.fs import mount as fsmount
 from stratasnap.fs._fsmount import mount_fs as real_mount_fs
+from stratasnap.fs._fsmount import overlay_lowerdir_plus
 from stratasnap.fs.mount import (
     apply_mounts,
     bind,
@@ -157,7 +158,11 @@ def _layers(base: Path, count: int, name_len: int) -> list[Path]:
     return layers
 
 
+LOWERDIR_PLUS = "overlayfs lowerdir+ (Linux 6.8)"
+
+
 def test_overlay_with_200_layers_beyond_a_page(area: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    need_kernel(overlay_lowerdir_plus(), LOWERDIR_PLUS)
     calls: list[str] = []
 
     def spy(fstype: str, *rest: Any) -> None:
@@ -183,6 +188,7 @@ def test_overlay_with_200_layers_beyond_a_page(area: Path, monkeypatch: pytest.M
 
 def test_overlay_beyond_a_page_with_a_long_layer_path(area: Path) -> None:
     # A layer path over 255 bytes cannot be an fsconfig string: it goes as an fd.
+    need_kernel(overlay_lowerdir_plus(), LOWERDIR_PLUS)
     layers = _layers(area / "layers", 60, 80)
     long_dir = area / ("a" * 200) / ("b" * 200)
     long_dir.mkdir(parents=True)
@@ -198,6 +204,7 @@ def test_overlay_beyond_a_page_with_a_long_layer_path(area: Path) -> None:
 
 
 def test_too_many_layers_reports_the_kernel_message(area: Path) -> None:
+    need_kernel(overlay_lowerdir_plus(), LOWERDIR_PLUS)
     layers = _layers(area / "layers", 501, 20)
     target = area / "mnt"
     target.mkdir()
@@ -207,6 +214,38 @@ def test_too_many_layers_reports_the_kernel_message(area: Path) -> None:
     assert e.value.errno == errno.EINVAL
     assert "lower" in str(e.value)  # "overlay: too many lower directories, limit is 500"
     assert not is_mountpoint(target)
+
+
+def test_overlay_beyond_a_page_without_lowerdir_plus_is_compacted(
+    area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 6.8 the new mount API refuses lowerdir+, as mount_fs does here.
+
+    Layers that share a directory then mount with paths relative to it
+    from a helper process, as containerd does, within mount(2)'s one page.
+    """
+
+    def refuse(fstype: str, *rest: Any) -> None:
+        raise OSError(errno.EINVAL, "fsconfig lowerdir+: Invalid argument (as on Linux 6.1)")
+
+    monkeypatch.setattr(fsmount, "mount_fs", refuse)
+    monkeypatch.setattr(fsmount, "overlay_lowerdir_plus", lambda: False)
+    layers = _layers(area / "layers", 200, 12)
+    upper, work, target = _mkdirs(area, "upper", "work", "mnt")
+    opts = ("lowerdir=" + ":".join(str(p) for p in layers), f"upperdir={upper}", f"workdir={work}")
+    assert len(",".join(opts)) > 4095
+    apply_mounts([Mount("overlay", "overlay", opts)], target)
+    try:
+        assert (target / "deepest").read_text() == "bottom layer"
+        assert (target / "shared").read_text() == "0"
+        assert len(os.listdir(target)) == 200 + 2
+        (target / "new").write_text("rw")
+        assert (upper / "new").exists()
+    finally:
+        unmount(target)
+    monkeypatch.setattr(fsmount, "overlay_lowerdir_plus", lambda: True)
+    with pytest.raises(OSError, match=r"as on Linux 6\.1"):
+        apply_mounts([Mount("overlay", "overlay", opts)], target)  # the probe decides
 
 
 def test_sub_mounts_and_rollback(area: Path) -> None:

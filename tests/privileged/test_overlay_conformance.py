@@ -60,3 +60,22 @@ class TestOverlayRedirectDir(SnapshotterConformance):
     @pytest.fixture
     def snapshot_root(self, scratch: Path) -> Path:
         return scratch / "root"
+
+    def test_directory_from_a_lower_layer_renames_in_place(
+        self, sn: Snapshotter, mnt_dir: Path
+    ) -> None:
+        """What redirect_dir promises: no copy, the directory keeps its inode in the
+        merged view and its upper carries a redirect to the lower path."""
+        need_root()
+        self._layer(sn, mnt_dir, "l1", "", {"src/f": "data"})
+        mounts = sn.prepare("l2-a", "l1")
+        assert "redirect_dir=on" in mounts[0].options
+        with mounted(mounts, mnt_dir) as root:
+            before = os.stat(root / "src").st_ino
+            os.rename(root / "src", root / "moved")  # no EXDEV, no copy-and-delete
+            assert os.stat(root / "moved").st_ino == before
+        upper = Path(next(o for o in mounts[0].options if o.startswith("upperdir="))[9:])
+        # Renamed within its parent: the redirect is the old name, relative.
+        assert os.getxattr(upper / "moved", "trusted.overlay.redirect") == b"src"
+        sn.commit("l2", "l2-a")
+        assert self._read_view(sn, mnt_dir, "l2") == {"moved/f": "data"}

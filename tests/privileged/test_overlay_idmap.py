@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from stratasnap import open_snapshotter
 from stratasnap.backends.overlay import OverlaySnapshotter
 from stratasnap.backends.overlay_idmap import GIDMAP_LABEL, UIDMAP_LABEL
 from stratasnap.errors import InvalidArgument, NotFound
-from stratasnap.fs.idmapped import apply_idmapped_mounts
+from stratasnap.fs import helper_process, idmapped
+from stratasnap.fs.idmapped import apply_idmapped_mounts, user_namespace
 from stratasnap.fs.mount import unmount_all_under
 
 pytestmark = pytest.mark.privileged
@@ -107,3 +110,52 @@ def test_malformed_mappings_create_nothing(sn: OverlaySnapshotter, labels: dict[
     with pytest.raises(NotFound):
         sn.stat("x")
     assert os.listdir(sn.snapshots_dir) == []
+
+
+def _user_ns_of(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def test_user_namespace_while_grpc_runs_in_the_process(scratch: Path) -> None:
+    """A fork of a process running gRPC comes up with gRPC's threads again, and
+    unshare(CLONE_NEWUSER) refuses a threaded process (EINVAL): the namespace
+    must come from a child that is single-threaded whatever the parent runs."""
+    need_root()
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    address = f"unix:{scratch / 'grpc.sock'}"
+    server.add_insecure_port(address)
+    server.start()
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        with user_namespace("0:100000:65536", "0:200000:65536") as fd:
+            assert _user_ns_of(fd).startswith("user:[")
+            assert _user_ns_of(fd) != os.readlink("/proc/self/ns/user")
+    finally:
+        channel.close()
+        server.stop(None)
+
+
+def test_user_namespace_failure_carries_the_childs_errno(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An exit-signal bit is not a namespace flag: the child's unshare fails with EINVAL.
+    need_root()
+    monkeypatch.setattr(idmapped, "CLONE_NEWUSER", idmapped.CLONE_NEWUSER | 0x11)
+    with pytest.raises(OSError) as err, user_namespace("0:100000:1", "0:100000:1"):
+        pass
+    assert err.value.errno == errno.EINVAL
+    assert "unshare(CLONE_NEWUSER)" in str(err.value)
+
+
+def test_a_hung_helper_fails_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    need_root()
+    monkeypatch.setattr(idmapped, "_UNSHARE_SCRIPT", "import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(helper_process, "HELPER_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(OSError) as err, user_namespace("0:100000:1", "0:100000:1"):
+        pass
+    assert err.value.errno == errno.ETIMEDOUT
+    assert time.monotonic() - started < 10

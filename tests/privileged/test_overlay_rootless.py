@@ -3,7 +3,8 @@
 There ``trusted.*`` xattrs cannot be set, so the backend adds ``userxattr``
 and overlayfs keeps its whiteout and opaque marks in ``user.overlay.*``.
 The snapshotter runs in a child process in its own user and mount
-namespaces; the root is on tmpfs, which has user xattrs since Linux 6.6.
+namespaces; the root is on tmpfs, which has user xattrs since Linux 6.6
+(before that, on an ext4 loop filesystem).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import need, need_root
+from conftest import need, need_root, user_xattrs_work
 
 pytestmark = pytest.mark.privileged
 
@@ -74,13 +76,16 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_overlay_with_userxattr_in_a_user_namespace(scratch: Path) -> None:
+def test_overlay_with_userxattr_in_a_user_namespace(
+    scratch: Path, loopfs: Callable[..., Path]
+) -> None:
     need_root()
+    base = scratch if user_xattrs_work(scratch) else loopfs("ext4", size="256M")
     need(shutil.which("unshare") is not None, "unshare (util-linux) not installed")
     probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True)
     need(probe.returncode == 0, f"user namespaces not allowed here: {probe.stderr!r}")
     done = subprocess.run(
-        ["unshare", "-Urm", sys.executable, "-c", CHILD, str(scratch)],
+        ["unshare", "-Urm", sys.executable, "-c", CHILD, str(base)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from conftest import need
+from conftest import need, need_root
 
 from stratasnap.snapshotter import Snapshotter
 from stratasnap.testing import SnapshotterConformance
@@ -31,8 +31,7 @@ class TestBlockfile(SnapshotterConformance):
 
     def test_many_layers(self, sn: Snapshotter, mnt_dir: Path) -> None:
         # The mixin's case, except that an ext4 root also holds lost+found.
-        if os.geteuid() != 0:
-            pytest.skip("mount-based conformance case: needs root")
+        need_root()
         parent = ""
         for i in range(self.many_layers):
             key = f"layer-{i}-a"

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -493,3 +494,23 @@ def test_killed_copy_leaves_nothing(root: Path) -> None:
         assert [Path(p).name for p in got.paths] == left
         assert leftovers(root) == []
         assert s.prepare("k")  # and the key is free
+
+
+def test_a_hung_tool_is_killed_and_fails_the_call(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = scratch / "hung-bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "mkfs.ext4"
+    tool.write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 20\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(fsimage, "_SBIN", (str(bin_dir),))
+    monkeypatch.setattr(fsimage, "TOOL_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(OSError) as err:
+        fsimage.make_image(scratch / "x.img", 8 * MiB)
+    assert time.monotonic() - started < 10
+    assert err.value.errno == errno.ETIMEDOUT
+    assert "mkfs.ext4 did not finish in 0.5 s" in str(err.value)
+    assert [p.name for p in scratch.iterdir()] == ["hung-bin"]  # no half-made image

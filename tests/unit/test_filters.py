@@ -11,6 +11,8 @@ import random
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stratasnap.errors import InvalidArgument
 from stratasnap.filters import Filter, Operator, Selector, field_value, parse
@@ -492,33 +494,26 @@ def test_random_selectors_round_trip_through_str() -> None:
         assert parse(str(sel)).alternatives == ((sel,),), str(sel)
 
 
-try:
-    from hypothesis import given
-    from hypothesis import strategies as st
+# The property tests: hypothesis is in the test extra, so a missing one is an
+# import error here, never a silently smaller suite.
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_selectors = st.one_of(
+    st.builds(Selector, st.tuples(_text), st.just(PRESENT)),
+    st.builds(
+        Selector,
+        st.lists(_text, min_size=1, max_size=3).map(tuple),
+        st.sampled_from([EQ, NE]),
+        _text,
+    ),
+    st.builds(Selector, st.tuples(_text, _text), st.just(RE), _text.map(re.escape)),
+)
 
-    HAVE_HYPOTHESIS = True
-except ImportError:  # installed system-wide, not in the project's venv
-    HAVE_HYPOTHESIS = False
+@given(st.lists(st.lists(_selectors, max_size=3).map(tuple), min_size=1, max_size=3))
+def test_hypothesis_round_trip(alternatives: list[tuple[Selector, ...]]) -> None:
+    strings = [",".join(map(str, selectors)) for selectors in alternatives]
+    assert parse(*strings) == Filter(tuple(alternatives))
 
-if HAVE_HYPOTHESIS:
-    _text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
-    _selectors = st.one_of(
-        st.builds(Selector, st.tuples(_text), st.just(PRESENT)),
-        st.builds(
-            Selector,
-            st.lists(_text, min_size=1, max_size=3).map(tuple),
-            st.sampled_from([EQ, NE]),
-            _text,
-        ),
-        st.builds(Selector, st.tuples(_text, _text), st.just(RE), _text.map(re.escape)),
-    )
-
-    @given(st.lists(st.lists(_selectors, max_size=3).map(tuple), min_size=1, max_size=3))
-    def test_hypothesis_round_trip(alternatives: list[tuple[Selector, ...]]) -> None:
-        strings = [",".join(map(str, selectors)) for selectors in alternatives]
-        assert parse(*strings) == Filter(tuple(alternatives))
-
-    @given(st.text(max_size=30))
-    def test_hypothesis_parse_never_crashes(text: str) -> None:
-        with contextlib.suppress(InvalidArgument):
-            parse(text)
+@given(st.text(max_size=30))
+def test_hypothesis_parse_never_crashes(text: str) -> None:
+    with contextlib.suppress(InvalidArgument):
+        parse(text)

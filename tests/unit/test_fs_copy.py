@@ -7,10 +7,12 @@ import fcntl
 import os
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from conftest import IS_ROOT, need, need_kernel, user_xattrs_work
 
 from stratasnap.fs import _data
 from stratasnap.fs.copy import (
@@ -22,18 +24,6 @@ from stratasnap.fs.copy import (
 from stratasnap.fs.manifest import manifest
 
 MiB = 1 << 20
-
-
-def _user_xattrs_work(d: Path) -> bool:
-    probe = d / ".xattr-probe"
-    probe.touch()
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
 
 
 def _set_times(path: Path, mtime_ns: int, atime_ns: int) -> None:
@@ -79,10 +69,6 @@ def make_tree(root: Path) -> None:
 def test_copy_tree_reproduces_everything(scratch: Path) -> None:
     src, dst = scratch / "src", scratch / "dst"
     make_tree(src)
-    xattrs = _user_xattrs_work(scratch)
-    if xattrs:
-        os.setxattr(src / "file", "user.one", b"1")
-        os.setxattr(src / "dir", "user.dir", b"\x00binary\xff")
     # atimes first, before reading the trees moves them (relatime: atime < ctime)
     atimes = {rel: os.lstat(src / rel).st_atime_ns for rel in ("file", "rel-link", "dir", ".")}
     stats = copy_tree(src, dst)
@@ -97,11 +83,22 @@ def test_copy_tree_reproduces_everything(scratch: Path) -> None:
     assert got["rel-link-hard"].link_group == "rel-link"
     assert got["fifo"].kind == "fifo" and got["sock"].kind == "sock"
     assert os.stat(dst).st_mtime_ns == os.stat(src).st_mtime_ns
-    if xattrs:
-        assert os.getxattr(dst / "dir", "user.dir") == b"\x00binary\xff"
-    else:
-        pytest.skip("user xattrs unsupported on the scratch filesystem; rest passed")
     assert stats.hardlinks == 3 and stats.symlinks == 3 and stats.specials == 2
+
+
+def test_copy_tree_copies_user_xattrs(scratch: Path, tmp_path: Path) -> None:
+    # tmpfs has user xattrs since Linux 6.6; before that, tmp_path's filesystem.
+    base = next((d for d in (scratch, tmp_path) if user_xattrs_work(d)), None)
+    need_kernel(base is not None, "user xattrs on tmpfs (Linux 6.6) and on tmp_path")
+    assert base is not None
+    src, dst = base / "src", base / "dst"
+    make_tree(src)
+    os.setxattr(src / "file", "user.one", b"1")
+    os.setxattr(src / "dir", "user.dir", b"\x00binary\xff")
+    copy_tree(src, dst)
+    assert manifest(dst) == manifest(src)
+    assert os.getxattr(dst / "file", "user.one") == b"1"
+    assert os.getxattr(dst / "dir", "user.dir") == b"\x00binary\xff"
 
 
 def test_whiteout_device_is_copied(scratch: Path) -> None:
@@ -110,7 +107,8 @@ def test_whiteout_device_is_copied(scratch: Path) -> None:
     try:
         os.mknod(src / "gone", stat.S_IFCHR | 0o600, os.makedev(0, 0))
     except PermissionError:
-        pytest.skip("this kernel does not let unprivileged users make 0/0 whiteouts")
+        need(IS_ROOT, "this kernel does not let unprivileged users make 0/0 whiteouts")
+        raise
     copy_tree(src, scratch / "dst")
     st = os.lstat(scratch / "dst" / "gone")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
@@ -170,8 +168,7 @@ def test_sparse_files_keep_their_holes(scratch: Path) -> None:
     _write_sparse(src / "holey", 64 * MiB, {5 * MiB: b"a" * 5000, 40 * MiB: os.urandom(MiB)})
     _write_sparse(src / "hole-first", 16 * MiB, {15 * MiB: b"tail"})
     _write_sparse(src / "all-hole", 32 * MiB, {})
-    if _allocated(src / "holey") >= 64 * MiB:
-        pytest.skip("the scratch filesystem does not keep holes")
+    need(_allocated(src / "holey") < 64 * MiB, "the scratch filesystem does not keep holes")
     copy_tree(src, scratch / "dst")
     for name in ("holey", "hole-first", "all-hole"):
         a, b = src / name, scratch / "dst" / name
@@ -328,8 +325,12 @@ def test_interrupted_copy_file_atomic_leaves_nothing(
 
 
 def test_reflink_supported_on_scratch_leaves_nothing(scratch: Path) -> None:
-    # tmpfs and ext4 cannot clone; xfs/btrfs are covered by privileged tests
-    assert reflink_supported(scratch) in (True, False)
+    # tmpfs and ext4 cannot clone; xfs/btrfs answer True in test_fs_copy_root.
+    kind = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(scratch)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    need(kind in ("tmpfs", "ext2/ext3"), f"scratch on {kind}, whose reflink answer is not known")
+    assert reflink_supported(scratch) is False
     assert list(scratch.iterdir()) == []
 
 

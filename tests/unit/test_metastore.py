@@ -46,9 +46,28 @@ def commit(store: MetaStore, name: str, key: str, labels: dict[str, str] | None 
         tx.commit_active(key, name, Usage(10, 2), labels or {})
 
 
+DURABLE = {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1}  # 2: FULL
+
+
+def _settings(store: MetaStore) -> dict[str, object]:
+    # Read through the store's own connection: synchronous and foreign_keys are
+    # per connection, so a fresh sqlite3.connect() would not see what the store uses.
+    with store.read() as tx:
+        return {p: tx._conn.execute(f"PRAGMA {p}").fetchone()[0] for p in DURABLE}
+
+
 def test_wal_and_full_sync(store: MetaStore) -> None:
+    """WAL with synchronous=FULL: a commit that returned survives a power cut;
+    foreign keys keep labels from outliving their snapshot."""
+    create(store, "a")
+    assert _settings(store) == DURABLE
+    other: list[dict[str, object]] = []
+    worker = threading.Thread(target=lambda: other.append(_settings(store)))
+    worker.start()
+    worker.join()
+    assert other == [DURABLE]  # every thread's connection, not only the first
     conn = sqlite3.connect(store.path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # on disk too
     conn.close()
 
 

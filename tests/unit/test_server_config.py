@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from stratasnap.cli import cli
 from stratasnap.server.config import (
     DEFAULT_ADDRESS,
     DEFAULT_ROOT,
@@ -213,7 +216,38 @@ def test_capabilities_come_from_the_backend() -> None:
     assert snapshotter_capabilities(Dynamic()) == ("remap-ids",)
     assert snapshotter_capabilities(object()) == ()
     assert probe_capabilities(SnapshotterConfig("x", "native")) == ()
-    assert probe_capabilities(SnapshotterConfig("x", "no-such-backend")) == ()
+    with pytest.raises(ConfigError, match=r"snapshotters\.x: unknown backend 'no-such-backend'"):
+        probe_capabilities(SnapshotterConfig("x", "no-such-backend"))
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "named"),
+    [
+        ("overlay", {"sync_remove": "maybe"}, "sync_remove='maybe'"),
+        ("overlay", {"bogus": "1"}, "unknown option(s) bogus for backend 'overlay'"),
+        ("native", {"slow_chown": "true"}, "unknown option(s) slow_chown for backend 'native'"),
+        ("blockfile", {"scratch_size": "lots"}, "scratch_size"),
+        ("blockfile", {"sync_remove": "true"}, "unknown option(s) sync_remove"),
+        ("btrfs", {"quota": "maybe"}, "quota='maybe'"),
+        (
+            "btrfs",
+            {"upperdir_label": "true"},
+            "unknown option(s) upperdir_label for backend 'btrfs'",
+        ),
+    ],
+)
+def test_config_containerd_reports_a_bad_backend_option(
+    backend: str, options: dict[str, str], named: str
+) -> None:
+    """The snippet must not claim capabilities for options the server would refuse."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        probe_capabilities(SnapshotterConfig("s", backend, options=options))
+    args = ["--backend", backend]
+    for key, value in options.items():
+        args += ["-o", f"{key}={value}"]
+    done = CliRunner().invoke(cli, [*args, "config", "containerd"])
+    assert done.exit_code == 2, done.output
+    assert named in done.output and "capabilities" not in done.output
 
 
 def _module(*args: str) -> subprocess.CompletedProcess[str]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import filecmp
+import importlib.util
 from pathlib import Path
 
-import pytest
+from conftest import need
 
 from stratasnap.server.api.containerd.services.snapshots.v1 import snapshots_pb2
 from stratasnap.server.api.containerd.types import mount_pb2
@@ -20,7 +21,10 @@ def _files(root: Path) -> set[Path]:
 
 
 def test_generated_modules_are_fresh(scratch: Path) -> None:
-    pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) is not installed")
+    need(
+        importlib.util.find_spec("grpc_tools") is not None,
+        "grpcio-tools (the dev extra, installed by make test) is not installed",
+    )
     from stratasnap.server import protogen
 
     out = scratch / "api"

@@ -44,7 +44,7 @@ from ..fs.image import (
 from ..fs.mountinfo import read_mountinfo
 from ..fs.usage import fsync_path, syncfs
 from ..metastore import Record, validate_key
-from ..snapshotter import BaseSnapshotter
+from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Kind, Mount, Usage
 from .blockfile_config import VM_SCRATCH_LABEL, BlockfileConfig, ScratchRequest
 
@@ -68,6 +68,13 @@ class BlockfileSnapshotter(BaseSnapshotter):
     """
 
     backend_name = "blockfile"
+
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        _, rest = BlockfileConfig.from_options(options)  # refuses what opening would
+        if rest:
+            raise unknown_options(cls.backend_name, rest)
+        return cls.capabilities
 
     def __init__(self, root: str | Path, **options: object) -> None:
         self.config, rest = BlockfileConfig.from_options(options)
@@ -99,10 +106,11 @@ class BlockfileSnapshotter(BaseSnapshotter):
     def _ensure_template(self) -> None:
         # A template build killed half-way leaves its temporary file; under
         # the lock nobody else is building one, so it can go.
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(f".{TEMPLATE}.tmp-"):
-                with suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+        with os.scandir(self.root) as it:
+            leftovers = [e.path for e in it if e.name.startswith(f".{TEMPLATE}.tmp-")]
+        for path in leftovers:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
         cfg = self.config
         if cfg.recreate_scratch or not self.template.exists():
             try:
@@ -254,9 +262,12 @@ class BlockfileSnapshotter(BaseSnapshotter):
             # Still mounted: syncfs writes the data and the committed metadata
             # through the loop device into the image, so the layer reads right
             # even through a read-only mount that does not replay the journal.
+            # An I/O error there fails the commit: the layer would not be durable.
             for where in image_mountpoints(image):
-                with suppress(OSError):
+                try:
                     syncfs(where)
+                except FileNotFoundError:
+                    continue  # unmounted and its directory removed meanwhile
             fsync_path(image)
 
     # -- removal ---------------------------------------------------------------------

@@ -55,7 +55,7 @@ from ..filters import parse as parse_filters
 from ..fs import btrfs
 from ..fs.usage import disk_usage
 from ..metastore import Record
-from ..snapshotter import BaseSnapshotter
+from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Kind, Mount, Reclaimed, Usage
 from .btrfs_options import BtrfsOptions
 from .btrfs_qgroups import StaleQgroups
@@ -107,6 +107,14 @@ class BtrfsSnapshotter(BaseSnapshotter):
                 f"which are off on the filesystem of {root}: {_QUOTA_HINT}"
             )
         super().__init__(root, **rest)
+
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        rest = dict(options)
+        BtrfsOptions.take(rest)  # a bad value is InvalidArgument, as at open
+        if rest:
+            raise unknown_options(cls.backend_name, rest)
+        return cls.capabilities
 
     # -- hooks -----------------------------------------------------------------------
 

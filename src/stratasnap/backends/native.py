@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..fs.copy import copy_tree
 from ..metastore import Record
-from ..snapshotter import BaseSnapshotter
+from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Kind, Mount
 
 __all__ = ["NativeSnapshotter"]
@@ -22,6 +22,12 @@ class NativeSnapshotter(BaseSnapshotter):
     """Snapshots as directories under ``<root>/snapshots/<id>``."""
 
     backend_name = "native"
+
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
+        if options:  # it has none: the same refusal as opening one would give
+            raise unknown_options(cls.backend_name, options)
+        return cls.capabilities
 
     def _populate(
         self, work: Path, kind: Kind, parent: Record | None, labels: Mapping[str, str]

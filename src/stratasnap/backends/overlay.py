@@ -40,7 +40,7 @@ from ..fs.overlay_probe import (
 )
 from ..fs.usage import disk_usage
 from ..metastore import Record
-from ..snapshotter import BaseSnapshotter
+from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Info, Kind, Mount, Reclaimed, Usage
 from .overlay_idmap import GIDMAP_LABEL, UIDMAP_LABEL, parse_mapping_labels
 from .overlay_limits import LimitedLayers
@@ -100,7 +100,11 @@ class OverlaySnapshotter(BaseSnapshotter):
 
     @classmethod
     def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
-        return _capabilities(OverlayOptions.take(dict(options)).slow_chown)
+        rest = dict(options)
+        parsed = OverlayOptions.take(rest)  # a bad value is InvalidArgument, as at open
+        if rest:
+            raise unknown_options(cls.backend_name, rest)
+        return _capabilities(parsed.slow_chown)
 
     # -- hooks -----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Iterator, Set
 from contextlib import contextmanager, suppress
@@ -43,6 +44,8 @@ from ..fs.usage import disk_usage, syncfs
 from ..types import Usage
 
 __all__ = ["IMAGE", "LimitedLayers"]
+
+log = logging.getLogger(__name__)
 
 IMAGE = "layer.img"
 SETUP = "setup"  # where populate() mounts the image, inside the new storage dir
@@ -166,7 +169,9 @@ class LimitedLayers:
 
     def reattach(self, owned: Set[int]) -> None:
         """After a restart: mount the images of owned snapshots, finish interrupted commits."""
-        for entry in os.scandir(self.snapshots_dir):
+        with os.scandir(self.snapshots_dir) as it:
+            entries = list(it)  # closed even when one snapshot below fails
+        for entry in entries:
             if not entry.name.isdigit() or int(entry.name) not in owned:
                 continue  # not ours to touch: cleanup() decides about it
             storage = Path(entry.path)
@@ -177,16 +182,21 @@ class LimitedLayers:
                 os.unlink(storage / IMAGE)
                 _remove_setup_dir(storage)
                 continue
-            with suppress(OSError):
-                # A broken image must not stop the snapshotter from opening;
-                # mounts() of that snapshot reports the error instead.
+            try:
                 self.ensure_mounted(storage)
+            except OSError as exc:
+                # A broken image must not stop the snapshotter from opening;
+                # mounts() of that snapshot reports the error again.
+                log.warning("size-limited snapshot %s not mounted at start: %s", storage, exc)
 
     def release(self, path: Path) -> None:
         """Detach any loop device still backed by the image under ``path``."""
         for dev in loop.loop_devices_for(path / IMAGE):
-            with suppress(OSError):
+            try:
                 loop.detach(dev)
+            except OSError as exc:
+                # Still open elsewhere: the caller finds the device busy and keeps the image.
+                log.warning("loop device %s of %s not detached: %s", dev, path / IMAGE, exc)
 
     def stray_loops(self, owned: Set[int], in_use: Set[str]) -> list[Path]:
         """Loop devices backed by images under our storage that no snapshot owns."""

@@ -15,11 +15,12 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
+from functools import cache
 
 from . import mountopts as mo
 from ._libc import StrPath, fsencode, os_error, syscall
 
-__all__ = ["mount_fs"]
+__all__ = ["mount_fs", "overlay_lowerdir_plus"]
 
 FSOPEN_CLOEXEC = 1
 FSCONFIG_SET_FLAG = 0
@@ -177,3 +178,25 @@ def mount_fs(fstype: str, source: str, target: StrPath, flags: int, options: Seq
             os.close(mnt)
     finally:
         ctx.close()
+
+
+@cache
+def overlay_lowerdir_plus() -> bool:
+    """Whether overlayfs takes ``lowerdir+`` through ``fsconfig`` (Linux 6.8 and later).
+
+    Asked of the kernel, not read from its version (distributions backport):
+    a filesystem context is opened and ``lowerdir+=/`` set, then dropped
+    without mounting anything. An older overlayfs refuses the key (EINVAL);
+    no new mount API (ENOSYS) or no privilege (EPERM) counts as no too.
+    """
+    try:
+        fd = syscall("fsopen", b"overlay", FSOPEN_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        syscall("fsconfig", fd, FSCONFIG_SET_STRING, b"lowerdir+", b"/", 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True

@@ -8,13 +8,12 @@ clones. Files then show their owners shifted by the mapping, without a
 single chown. This module does the same for our own mount helper and tests.
 
 A mapping is carried by a user namespace; one is made for the purpose by a
-forked child that unshares, gets its maps written by us, and exits once its
-namespace fd is open.
+helper process that unshares, gets its maps written by us, and exits once
+its namespace fd is open.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 import tempfile
@@ -24,7 +23,8 @@ from pathlib import Path
 
 from ..types import Mount
 from . import mountopts as mo
-from ._libc import StrPath, fsencode, libc, os_error, syscall
+from ._libc import StrPath, fsencode, os_error, syscall
+from .helper_process import Helper
 from .mount import apply_mounts, unmount
 
 __all__ = ["apply_idmapped_mounts", "has_idmap", "user_namespace"]
@@ -38,11 +38,6 @@ MOVE_MOUNT_F_EMPTY_PATH = 4
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_IDMAP = 0x100000
 
-_unshare = libc.unshare
-_unshare.argtypes = [ctypes.c_int]
-_unshare.restype = ctypes.c_int
-
-
 def has_idmap(m: Mount) -> bool:
     """Whether ``m`` asks for an id-mapped mount."""
     return any(o.startswith(("uidmap=", "gidmap=")) for o in m.options)
@@ -53,33 +48,28 @@ def _map_text(value: str) -> str:
     return "".join(" ".join(r.split(":")) + "\n" for r in value.split(",") if r)
 
 
+# The helper unshares, reports, and holds the namespace until its stdin closes.
+_UNSHARE_SCRIPT = """
+report(libc.unshare(int(sys.argv[1])))
+sys.stdin.read()
+"""
+
+
 @contextmanager
 def user_namespace(uidmap: str, gidmap: str) -> Iterator[int]:
-    """An fd of a new user namespace with these maps (``ctr:host:size[,...]``)."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: unshare, report, wait to be let go
-        try:
-            os.close(ready_r)
-            os.close(done_w)
-            ok = _unshare(CLONE_NEWUSER) == 0
-            os.write(ready_w, b"1" if ok else b"0")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            raise os_error(ctypes.get_errno() or 1, None, "unshare(CLONE_NEWUSER)")
-        Path(f"/proc/{pid}/uid_map").write_text(_map_text(uidmap))
-        Path(f"/proc/{pid}/gid_map").write_text(_map_text(gidmap))
-        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(ready_r)
-        os.close(done_w)  # lets the child exit
-        os.waitpid(pid, 0)
+    """An fd of a new user namespace with these maps (``ctr:host:size[,...]``).
+
+    The namespace is made by a helper in a fresh interpreter
+    (:mod:`.helper_process`): ``unshare(CLONE_NEWUSER)`` needs a
+    single-threaded process, which a fork of this one is not once gRPC (or
+    any library with fork handlers) has started threads. A failure carries
+    the helper's own errno.
+    """
+    with Helper(_UNSHARE_SCRIPT, [str(CLONE_NEWUSER)]) as helper:
+        helper.expect_ok("unshare(CLONE_NEWUSER)")
+        Path(f"/proc/{helper.pid}/uid_map").write_text(_map_text(uidmap))
+        Path(f"/proc/{helper.pid}/gid_map").write_text(_map_text(gidmap))
+        fd = os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     try:
         yield fd
     finally:

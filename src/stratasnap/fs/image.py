@@ -7,7 +7,8 @@ xfsprogs); everything else here reads the superblock directly, so that
 
 Every failure is an :class:`OSError`: a missing tool is :class:`MissingTool`
 (it names the Debian package to install), a tool that fails is
-:class:`ToolFailed` carrying the end of its stderr.
+:class:`ToolFailed` carrying the end of its stderr, and one that runs past
+:data:`TOOL_TIMEOUT_S` is killed (ETIMEDOUT).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .usage import fsync_path
 
 __all__ = [
     "FS_TYPES",
+    "TOOL_TIMEOUT_S",
     "MissingTool",
     "ToolFailed",
     "find_tool",
@@ -52,6 +54,12 @@ PACKAGES = {
     "mkfs.xfs": "xfsprogs",
     "xfs_growfs": "xfsprogs",
 }
+
+#: Seconds mkfs, e2fsck, resize2fs or xfs_growfs may run before it is killed and
+#: the call fails with ETIMEDOUT: a hung tool (a stuck loop device, a disk that
+#: stopped answering) must fail the call, not hold a server worker forever.
+#: Generous: checking and growing a large image on a slow disk takes minutes.
+TOOL_TIMEOUT_S = 600.0
 
 #: mkfs arguments that come before the caller's own.
 #: ext4: no reserved blocks (nobody logs in as root to a container rootfs);
@@ -126,14 +134,22 @@ def find_tool(name: str) -> str:
 
 
 def _run(argv: Sequence[str], ok: tuple[int, ...] = (0,)) -> None:
-    proc = subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+            timeout=TOOL_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        # subprocess.run has killed it; the caller's cleanup removes its half-made image.
+        tool = Path(argv[0]).name
+        raise OSError(
+            errno.ETIMEDOUT, f"{tool} did not finish in {TOOL_TIMEOUT_S:g} s (killed)", argv[-1]
+        ) from None
     if proc.returncode not in ok:
         raise ToolFailed(argv, proc.returncode, proc.stderr or proc.stdout)
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from ..types import Mount
 from . import loop
 from . import mountopts as mo
-from ._fsmount import mount_fs
+from ._fsmount import mount_fs, overlay_lowerdir_plus
 from ._libc import StrPath, check, fsencode, libc, os_error, syscall
 from .mountinfo import read_mountinfo
+from .overlay_compact import mount_overlay_compact
 
 __all__ = [
     "apply_mounts",
@@ -89,13 +90,19 @@ def mount(
     ``data`` is the comma-separated option string of the filesystem. When it
     does not fit in a page, each option is set separately with ``fsconfig``
     (overlay ``lowerdir`` as one ``lowerdir+`` per layer) instead of letting
-    the kernel cut it.
+    the kernel cut it. Before Linux 6.8 overlayfs has no ``lowerdir+``: the
+    layers are then given relative to their common directory, as containerd
+    does (:mod:`.overlay_compact`), which fits a few hundred snapshot layers.
     """
     raw = fsencode(data)
     if len(raw) > _DATA_MAX:
         if flags & _LEGACY_ONLY or not fstype:
             raise os_error(errno.E2BIG, target, "mount data longer than a page")
-        mount_fs(fstype, os.fspath(source), target, flags, mo.split_escaped(data, ","))
+        options = mo.split_escaped(data, ",")
+        if fstype == "overlay" and not overlay_lowerdir_plus():
+            mount_overlay_compact(options, target, flags)
+        else:
+            mount_fs(fstype, os.fspath(source), target, flags, options)
         return
     ret = _mount(
         fsencode(source) or None, fsencode(target), fstype.encode() or None, flags, raw or None

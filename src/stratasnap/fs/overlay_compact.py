@@ -5,28 +5,24 @@ any kernel: give the layers as paths relative to their common directory and
 call ``mount(2)`` from a process whose working directory is that directory.
 With the snapshot layout ``<root>/snapshots/<id>/fs`` each layer then costs
 ``<id>/fs:``, a few bytes, instead of the full path. The working directory
-is process-wide, so the mount runs in a forked child.
+is process-wide, so the mount runs in a helper process (a fresh interpreter,
+:mod:`.helper_process`: a fork of a threaded server may hang in the child).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import mountopts as mo
-from ._libc import StrPath, fsencode, libc, os_error
+from ._libc import StrPath, fsencode, os_error
+from .helper_process import Helper
 
 __all__ = ["Compacted", "compact_lowerdirs", "mount_overlay_compact"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-_mount = libc.mount
-_mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-_mount.restype = ctypes.c_int
-
 
 @dataclass(frozen=True)
 class Compacted:
@@ -68,11 +64,19 @@ def compact_lowerdirs(options: Sequence[str]) -> Compacted | None:
     return Compacted(workdir=common, options=tuple(new))
 
 
+# The helper runs in the layers' common directory (Popen's cwd), so the
+# relative lowerdirs resolve there; arguments travel hex-encoded (any bytes).
+_MOUNT_SCRIPT = """
+target, data = (bytes.fromhex(a) for a in sys.argv[1:3])
+report(libc.mount(b"overlay", target, b"overlay", ctypes.c_ulong(int(sys.argv[3])), data))
+"""
+
+
 def mount_overlay_compact(options: Sequence[str], target: StrPath, flags: int = 0) -> None:
     """Mount an overlay with ``mount(2)`` from the layers' common directory.
 
-    Raises E2BIG when even the compacted options do not fit in a page, and
-    the mount's own error otherwise.
+    Raises E2BIG when even the compacted options do not fit in a page,
+    ETIMEDOUT when the helper hangs, and the mount's own error otherwise.
     """
     compacted = compact_lowerdirs(options)
     if compacted is None:
@@ -81,19 +85,6 @@ def mount_overlay_compact(options: Sequence[str], target: StrPath, flags: int = 
     if len(data) >= _PAGE:
         raise os_error(errno.E2BIG, target, "overlay options over a page even when compacted")
     target_abs = fsencode(os.path.abspath(target))
-    workdir = fsencode(compacted.workdir)
-    pid = os.fork()
-    if pid == 0:  # the child: chdir is process-wide, so it happens here only
-        code = 0
-        try:
-            os.chdir(workdir)
-            if _mount(b"overlay", target_abs, b"overlay", flags, data) != 0:
-                code = ctypes.get_errno() or errno.EIO
-        except OSError as e:
-            code = e.errno or errno.EIO
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise os_error(code if code > 0 else errno.EINTR, target, "mount -t overlay (compacted)")
+    args = [target_abs.hex(), data.hex(), str(flags)]
+    with Helper(_MOUNT_SCRIPT, args, cwd=compacted.workdir) as helper:
+        helper.expect_ok("mount -t overlay (compacted)", target)

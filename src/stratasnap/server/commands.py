@@ -172,5 +172,14 @@ def config_default() -> None:
 def config_containerd(
     config_file: Path | None, root: Path | None, address: Path | None, backend: str | None
 ) -> None:
-    """Print the [proxy_plugins] block for containerd's config.toml."""
-    click.echo(containerd_snippet(_load(config_file, root, address, backend)), nl=False)
+    """Print the [proxy_plugins] block for containerd's config.toml.
+
+    The backend options (`-o KEY=VALUE` or the config file) are checked as the
+    server would check them: a bad one exits 2 instead of printing a snippet
+    with the wrong capabilities.
+    """
+    try:
+        snippet = containerd_snippet(_load(config_file, root, address, backend))
+    except ConfigError as e:
+        _fail(str(e), 2)
+    click.echo(snippet, nl=False)

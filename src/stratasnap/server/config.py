@@ -406,7 +406,8 @@ def containerd_snippet(
     """The ``[proxy_plugins]`` block for containerd's config.toml (``config containerd``).
 
     ``capabilities`` maps a snapshotter name to what it supports; when it is
-    not given (or lacks a name) they come from :func:`probe_capabilities`.
+    not given (or lacks a name) they come from :func:`probe_capabilities`,
+    which raises :class:`ConfigError` for a backend or option it refuses.
     """
     lines = [
         "# stratasnap as containerd snapshotter(s): add this to containerd's config.toml",
@@ -431,37 +432,22 @@ def containerd_snippet(
 
 
 def probe_capabilities(snapshotter: SnapshotterConfig) -> tuple[str, ...]:
-    """The capabilities of ``snapshotter``'s backend, without opening its store.
+    """The capabilities of ``snapshotter``'s backend with its options, without opening a store.
 
-    Asks the backend class (``stratasnap.backends.backend_class(name)`` or the
-    ``BACKENDS`` registry) for a ``capabilities`` attribute; () when the
-    backends do not say.
+    Raises :class:`ConfigError` naming the snapshotter when the backend is
+    unknown or refuses an option (a bad value, an unknown key): the same
+    error the server would meet at start, reported before containerd is
+    told to use it.
     """
+    from ..backends import backend_class
+    from ..errors import SnapshotError
+
     try:
-        from .. import backends
-    except ImportError:
-        return ()
-    cls: object = None
-    lookup = getattr(backends, "backend_class", None)
-    if callable(lookup):
-        try:
-            cls = lookup(snapshotter.backend)
-        except Exception:
-            cls = None
-    if cls is None:
-        registry = getattr(backends, "BACKENDS", None)
-        if isinstance(registry, Mapping):
-            cls = registry.get(snapshotter.backend)
-    if cls is None:
-        return ()
-    try:
-        for_options = getattr(cls, "capabilities_for", None)
-        if callable(for_options):
-            # What an instance with these options offers (overlay: slow_chown, kernel).
-            return tuple(str(c) for c in for_options(snapshotter.options))
-        return snapshotter_capabilities(cls)
-    except Exception:
-        return ()
+        cls = backend_class(snapshotter.backend)
+        # What an instance with these options offers (overlay: slow_chown, kernel).
+        return tuple(str(c) for c in cls.capabilities_for(snapshotter.options))
+    except SnapshotError as exc:
+        raise ConfigError(f"snapshotters.{snapshotter.name}: {exc}") from None
 
 
 def _toml_str(s: str) -> str:
