@@ -10,11 +10,27 @@ from __future__ import annotations
 from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
 from .edit import commit, label, mounts, prepare, rm, view
+from .erofs import erofs
 from .query import cleanup, info, ls, tree, usage
 
 __all__ = ["Session", "cli", "default_root", "main", "pass_snapshotter"]
 
-_VERBS = (serve, prepare, view, commit, rm, mounts, label, ls, info, usage, tree, cleanup, config)
+_VERBS = (
+    serve,
+    prepare,
+    view,
+    commit,
+    rm,
+    mounts,
+    label,
+    ls,
+    info,
+    usage,
+    tree,
+    cleanup,
+    config,
+    erofs,
+)
 for _verb in _VERBS:
     cli.add_command(_verb)
 

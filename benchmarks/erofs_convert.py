@@ -1,0 +1,214 @@
+"""Layer tar -> EROFS image: stratasnap's streaming converter against mkfs.erofs.
+
+Run: ``.venv/bin/python benchmarks/erofs_convert.py`` as root (it makes a fresh
+ext4 loop filesystem; ``--help`` for options). It builds a synthetic layer
+tar (default 300 MB in 30,000 files, 300 directories, symlinks, hard links;
+or ``--tar`` to use a real one) on that filesystem, then times, alternated
+round by round, each ending with the image fsynced:
+
+1. ``stratasnap``: ``convert_tar`` reading the tar once, writing the image.
+2. ``mkfs.erofs``: ``mkfs.erofs -Enoinline_data`` (as containerd's erofs
+   snapshotter runs it) from the layer already extracted (extraction not
+   timed): the best case of the extract-then-convert path.
+3. ``tar+mkfs``: GNU tar extraction to a fresh directory, then the same mkfs:
+   what a host without ``mkfs.erofs --tar`` (erofs-utils < 1.7) pays.
+
+Prints MB/s of tar for each, the ratios, and the converter's peak RSS when
+run as a separate process. Figures and ratios, never pass/fail; on a shared
+machine, read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _scratch import scratch_fs
+
+from stratasnap.erofs import convert_tar
+
+MB = 1_000_000
+
+
+def make_tar(path: Path, total_mb: int, files: int, seed: int = 1) -> None:
+    """A rootfs-like layer: many small files, a few large ones, links; incompressible data."""
+    rng = random.Random(seed)
+    pool = rng.randbytes(32 << 20)
+    # Sizes in a rootfs are heavy-tailed: most files are small, a few hold most bytes.
+    weights = [rng.paretovariate(1.2) for _ in range(files)]
+    scale = total_mb * MB / sum(weights)
+    sizes = [min(int(w * scale), 24 << 20) for w in weights]
+    dirs = [f"usr/d{i // 30:02d}/s{i % 30:02d}" for i in range(300)]
+    with (
+        path.open("wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf,
+    ):
+        for d in ["usr", *sorted({d.rsplit("/", 1)[0] for d in dirs}), *dirs]:
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tf.addfile(ti)
+        for i, size in enumerate(sizes):
+            ti = tarfile.TarInfo(f"{dirs[i % len(dirs)]}/file-{i:06d}.bin")
+            ti.size, ti.mode, ti.mtime = size, 0o644 if i % 7 else 0o755, 1_700_000_000
+            start = rng.randrange(0, len(pool) - size) if size < len(pool) else 0
+            tf.addfile(ti, io.BytesIO(pool[start : start + size]))
+            if i % 100 == 0:
+                link = tarfile.TarInfo(f"{dirs[i % len(dirs)]}/link-{i:06d}")
+                link.type, link.linkname, link.mode = tarfile.SYMTYPE, f"file-{i:06d}.bin", 0o777
+                tf.addfile(link)
+            if i % 1000 == 1:
+                hard = tarfile.TarInfo(f"{dirs[i % len(dirs)]}/hard-{i:06d}")
+                hard.type, hard.linkname = tarfile.LNKTYPE, ti.name
+                tf.addfile(hard)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_ours(tar: Path, image: Path) -> None:
+    with tar.open("rb", buffering=1 << 20) as f:
+        convert_tar(f, image)
+
+
+def run_mkfs(src: Path, image: Path) -> None:
+    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(image), str(src)], check=True)
+    fsync_file(image)
+
+
+def run_tar_mkfs(tar: Path, work: Path, image: Path) -> None:
+    work.mkdir()
+    subprocess.run(
+        ["tar", "--xattrs", "--numeric-owner", "-xpf", str(tar), "-C", str(work)], check=True
+    )
+    run_mkfs(work, image)
+
+
+def cpu_seconds() -> float:
+    """User+sys CPU of this process and of its finished children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def peak_rss_mb(tar: Path, image: Path) -> tuple[float, float]:
+    """Peak RSS (MB) and seconds of ``stratasnap erofs convert - IMAGE`` fed by a pipe."""
+    cmd = [sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image), "--json"]
+    t0 = time.perf_counter()
+    cat = subprocess.Popen(["cat", str(tar)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdin=cat.stdout, stdout=subprocess.PIPE)
+    assert cat.stdout is not None
+    cat.stdout.close()
+    out, _ = proc.communicate()
+    cat.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"converter failed with {proc.returncode}")
+    return json.loads(out)["peak_rss_kib"] / 1024, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--tar", type=Path, help="use this (uncompressed) layer tar instead of a synthetic one"
+    )
+    ap.add_argument("--size-mb", type=int, default=300, help="synthetic tar: data MB (default 300)")
+    ap.add_argument(
+        "--files", type=int, default=30_000, help="synthetic tar: files (default 30000)"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds (default 3)")
+    ap.add_argument("--fs-size", default="6G", help="loop ext4 size (default 6G)")
+    ap.add_argument("--profile", action="store_true", help="also cProfile one converter run")
+    args = ap.parse_args()
+    if shutil.which("mkfs.erofs") is None:
+        raise SystemExit("mkfs.erofs (erofs-utils) is needed for the reference")
+    with scratch_fs("ext4", args.fs_size) as (mnt, desc):
+        tar = mnt / "layer.tar"
+        if args.tar:
+            shutil.copyfile(args.tar, tar)
+        else:
+            make_tar(tar, args.size_mb, args.files)
+        tar_mb = tar.stat().st_size / MB
+        extracted = mnt / "extracted"
+        extracted.mkdir()
+        subprocess.run(
+            ["tar", "--numeric-owner", "-xpf", str(tar), "-C", str(extracted)], check=True
+        )
+        version = subprocess.run(
+            ["mkfs.erofs", "-V"], capture_output=True, text=True
+        ).stdout.strip()
+        first = version.splitlines()[0] if version else "mkfs.erofs"
+        print(f"filesystem: {desc}; tar: {tar_mb:.0f} MB; {first}")
+        print(
+            f"machine: {os.cpu_count()} CPUs, shared with other work (read ratios, not absolutes)"
+        )
+        variants: dict[str, Callable[[int], None]] = {
+            "stratasnap": lambda r: run_ours(tar, mnt / f"ours-{r}.erofs"),
+            "mkfs.erofs (pre-extracted)": lambda r: run_mkfs(extracted, mnt / f"mkfs-{r}.erofs"),
+            "tar -x + mkfs.erofs": lambda r: run_tar_mkfs(
+                tar, mnt / f"x-{r}", mnt / f"tm-{r}.erofs"
+            ),
+        }
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        cpu: dict[str, list[float]] = {k: [] for k in variants}
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                os.sync()
+                c0 = cpu_seconds()
+                t0 = time.perf_counter()
+                variants[name](r)
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_seconds() - c0)
+            for p in mnt.iterdir():  # keep the filesystem from filling up
+                if p.name not in ("layer.tar", "extracted", "lost+found"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        ours = statistics.median(times["stratasnap"])
+        head = (
+            f"{'variant':27} {'wall s':>7} {'MB/s':>5} {'x ours':>6} {'CPU s':>6} {'MB/CPU-s':>8}"
+        )
+        print(f"{head}   wall of each run")
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            runs = " ".join(f"{t:.2f}" for t in ts)
+            c = statistics.median(cpu[name])
+            print(
+                f"{name:27} {med:7.2f} {tar_mb / med:5.0f} {med / ours:6.2f} {c:6.2f} "
+                f"{tar_mb / c:8.0f}   {runs}"
+            )
+        print("(medians; wall includes the fsync; CPU s: user+sys of the process(es) doing")
+        print(" the work, less sensitive than wall to other work on a shared machine)")
+        rss, secs = peak_rss_mb(tar, mnt / "rss.erofs")
+        print(f"converter as a process fed by a pipe: {secs:.2f}s, peak RSS {rss:.0f} MB")
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"(this benchmark process itself, tar generation included: {own:.0f} MB)")
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(run_ours, tar, mnt / "prof.erofs")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()

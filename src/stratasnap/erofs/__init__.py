@@ -1,0 +1,40 @@
+"""Layer tar -> EROFS image, in one streaming pass, without mounts or tools.
+
+The API other parts of stratasnap (the erofs backend, image unpack, the
+containerd fast path) call::
+
+    from stratasnap.erofs import convert_tar, ImageStats, TarFormatError
+
+    with open("layer.tar", "rb") as f:          # or any readable binary stream
+        stats = convert_tar(f, "snapshots/7/layer.erofs")
+
+``convert_tar`` reads the (already decompressed) tar once, writes an
+uncompressed EROFS image with whiteouts in overlayfs form, fsyncs it and
+renames it into place; a bad tar raises :class:`TarFormatError` (an
+``InvalidArgument``) and leaves no file behind.
+
+Modules: ``format`` (on-disk constants and records), ``tarstream`` (the tar
+reader), ``tree`` (the in-memory tree and whiteout rules), ``xattrs``,
+``layout`` (metadata placement), ``datawriter`` (file data: blocks, batching,
+the writer thread), ``writer`` (``convert_tar`` and ``ImageStats``).
+
+``convert_tar(stream, out_path, *, uuid=None, volume_name=b"",
+default_mtime=None, digest=False) -> ImageStats``: with ``digest=True`` the
+stats carry ``tar_digest`` ("sha256:…" of the uncompressed stream: the
+layer's diff ID, for chain IDs). It is thread-safe (no shared state); each
+call runs one short-lived writer thread of its own.
+"""
+
+from __future__ import annotations
+
+from .errors import LayerTooLarge, TarFormatError, TruncatedTar, UnsafeEntry
+from .writer import ImageStats, convert_tar
+
+__all__ = [
+    "ImageStats",
+    "LayerTooLarge",
+    "TarFormatError",
+    "TruncatedTar",
+    "UnsafeEntry",
+    "convert_tar",
+]
