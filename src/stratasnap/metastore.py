@@ -38,9 +38,17 @@ from .errors import (
 )
 from .types import Info, Kind, Timestamp, Usage
 
-__all__ = ["SCHEMA_VERSION", "MetaStore", "ReadTx", "Record", "WriteTx", "validate_key"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ImageRecord",
+    "MetaStore",
+    "ReadTx",
+    "Record",
+    "WriteTx",
+    "validate_key",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: containerd's rule (pkg/labels): a label's key and value together fit in 4096 bytes.
 MAX_LABEL_BYTES = 4096
@@ -78,8 +86,32 @@ CREATE INDEX labels_key_value ON labels(key, value);
 INSERT INTO sequence VALUES ('snapshot', 0);
 """
 
+# Version 2: image records (stratasnap.images). An image name points at one
+# manifest (for one platform); the content store holds the blobs.
+_IMAGES_SCHEMA = """
+CREATE TABLE images (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    platform TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '',
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL
+);
+CREATE INDEX images_digest ON images(digest);
+"""
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    for stmt in script.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
 #: Migrations from version N to N+1, run inside one write transaction on open.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: lambda conn: _run_script(conn, _IMAGES_SCHEMA),
+}
 
 # One statement gives a consistent Info (row, parent key and labels) without an
 # explicit transaction around several queries.
@@ -100,6 +132,23 @@ class Record:
     usage: Usage
     #: Ids of the parent chain, immediate parent first (overlay's lowerdir order).
     parent_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image name and the manifest it points at.
+
+    ``digest`` is the manifest chosen for ``platform`` (``os/arch[/variant]``);
+    ``source`` says where it came from (a registry reference or an archive path).
+    """
+
+    name: str
+    digest: str
+    media_type: str
+    platform: str = ""
+    source: str = ""
+    created: datetime | None = None
+    updated: datetime | None = None
 
 
 def _now_ns() -> int:
@@ -314,6 +363,38 @@ class ReadTx:
         return counts
 
 
+    # -- images ------------------------------------------------------------------
+
+    def find_image(self, name: str) -> ImageRecord | None:
+        """The image record called ``name``, or None."""
+        row = self._conn.execute(_IMAGE_SELECT + " WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _image_from_row(row)
+
+    def images(self) -> list[ImageRecord]:
+        """Every image record, ordered by name."""
+        rows = self._conn.execute(_IMAGE_SELECT + " ORDER BY name")
+        return [_image_from_row(r) for r in rows]
+
+
+_IMAGE_SELECT = (
+    "SELECT name, digest, media_type, platform, source, created_ns, updated_ns FROM images"
+)
+
+
+def _image_from_row(row: tuple[object, ...]) -> ImageRecord:
+    name, digest, media, platform, source, created, updated = row
+    assert isinstance(created, int) and isinstance(updated, int)
+    return ImageRecord(
+        name=str(name),
+        digest=str(digest),
+        media_type=str(media),
+        platform=str(platform),
+        source=str(source),
+        created=_to_datetime(created),
+        updated=_to_datetime(updated),
+    )
+
+
 class WriteTx(ReadTx):
     """Changes, applied atomically when the transaction commits."""
 
@@ -384,6 +465,29 @@ class WriteTx(ReadTx):
         self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._conn.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         return rec
+
+    def put_image(self, image: ImageRecord) -> ImageRecord:
+        """Create or repoint the image called ``image.name`` (created time kept)."""
+        now = _now_ns()
+        self._conn.execute(
+            "INSERT INTO images (name, digest, media_type, platform, source, created_ns, "
+            "updated_ns) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+            "digest = excluded.digest, media_type = excluded.media_type, "
+            "platform = excluded.platform, source = excluded.source, "
+            "updated_ns = excluded.updated_ns",
+            (image.name, image.digest, image.media_type, image.platform, image.source, now, now),
+        )
+        found = self.find_image(image.name)
+        assert found is not None
+        return found
+
+    def delete_image(self, name: str) -> ImageRecord:
+        """Delete the image record ``name``; NotFound when there is none."""
+        found = self.find_image(name)
+        if found is None:
+            raise NotFound(f"image {_q(name)}")
+        self._conn.execute("DELETE FROM images WHERE name = ?", (name,))
+        return found
 
     def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
         self._conn.executemany(
@@ -520,9 +624,8 @@ class MetaStore:
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
             ).fetchone()
             if not has_meta:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
+                _run_script(conn, _SCHEMA)
+                _run_script(conn, _IMAGES_SCHEMA)
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )

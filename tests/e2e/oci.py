@@ -98,14 +98,50 @@ class Layer:
             self.dir("/".join(parts[:i]))
         return self
 
-    def file(self, path: str, data: bytes | str, mode: int = 0o644) -> Layer:
-        """Add a regular file holding ``data``."""
+    def file(
+        self,
+        path: str,
+        data: bytes | str,
+        mode: int = 0o644,
+        *,
+        owner: tuple[int, int] = (0, 0),
+        xattrs: dict[str, bytes] | None = None,
+    ) -> Layer:
+        """Add a regular file holding ``data`` (PAX ``SCHILY.xattr.*`` for ``xattrs``)."""
         raw = data.encode() if isinstance(data, str) else data
         ti = self._info(path, tarfile.REGTYPE, mode)
+        ti.uid, ti.gid = owner
         ti.size = len(raw)
+        if xattrs:
+            ti.pax_headers = {
+                f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()
+            }
         self._tar.addfile(ti, io.BytesIO(raw))
         self.files += 1
         self.bytes += len(raw)
+        return self
+
+    def hardlink(self, path: str, target: str) -> Layer:
+        """A hard link at ``path`` to the earlier entry ``target``."""
+        ti = self._info(path, tarfile.LNKTYPE, 0o644)
+        ti.linkname = target.strip("/")
+        self._tar.addfile(ti)
+        return self
+
+    def device(self, path: str, char: bool, major: int, minor: int, mode: int = 0o666) -> Layer:
+        ti = self._info(path, tarfile.CHRTYPE if char else tarfile.BLKTYPE, mode)
+        ti.devmajor, ti.devminor = major, minor
+        self._tar.addfile(ti)
+        return self
+
+    def fifo(self, path: str, mode: int = 0o644) -> Layer:
+        self._tar.addfile(self._info(path, tarfile.FIFOTYPE, mode))
+        return self
+
+    def raw(self, ti: tarfile.TarInfo, data: bytes = b"") -> Layer:
+        """Add an entry exactly as given (hostile layers in tests)."""
+        ti.size = len(data)
+        self._tar.addfile(ti, io.BytesIO(data) if data else None)
         return self
 
     def symlink(self, path: str, target: str) -> Layer:
@@ -238,10 +274,16 @@ def write_oci_archive(
     *,
     cmd: Sequence[str] = ("/bin/sh",),
     env: Sequence[str] = ("PATH=/bin:/usr/bin",),
-    compress: bool = True,
+    compress: bool | str = True,
     compresslevel: int = 6,
+    arch: str = "",
+    layout_dir: bool = False,
 ) -> ImageInfo:
     """Write an OCI image layout holding one image, as a tar at ``path``.
+
+    ``compress`` is True/"gzip", "zstd", or False/"none"; ``arch`` overrides the
+    config's architecture; ``layout_dir`` writes a directory instead of a tar
+    (what ``umoci`` and ``skopeo`` read as ``oci:DIR``).
 
     ``name`` (``registry/repo:tag``) goes into the manifest's
     ``io.containerd.image.name`` annotation, which ``ctr images import`` uses
@@ -258,12 +300,19 @@ def write_oci_archive(
     for layer in layers:
         raw = layer.tar() if isinstance(layer, Layer) else layer
         diff_ids.append(_digest(raw))
-        stored = gzip.compress(raw, compresslevel=compresslevel, mtime=0) if compress else raw
+        kind = {True: "gzip", False: "none"}.get(compress, compress)  # type: ignore[call-overload]
+        if kind == "gzip":
+            stored, media = gzip.compress(raw, compresslevel, mtime=0), MEDIA_LAYER_GZIP
+        elif kind == "zstd":
+            import zstandard
+
+            stored, media = zstandard.ZstdCompressor().compress(raw), MEDIA_LAYER + "+zstd"
+        else:
+            stored, media = raw, MEDIA_LAYER
         d, size = blob(stored)
-        media = MEDIA_LAYER_GZIP if compress else MEDIA_LAYER
         layer_descs.append({"mediaType": media, "digest": d, "size": size})
 
-    arch = goarch()
+    arch = arch or goarch()
     config = {
         "architecture": arch,
         "os": "linux",
@@ -301,6 +350,27 @@ def write_oci_archive(
         ],
     }
 
+    if layout_dir:
+        root = Path(path)
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+        (root / "index.json").write_text(json.dumps(index, sort_keys=True))
+        for d, data in blobs.items():
+            (root / "blobs" / "sha256" / d.removeprefix("sha256:")).write_bytes(data)
+    else:
+        _write_tar(Path(path), index, blobs)
+    return ImageInfo(
+        name=name,
+        manifest_digest=manifest_digest,
+        config_digest=config_digest,
+        diff_ids=diff_ids,
+        layer_digests=[str(d["digest"]) for d in layer_descs],
+        chain_ids=chain_ids(diff_ids),
+        size=sum(len(b) for b in blobs.values()),
+    )
+
+
+def _write_tar(path: Path, index: object, blobs: dict[str, bytes]) -> None:
     def add(tar: tarfile.TarFile, member: str, data: bytes) -> None:
         ti = tarfile.TarInfo(member)
         ti.size, ti.mode, ti.mtime = len(data), 0o644, EPOCH
@@ -315,13 +385,3 @@ def write_oci_archive(
             tar.addfile(ti)
         for d, data in blobs.items():
             add(tar, f"blobs/sha256/{d.removeprefix('sha256:')}", data)
-
-    return ImageInfo(
-        name=name,
-        manifest_digest=manifest_digest,
-        config_digest=config_digest,
-        diff_ids=diff_ids,
-        layer_digests=[str(d["digest"]) for d in layer_descs],
-        chain_ids=chain_ids(diff_ids),
-        size=sum(len(b) for b in blobs.values()),
-    )

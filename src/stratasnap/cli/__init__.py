@@ -11,6 +11,7 @@ from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
 from .edit import commit, label, mounts, prepare, rm, view
 from .erofs import erofs
+from .image import diff, image
 from .query import cleanup, info, ls, tree, usage
 
 __all__ = ["Session", "cli", "default_root", "main", "pass_snapshotter"]
@@ -28,6 +29,8 @@ _VERBS = (
     usage,
     tree,
     cleanup,
+    image,
+    diff,
     config,
     erofs,
 )
