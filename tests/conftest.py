@@ -167,3 +167,20 @@ def btrfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def btrfs_quota_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh 2 GB btrfs loop filesystem with quotas (qgroups) on, shared by one module."""
     yield from _btrfs_module_fs(tmp_path_factory, quota=True)
+
+
+@pytest.fixture
+def store_root(scratch: Path, request: pytest.FixtureRequest) -> Callable[[str], Path]:
+    """``store_root(backend)``: where a test's snapshot root for ``backend`` goes.
+
+    On the tmpfs of ``scratch``, except for backends that need a filesystem
+    of their own: btrfs gets a directory on the module's btrfs loop filesystem.
+    """
+
+    def make(backend: str) -> Path:
+        if backend == "btrfs":
+            fs: Path = request.getfixturevalue("btrfs_fs")
+            return Path(tempfile.mkdtemp(dir=fs)) / "root"
+        return scratch / "root"
+
+    return make
