@@ -41,7 +41,6 @@ sys.path.insert(0, str(HERE))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -50,6 +49,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 
+from _gobuild import build_go  # noqa: E402
 from _scratch import scratch_fs  # noqa: E402
 
 from stratasnap.backends import open_snapshotter  # noqa: E402
@@ -111,45 +111,12 @@ class Server:
 
 # -- the Go client ---------------------------------------------------------------------
 
-GOCODE = Path("/usr/share/gocode")
-GO_API = GOCODE / "src/github.com/containerd/containerd/api/services/snapshots/v1"
-
-
 def build_goclient(tmp: Path) -> tuple[Path | None, str]:
     """Build ``goclient/`` into ``tmp``: (binary, description) or (None, why not)."""
-    go = shutil.which("go")
-    if go is None or not GO_API.is_dir():
-        missing = "go" if go is None else str(GO_API)
-        return None, (
-            f"no {missing}: Go-client figures skipped (apt-get install golang-go "
-            "golang-github-containerd-containerd-dev)"
-        )
-    binary = tmp / "goclient"
-    env = dict(os.environ)
-    env.update(
-        GO111MODULE="off",  # GOPATH mode: Debian's sources, no module downloads
-        GOPATH=f"{GOCODE}:{tmp / 'gopath'}",
-        GOCACHE=str(tmp / "gocache"),
-        GOFLAGS="",
-        GOPROXY="off",
-        CGO_ENABLED="0",
-    )
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [go, "build", "-o", str(binary), "."],
-        cwd=HERE / "goclient",
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        err = " ".join(proc.stderr.split())[:300]
-        return None, f"building the Go client failed ({err}): Go-client figures skipped"
-    version = subprocess.run([go, "version"], capture_output=True, text=True).stdout.split()
-    return binary, (
-        f"Go client built in {time.perf_counter() - t0:.1f} s "
-        f"({' '.join(version[2:3])}, containerd's generated snapshots v1 client)"
-    )
+    binary, note = build_go("goclient", tmp, "Go-client figures")
+    if binary is None:
+        return None, note
+    return binary, f"{note}, containerd's generated snapshots v1 client"
 
 
 class GoClient:

@@ -9,6 +9,17 @@ Concurrency: one SQLite connection per thread (readers never block each
 other in WAL mode); writers are serialised by a process-wide lock and by
 ``BEGIN IMMEDIATE`` across processes.
 
+A full disk: the store must still open, read, and delete rows on a
+filesystem that has no free block or inode left, or a snapshotter that ran
+the disk full could not free it. SQLite in WAL mode needs its ``-wal`` and
+``-shm`` files for that, and a delete appends pages to the WAL. So the store
+never lets SQLite delete those two files (the last connection to close is a
+read-only one, which cannot checkpoint and so leaves them), keeps
+:data:`WAL_RESERVE` bytes allocated to the WAL while there is room and
+checkpoints before the WAL outgrows them, opens without writing (the schema
+is checked by reading), and reports SQLite's "disk is full" as
+ResourceExhausted.
+
 Ids: a snapshot's storage directory is named by its id, so an id must never
 be handed out twice, even when the process dies between renaming a fresh
 directory into place and committing the row. Ids therefore come from a
@@ -18,7 +29,10 @@ any directory is named after them (see :meth:`MetaStore.reserve_id`).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -27,6 +41,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from . import filters as _filters
 from .errors import (
@@ -34,6 +49,8 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    SnapshotError,
     Unavailable,
 )
 from .types import Info, Kind, Timestamp, Usage
@@ -45,10 +62,29 @@ __all__ = [
     "ReadTx",
     "Record",
     "WriteTx",
+    "owned_ids_if_closed",
     "validate_key",
 ]
 
 SCHEMA_VERSION = 2
+
+log = logging.getLogger("stratasnap.metastore")
+
+#: Bytes kept allocated to the WAL file. SQLite appends every transaction to
+#: the WAL and starts it over from its beginning after a checkpoint, which it
+#: runs once the WAL holds :data:`WAL_CHECKPOINT_FRAMES` pages; with the reserve
+#: bigger than that, the WAL always writes inside blocks it has, full disk or
+#: not. Kept small: test suites open hundreds of stores on tmpfs, where a
+#: reserve is memory.
+WAL_RESERVE = 1 << 20
+#: wal_autocheckpoint: the WAL pages (4 KiB + a 24-byte header each) after
+#: which SQLite checkpoints; three quarters of the reserve, leaving room for
+#: the transaction that crosses the mark.
+WAL_CHECKPOINT_FRAMES = WAL_RESERVE * 3 // 4 // (4096 + 24)
+
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xff).
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
 
 #: containerd's rule (pkg/labels): a label's key and value together fit in 4096 bytes.
 MAX_LABEL_BYTES = 4096
@@ -501,6 +537,53 @@ def _q(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
+def _fs_full(path: Path) -> bool:
+    """Whether the filesystem holding ``path`` has no block or no inode left for us."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
+
+
+def _typed(exc: sqlite3.Error, path: Path) -> SnapshotError | None:
+    """The typed error for an SQLite failure that is the disk's, not the program's."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == _SQLITE_FULL:
+        return ResourceExhausted(f"metadata {path}: {exc}")
+    if code == _SQLITE_CANTOPEN:
+        if _fs_full(path):
+            # The -wal or -shm file was missing and could not be made.
+            return ResourceExhausted(
+                f"metadata {path}: cannot open it, the filesystem is full ({exc}); "
+                "free some space on it"
+            )
+        return Unavailable(f"metadata {path}: {exc}")
+    return None
+
+
+def owned_ids_if_closed(path: Path) -> set[int] | None:
+    """The snapshot ids of a store no process has open, read without creating a file.
+
+    For a full disk where SQLite's ``-wal``/``-shm`` files are missing (a
+    store last closed by a stratasnap that let SQLite delete them) and
+    cannot be made: with no WAL the database file holds everything, so an
+    ``immutable`` read of it is exact. None when a WAL exists (another
+    process may have the store open, or its last commits are in the WAL)
+    or the file cannot be read.
+    """
+    if not path.is_file() or os.path.lexists(f"{path}-wal"):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True)
+        try:
+            return {int(row[0]) for row in conn.execute("SELECT id FROM snapshots")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
 class MetaStore:
     """The SQLite store under ``<root>/metadata.db``."""
 
@@ -515,6 +598,7 @@ class MetaStore:
         self._id_batch = 1
         self._ids_lock = threading.Lock()
         self._closed = False
+        self._wrote = False  # committed a write: worth a checkpoint at close
         self._migrate()
 
     # -- connections -------------------------------------------------------
@@ -524,20 +608,42 @@ class MetaStore:
             raise Unavailable("snapshotter is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout_s,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,  # only so close() may close it from another thread
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.create_function("regexp", 2, _regexp, deterministic=True)
+            with self._typed_errors():
+                conn = self._connect()
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout_s,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,  # only so close() may close it from another thread
+        )
+        try:
+            # A no-op (no write) on a store that is in WAL mode already.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_FRAMES}")
+        except BaseException:
+            conn.close()
+            raise
+        conn.create_function("regexp", 2, _regexp, deterministic=True)
+        return conn
+
+    @contextmanager
+    def _typed_errors(self) -> Iterator[None]:
+        """Turn SQLite's full-disk and cannot-open failures into typed errors."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            typed = _typed(exc, self.path)
+            if typed is None:
+                raise
+            raise typed from exc
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise Unavailable."""
@@ -545,10 +651,66 @@ class MetaStore:
             return
         self._closed = True
         with self._conns_lock:
+            keeper = self._wal_keeper()
             for conn in self._conns:
                 with suppress(sqlite3.Error):
                     conn.close()
             self._conns.clear()
+            if keeper is not None:
+                with suppress(sqlite3.Error):
+                    keeper.close()
+
+    def _wal_keeper(self) -> sqlite3.Connection | None:
+        """A read-only connection to close last, so that SQLite keeps ``-wal`` and ``-shm``.
+
+        The last connection to a WAL database checkpoints and deletes both
+        files when it closes; the next open must then create them, which a
+        full filesystem refuses. A read-only connection cannot checkpoint,
+        so when it is the last one the files stay (with their blocks). A
+        checkpoint first lets the next writer start the WAL over from its
+        beginning, inside blocks it already has; only after this process
+        wrote (after a mere read it would copy the whole WAL again, since
+        recovery forgets what was copied already).
+        """
+        if self._conns and self._wrote:
+            with suppress(sqlite3.Error):
+                self._conns[0].execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        try:
+            keeper = sqlite3.connect(
+                f"file:{quote(str(self.path))}?mode=ro", uri=True, isolation_level=None
+            )
+            # A read opens the WAL index and holds the database's shared lock.
+            keeper.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.Error:
+            return None
+        return keeper
+
+    def _reserve_wal(self) -> None:
+        """Keep :data:`WAL_RESERVE` bytes allocated to the WAL, when the disk has room.
+
+        Only ever uses space that is free with a good margin: opening on a
+        full disk must not need any, and SQLite reads zeros past the last
+        frame as the end of the log.
+        """
+        wal = Path(f"{self.path}-wal")
+        try:
+            fd = os.open(wal, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_blocks * 512 >= WAL_RESERVE:
+                return
+            fs = os.fstatvfs(fd)
+            if fs.f_bavail * fs.f_frsize < 4 * WAL_RESERVE:
+                log.debug("filesystem nearly full: WAL reserve not made", extra={"wal": str(wal)})
+                return
+            os.posix_fallocate(fd, 0, WAL_RESERVE)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EOPNOTSUPP, errno.EINVAL):
+                log.warning("cannot reserve WAL space", extra={"wal": str(wal), "error": exc})
+        finally:
+            os.close(fd)
 
     @property
     def closed(self) -> bool:
@@ -563,12 +725,13 @@ class MetaStore:
         if conn.in_transaction:
             yield ReadTx(conn)
             return
-        conn.execute("BEGIN")
-        try:
-            yield ReadTx(conn)
-        finally:
-            if not self._closed:
-                conn.execute("COMMIT")
+        with self._typed_errors():
+            conn.execute("BEGIN")
+            try:
+                yield ReadTx(conn)
+            finally:
+                if not self._closed and conn.in_transaction:
+                    conn.execute("COMMIT")
 
     @contextmanager
     def write(self) -> Iterator[WriteTx]:
@@ -584,13 +747,17 @@ class MetaStore:
             # Nesting would deadlock on the write lock (and a reserved id must be
             # durable on its own, before the caller's transaction).
             raise RuntimeError("write transaction inside another transaction on this thread")
-        with self._write_lock:
+        with self._write_lock, self._typed_errors():
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does that).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+            self._wrote |= conn.total_changes != changes
             self._commit(conn)
 
     def _commit(self, conn: sqlite3.Connection) -> None:
@@ -618,7 +785,21 @@ class MetaStore:
 
     # -- schema --------------------------------------------------------------
 
+    def _schema_current(self) -> bool:
+        """Whether the store has this version's schema (a read: opening writes nothing)."""
+        with self.read() as tx:
+            conn = tx._conn
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone():
+                return False
+            row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        return row is not None and int(row[0]) == SCHEMA_VERSION
+
     def _migrate(self) -> None:
+        if self._schema_current():
+            self._reserve_wal()
+            return
         with self._immediate() as conn:
             has_meta = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
@@ -645,3 +826,4 @@ class MetaStore:
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
                 )
+        self._reserve_wal()

@@ -19,15 +19,22 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
-from .errors import FailedPrecondition, InvalidArgument, Unimplemented, from_os_error
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unimplemented,
+    from_os_error,
+)
 from .filters import parse as parse_filters
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree
-from .metastore import MetaStore, Record, clean_labels, validate_key
+from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
+from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
 __all__ = ["BaseSnapshotter", "Snapshotter", "unknown_options"]
@@ -104,7 +111,8 @@ class BaseSnapshotter:
         metadata.db            the store (SQLite, WAL)
         snapshots/<id>/        a snapshot's storage, named by its store id
         snapshots/new-<id>/    being created; renamed to <id> inside the create transaction
-        snapshots/rm-<id>/     being removed; renamed inside the remove transaction
+        snapshots/rm-<id>/     being removed; renamed inside the remove transaction,
+                               deleted after it by remove() or the reaper
     """
 
     #: The name ``open_snapshotter`` knows this backend by.
@@ -121,7 +129,8 @@ class BaseSnapshotter:
         """
         return cls.capabilities
 
-    #: Delete a removed snapshot's storage at once (else leave it to cleanup()).
+    #: Delete a removed snapshot's storage inside remove() (else the reaper does it
+    #: right after: in the background once start_reaper() was called, else at close()).
     sync_remove: bool = True
 
     def __init__(self, root: str | Path, **options: object) -> None:
@@ -131,9 +140,21 @@ class BaseSnapshotter:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
-        self._store = MetaStore(self.root / "metadata.db")
-        self._recover_interrupted_removes()
-        self._opened()
+        self._store = self._open_store()
+        #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
+        self.reaper = Reaper(self._delete)
+        try:
+            leftovers = self._recover_interrupted_removes()
+            self._opened()
+        except BaseException:
+            # A failed open must not keep the store's files open (a full disk
+            # that cannot be unmounted, a root that cannot be deleted).
+            self._store.close()
+            raise
+        # Earlier processes' leftovers go now, not at the next cleanup(): after a
+        # crash or a kill on a full disk, that is what gives the space back.
+        for path in leftovers:
+            self.reaper.submit(path)
 
     # -- backend hooks -------------------------------------------------------
 
@@ -220,9 +241,13 @@ class BaseSnapshotter:
         # Fail fast, before any slow work, with the error the transaction would give.
         with self._store.read() as tx:
             parent_rec = tx.check_create(kind, key, parent)
+        _check_room(self.snapshots_dir, key)
         sid = self._store.reserve_id()
         work = self.snapshots_dir / f"new-{sid}"
-        os.mkdir(work, 0o755)
+        try:
+            os.mkdir(work, 0o755)
+        except OSError as exc:  # ENOSPC on a full disk: ResourceExhausted
+            raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
         os.chmod(work, 0o755)  # the fresh root is 0755 whatever the umask
         # The lock tells cleanup(), in this process or another, that work is in use.
         lock = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
@@ -294,13 +319,17 @@ class BaseSnapshotter:
             if moved is not None:
                 os.rename(moved[1], moved[0])
             raise
-        if moved is not None and self.sync_remove:
-            try:
-                self._delete(moved[1])
-            except OSError as exc:
-                # The snapshot is gone (the transaction committed); its storage
-                # waits for cleanup(). Failing here would abort containerd's GC pass.
-                log.warning("removed %s; storage %s left for cleanup: %s", key, moved[1], exc)
+        if moved is None:
+            return
+        if not self.sync_remove:
+            self.reaper.submit(moved[1])
+            return
+        try:
+            self._delete(moved[1])
+        except OSError as exc:
+            # The snapshot is gone (the transaction committed); its storage
+            # waits for cleanup(). Failing here would abort containerd's GC pass.
+            log.warning("removed %s; storage %s left for cleanup: %s", key, moved[1], exc)
 
     def _rename_aside(self, src: Path, dst: Path) -> bool:
         """Rename storage out of the way; unmount and retry once when it is busy.
@@ -371,12 +400,7 @@ class BaseSnapshotter:
                         aside = self.snapshots_dir / f"rm-{name}"
                         if self._rename_aside(path, aside):
                             doomed.append(aside)
-                elif name.startswith("rm-"):
-                    sid = name[3:]
-                    if sid.isdigit() and int(sid) in owned:
-                        continue  # recovered at open; a live snapshot's storage
-                    doomed.append(path)
-                elif name.startswith("new-") and not _in_use(path):
+                elif _is_leftover(name, path, owned):
                     doomed.append(path)
         paths: list[str] = []
         total = 0
@@ -387,7 +411,14 @@ class BaseSnapshotter:
                 total += size
         return Reclaimed(paths=tuple(paths), size=total)
 
+    def start_reaper(self) -> None:
+        """Delete removed storage in a background thread from now on (a long-running server)."""
+        self.reaper.start()
+
     def close(self) -> None:
+        # What the reaper has not deleted yet goes now: a CLI `rm` frees its
+        # space before the process exits. (A kill instead leaves rm-* for the next open.)
+        self.reaper.drain()
         self._store.close()
 
     def __enter__(self) -> Self:
@@ -398,13 +429,48 @@ class BaseSnapshotter:
 
     # -- internals ------------------------------------------------------------
 
-    def _recover_interrupted_removes(self) -> None:
+    def _open_store(self) -> MetaStore:
+        path = self.root / "metadata.db"
+        try:
+            return MetaStore(path)
+        except ResourceExhausted:
+            # SQLite must make its -wal/-shm files and the disk is full: free
+            # what earlier removes left behind (judged by an offline read of
+            # the store) and try once more.
+            owned = owned_ids_if_closed(path)
+            if owned is None or not self._reap_offline(owned):
+                raise
+            log.warning("filesystem full: reaped removed storage to open %s", path)
+            return MetaStore(path)
+
+    def _reap_offline(self, owned: Container[int]) -> bool:
+        """Delete leftovers before the store and the backend are open; True if any went.
+
+        Only plain trees: anything with a mount below waits for the backend.
+        """
+        reaped = False
+        with os.scandir(self.snapshots_dir) as it:
+            entries = list(it)
+        for entry in entries:
+            path = Path(entry.path)
+            if _is_leftover(entry.name, path, owned) and not mounts_under(path):
+                _rmtree(path)
+                reaped = True
+        return reaped
+
+    def _recover_interrupted_removes(self) -> list[Path]:
         """Undo a remove that was killed between its rename and its commit.
 
         The rename of ``<id>`` to ``rm-<id>`` happens inside the transaction; when
         the process dies before the commit, the row is still there and its
-        storage must come back under its own name.
+        storage must come back under its own name. Returns the leftovers of
+        earlier processes that no snapshot owns (``rm-*`` of committed removes,
+        ``new-*`` of killed creates), for the reaper.
+
+        The write transaction only serialises with other processes' removes;
+        it changes nothing in the store, so it needs no space on a full disk.
         """
+        leftovers: list[Path] = []
         with self._store.write() as tx:
             owned = tx.id_map()
             with os.scandir(self.snapshots_dir) as it:
@@ -415,6 +481,9 @@ class BaseSnapshotter:
                     back = self.storage_dir(int(sid))
                     if not back.exists():
                         os.rename(entry.path, back)
+                elif _is_leftover(entry.name, Path(entry.path), owned):
+                    leftovers.append(Path(entry.path))
+        return leftovers
 
     def _delete(self, path: Path) -> bool:
         """Delete storage, never through a mount that is still there.
@@ -448,6 +517,30 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onexc=ignore_missing)
     else:
         shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+
+
+def _check_room(directory: Path, key: str) -> None:
+    """ResourceExhausted when the filesystem has no block or inode left for a new snapshot.
+
+    Checked before the id is reserved: on a full disk that write would
+    only spend the WAL room that removes need (see :mod:`.metastore`).
+    """
+    st = os.statvfs(directory)
+    root = os.geteuid() == 0  # root may use the blocks reserved for it
+    blocks, inodes = (st.f_bfree, st.f_ffree) if root else (st.f_bavail, st.f_favail)
+    if blocks == 0 or (st.f_files > 0 and inodes == 0):
+        raise ResourceExhausted(
+            f"preparing snapshot {json.dumps(key)}: no space left on the filesystem of {directory}"
+        )
+
+
+def _is_leftover(name: str, path: Path, owned: Container[int]) -> bool:
+    """Whether ``rm-*``/``new-*`` entry ``name`` is storage no snapshot and no create owns."""
+    if name.startswith("rm-"):
+        sid = name[3:]
+        # rm-<owned id>: a remove killed before its commit, recovered at open.
+        return not (sid.isdigit() and int(sid) in owned)
+    return name.startswith("new-") and not _in_use(path)
 
 
 def _in_use(path: Path) -> bool:

@@ -117,7 +117,7 @@ def test_non_socket_at_address_is_refused(scratch: Path) -> None:
 def _lock_is_free(root: Path) -> bool:
     import fcntl
 
-    fd = os.open(root / LOCK_NAME, os.O_RDWR)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

@@ -22,17 +22,17 @@ and the scratch-disk handling of its Windows snapshotters.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument
 from ..fs import loop
 from ..fs.copy import copy_file, copy_file_atomic
+from ..fs.dirlock import locked_dir
 from ..fs.image import (
     MissingTool,
     grow_image,
@@ -93,15 +93,13 @@ class BlockfileSnapshotter(BaseSnapshotter):
             self.close()
             raise
 
-    @contextmanager
-    def _template_lock(self) -> Iterator[None]:
-        """Serialise template work between processes opening the same root."""
-        fd = os.open(self.root / ".scratch.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _template_lock(self) -> AbstractContextManager[None]:
+        """Serialise template work between processes opening the same root.
+
+        A lock on ``snapshots/`` (there already), not a lock file: opening on
+        a full filesystem must not need a new inode.
+        """
+        return locked_dir(self.snapshots_dir)
 
     def _ensure_template(self) -> None:
         # A template build killed half-way leaves its temporary file; under

@@ -115,7 +115,7 @@ class OverlaySnapshotter(BaseSnapshotter):
                 f"{self.root} is on a filesystem without d_type support, which overlayfs "
                 "needs (xfs: reformat with ftype=1; ext4: enable the filetype feature)"
             )
-        self._limits = LimitedLayers(self.snapshots_dir, self.root / "overlay-images.lock")
+        self._limits = LimitedLayers(self.snapshots_dir, self.snapshots_dir)
         with self._store.read() as tx:
             owned = set(tx.id_map())
         self._limits.reattach(owned)

@@ -29,15 +29,15 @@ storage directory is a mount point, or holds ``layer.img``.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-from collections.abc import Iterator, Set
-from contextlib import contextmanager, suppress
+from collections.abc import Set
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 
 from ..fs import loop
 from ..fs.copy import copy_tree
+from ..fs.dirlock import locked_dir
 from ..fs.mount import is_mountpoint, unmount
 from ..fs.overlay_image import fs_use, make_ext4, mount_image, move_mount_to
 from ..fs.usage import disk_usage, syncfs
@@ -48,6 +48,8 @@ __all__ = ["IMAGE", "LimitedLayers"]
 log = logging.getLogger(__name__)
 
 IMAGE = "layer.img"
+#: Free space below which reattach() mounts no image (mounting writes into it).
+MOUNT_HEADROOM = 16 << 20
 SETUP = "setup"  # where populate() mounts the image, inside the new storage dir
 _BASELINE = "user.stratasnap.baseline"
 _WIDTH = 20  # digits per number: the xattr never changes size once set
@@ -60,9 +62,10 @@ def _baseline_value(size: int, inodes: int) -> bytes:
 class LimitedLayers:
     """The image-backed storage of limited active snapshots under ``snapshots_dir``."""
 
-    def __init__(self, snapshots_dir: Path, lock_path: Path) -> None:
+    def __init__(self, snapshots_dir: Path, lock_dir: Path) -> None:
         self.snapshots_dir = snapshots_dir
-        self._lock_path = lock_path
+        # A directory that exists (flocked): no lock file to create on a full disk.
+        self._lock_dir = lock_dir
 
     # -- creation ------------------------------------------------------------------
 
@@ -117,15 +120,9 @@ class LimitedLayers:
                 return False
         return True
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> AbstractContextManager[None]:
         # flock on an open of its own: serialises threads and processes alike.
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return locked_dir(self._lock_dir)
 
     def usage(self, storage: Path) -> Usage:
         """Usage of a mounted limited snapshot: statvfs minus the fresh filesystem's use."""
@@ -168,7 +165,13 @@ class LimitedLayers:
     # -- restart, removal and cleanup ---------------------------------------------------
 
     def reattach(self, owned: Set[int]) -> None:
-        """After a restart: mount the images of owned snapshots, finish interrupted commits."""
+        """After a restart: mount the images of owned snapshots, finish interrupted commits.
+
+        On a nearly full filesystem the images are left unmounted (each is
+        mounted on first use instead): they are sparse, and a mount writes
+        into them, which could fail half-way there and the open with it.
+        """
+        mount = _has_headroom(self.snapshots_dir)
         with os.scandir(self.snapshots_dir) as it:
             entries = list(it)  # closed even when one snapshot below fails
         for entry in entries:
@@ -182,6 +185,12 @@ class LimitedLayers:
                 os.unlink(storage / IMAGE)
                 _remove_setup_dir(storage)
                 continue
+            if not mount:
+                log.warning(
+                    "filesystem nearly full: limited layer left unmounted until first use",
+                    extra={"storage": str(storage)},
+                )
+                continue
             try:
                 self.ensure_mounted(storage)
             except OSError as exc:
@@ -191,6 +200,11 @@ class LimitedLayers:
 
     def release(self, path: Path) -> None:
         """Detach any loop device still backed by the image under ``path``."""
+        if not os.path.lexists(path / IMAGE):
+            # Nothing can be backed by it (a deleted image's backing file reads
+            # "... (deleted)" and matches no path): spare the scan of every loop
+            # device, which the reaper would pay for each removed snapshot.
+            return
         for dev in loop.loop_devices_for(path / IMAGE):
             try:
                 loop.detach(dev)
@@ -213,6 +227,12 @@ class LimitedLayers:
                 continue
             stray.append(dev)
         return stray
+
+
+def _has_headroom(path: Path) -> bool:
+    """Whether the filesystem of ``path`` has room for what mounting an image writes."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize >= MOUNT_HEADROOM and (st.f_files == 0 or st.f_favail > 0)
 
 
 def _plain_image(storage: Path) -> bool:

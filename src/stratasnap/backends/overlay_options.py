@@ -114,7 +114,8 @@ class OverlayOptions:
 
     ``upperdir_label``: add ``containerd.io/snapshot/overlay.upperdir`` to
     Stat, Update and Walk results. ``sync_remove``: delete storage in Remove
-    (else Remove only renames it aside and cleanup() deletes it).
+    (else Remove only renames it aside and the reaper deletes it moments
+    later: see :mod:`stratasnap.reaper`).
     ``mount_options``: extra overlay options (``volatile``, ``index=on``...).
     ``default_size``: size limit in bytes of every writable layer without a
     ``max-size`` label (0: unlimited). ``slow_chown``: on a kernel without

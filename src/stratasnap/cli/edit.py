@@ -144,7 +144,8 @@ def rm(sn: Snapshotter, keys: tuple[str, ...]) -> None:
 
     Each KEY is a snapshot without children (remove children first). Every
     key is tried; each failure is reported, and the exit code is the first
-    failure's.
+    failure's. The storage is deleted before the command exits, also where
+    the backend defers it (overlay); no cleanup needed.
 
     \b
     Example:

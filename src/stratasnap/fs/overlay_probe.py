@@ -70,7 +70,15 @@ def supports_d_type(directory: StrPath) -> bool:
     Overlayfs needs it to see whiteouts without a stat per entry and refuses
     (or misbehaves on) filesystems without it, e.g. xfs made with
     ``ftype=0`` or ext4 without the ``filetype`` feature.
+
+    The entries already in ``directory`` answer when there are any (a
+    snapshotter root always has some), so the check writes nothing: it
+    must work on a filesystem that is full. Only an empty directory gets
+    a probe file.
     """
+    found = {n: t for n, t in _d_types(directory).items() if n not in (".", "..")}
+    if found:
+        return any(t != DT_UNKNOWN for t in found.values())
     probe = tempfile.mkdtemp(prefix="d_type-check-", dir=directory)
     try:
         os.close(os.open(os.path.join(probe, "f"), os.O_CREAT | os.O_WRONLY, 0o600))

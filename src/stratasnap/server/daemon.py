@@ -6,12 +6,15 @@ or SIGINT. :class:`Server` is usable on its own (tests, embedding)::
     with Server(load_config(root=..., address=...)) as server:
         ...  # clients talk to server.address
 
-Start-up order: lock every snapshotter root (``<root>/.stratasnap.lock``,
-``flock``: a second server on the same root is refused and told the first
-one's pid), open the stores, claim the socket (a leftover socket is replaced
-only when nothing answers on it), bind it owner-only (0600, or 0660 with
-``socket_group``), start gRPC, then the metrics endpoint, then tell systemd
-(``READY=1`` when ``NOTIFY_SOCKET`` is set).
+Start-up order: lock every snapshotter root (``flock`` on the root directory
+itself, so that a full filesystem does not stop it; a second server on the
+same root is refused and told the first one's pid, kept in
+``<root>/.stratasnap.lock`` when there is room), open the stores, start
+their reapers (removed snapshots' storage is deleted in the background
+right after Remove, and earlier processes' leftovers at once), claim the
+socket (a leftover socket is replaced only when nothing answers on it), bind
+it owner-only (0600, or 0660 with ``socket_group``), start gRPC, then the
+metrics endpoint, then tell systemd (``READY=1`` when ``NOTIFY_SOCKET`` is set).
 
 Shutdown (:meth:`Server.stop`): stop accepting, let in-flight calls finish
 for ``shutdown_timeout`` seconds (then cancel them), wait for the handlers to
@@ -40,7 +43,7 @@ from typing import IO, Any
 
 import grpc
 
-from ..snapshotter import Snapshotter
+from ..snapshotter import BaseSnapshotter, Snapshotter
 from .config import Config, SnapshotterConfig
 from .metrics import Metrics, MetricsServer
 from .service import SnapshotsService, Snapshotters
@@ -135,37 +138,71 @@ def open_store(config: SnapshotterConfig) -> Snapshotter:
 
 
 class _RootLock:
-    """An exclusive ``flock`` on ``<root>/.stratasnap.lock``, holding the owner's pid."""
+    """An exclusive ``flock`` on the root directory; the owner's pid in ``<root>/.stratasnap.lock``.
+
+    The lock is on the directory, which exists, so that taking it needs no
+    inode on a full filesystem. The pid file is only for the refusal
+    message: written when there is room, blanked (in place, keeping its
+    block for the next server) on release.
+    """
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.path = root / LOCK_NAME
         self._fd = -1
+        self._pid_len = 0
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
-            who = f" (pid {holder})" if holder.isdigit() else ""
+            holder = _read_pid(self.path)
+            who = f" (pid {holder})" if holder else ""
             raise DaemonError(
-                f"another stratasnap server{who} is already serving root {self.path.parent} "
-                f"(it holds {self.path}); stop it first or use another root"
+                f"another stratasnap server{who} is already serving root {self.root} "
+                f"(it holds the lock on it, pid in {self.path}); stop it first or use another root"
             ) from None
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        self._pid_len = _write_pid(self.path, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+            if self._pid_len:
+                _write_pid(self.path, b" " * self._pid_len)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = -1
+
+
+def _read_pid(path: Path) -> str:
+    try:
+        text = path.read_bytes()[:64].decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
+
+
+def _write_pid(path: Path, data: bytes) -> int:
+    """Overwrite ``path`` with ``data`` (padded with blanks); the bytes written, 0 if none.
+
+    Overwrites in place rather than truncating, so that the file keeps its
+    block: on a full filesystem the pid still fits. No room: logged, no pid.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            os.pwrite(fd, data.ljust(size), 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("cannot record the pid", extra={"path": str(path), "error": e.strerror or e})
+        return 0
+    return len(data)
 
 
 def _claim_socket(path: Path) -> None:
@@ -202,6 +239,19 @@ def _group_id(group: str) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise DaemonError(f"socket_group {group!r}: no such group") from None
+
+
+def _warn_if_full(root: Path) -> None:
+    """Tell the operator at start that the root's filesystem has no room left."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return
+    if st.f_bfree == 0 or (st.f_files > 0 and st.f_ffree == 0):
+        log.warning(
+            "filesystem full: serving reads, Remove and Cleanup; writes fail until space is freed",
+            extra={"root": str(root), "free_blocks": st.f_bfree, "free_inodes": st.f_ffree},
+        )
 
 
 def _notify_systemd(message: str) -> None:
@@ -301,6 +351,12 @@ class Server:
                 raise DaemonError(
                     f"snapshotter {sc.name!r}: cannot open backend {sc.backend!r} on {sc.root}: {e}"
                 ) from e
+
+        for sc in config.snapshotters:
+            _warn_if_full(sc.root)
+        for store in self._stores.values():
+            if isinstance(store, BaseSnapshotter):
+                store.start_reaper()
 
         service = SnapshotsService(Snapshotters(self._stores), self.metrics)
         self.metrics.watch(self._stores)
