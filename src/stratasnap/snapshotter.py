@@ -454,7 +454,7 @@ class BaseSnapshotter:
         for entry in entries:
             path = Path(entry.path)
             if _is_leftover(entry.name, path, owned) and not mounts_under(path):
-                _rmtree(path)
+                self._erase(path)  # the backend's way (btrfs: read-only subvolumes)
                 reaped = True
         return reaped
 

@@ -384,3 +384,18 @@ def test_a_failing_commit_never_thaws_one_under_way(
     winner.join()
     assert sn.stat("c").kind.value == "committed"
     assert btrfs.is_readonly(fs)
+
+
+def test_opening_reaps_leftover_read_only_subvolumes(btrfs_fs: Path) -> None:
+    """A remove killed after its commit: the next process deletes its read-only subvolume."""
+    root = _fresh(btrfs_fs)
+    with _open(root) as s:
+        s.prepare("keep")
+    aside = root / "snapshots" / "rm-77"
+    aside.mkdir()
+    btrfs.create_subvolume(aside, "fs")
+    (aside / "fs" / "f").write_text("x")
+    btrfs.set_readonly(aside / "fs")
+    with _open(root) as s:
+        assert s.stat("keep").kind.value == "active"
+    assert not aside.exists()  # gone at close, without a cleanup() call

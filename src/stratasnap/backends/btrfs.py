@@ -106,6 +106,8 @@ class BtrfsSnapshotter(BaseSnapshotter):
                 f"btrfs option default_size={self.config.default_size} needs btrfs quotas, "
                 f"which are off on the filesystem of {root}: {_QUOTA_HINT}"
             )
+        # Before the base class opens: a full disk may make it erase leftovers then.
+        self._stale_qgroups = StaleQgroups(Path(root).absolute() / "btrfs-stale-qgroups")
         super().__init__(root, **rest)
 
     @classmethod
@@ -119,7 +121,6 @@ class BtrfsSnapshotter(BaseSnapshotter):
     # -- hooks -----------------------------------------------------------------------
 
     def _opened(self) -> None:
-        self._stale_qgroups = StaleQgroups(self.root / "btrfs-stale-qgroups")
         try:
             self._thaw_actives()
         except BaseException:

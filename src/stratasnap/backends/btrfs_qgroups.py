@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections.abc import Iterable
@@ -11,6 +12,8 @@ from pathlib import Path
 from ..fs import btrfs
 
 __all__ = ["StaleQgroups"]
+
+log = logging.getLogger("stratasnap.backends.btrfs")
 
 
 class StaleQgroups:
@@ -28,8 +31,13 @@ class StaleQgroups:
         self._lock = threading.Lock()
 
     def add(self, ids: Iterable[int]) -> None:
-        with self._lock, open(self.path, "a", encoding="ascii") as f:
-            f.writelines(f"{i}\n" for i in ids)
+        """Remember ``ids``; on failure (a full disk) they are only logged: nothing breaks."""
+        ids = list(ids)
+        try:
+            with self._lock, open(self.path, "a", encoding="ascii") as f:
+                f.writelines(f"{i}\n" for i in ids)
+        except OSError as exc:
+            log.warning("qgroups %s of deleted subvolumes not recorded: %s", ids, exc)
 
     def pending(self) -> list[int]:
         try:
