@@ -50,7 +50,7 @@ from stratasnap.images.apply import Target, apply_tar  # noqa: E402
 from stratasnap.images.compression import DecompressingReader, gzip_backend  # noqa: E402
 from stratasnap.images.layer_stream import LayerStream  # noqa: E402
 from stratasnap.images.reference import Digest  # noqa: E402
-from stratasnap.images.tarstream import TarReader  # noqa: E402
+from stratasnap.tarstream import TarReader  # noqa: E402
 
 REPO = "bench/big:1"
 TOOLS = ("docker-registry", "skopeo", "umoci", "containerd", "ctr")
@@ -152,7 +152,7 @@ def bench_apply(work: Path, raws: list[bytes], blobs: list[bytes], reps: int) ->
         for raw in raws:
             r = TarReader(io.BytesIO(raw))
             for _e in r:
-                while r.read_data(1 << 20):
+                while r.read(1 << 20):
                     pass
 
     def gunzip(mod: str) -> None:

@@ -13,10 +13,11 @@ uncompressed EROFS image with whiteouts in overlayfs form, fsyncs it and
 renames it into place; a bad tar raises :class:`TarFormatError` (an
 ``InvalidArgument``) and leaves no file behind.
 
-Modules: ``format`` (on-disk constants and records), ``tarstream`` (the tar
-reader), ``tree`` (the in-memory tree and whiteout rules), ``xattrs``,
-``layout`` (metadata placement), ``datawriter`` (file data: blocks, batching,
-the writer thread), ``writer`` (``convert_tar`` and ``ImageStats``).
+Modules: ``format`` (on-disk constants and records), ``tree`` (the in-memory
+tree and whiteout rules), ``xattrs``, ``layout`` (metadata placement),
+``datawriter`` (file data: blocks, batching, the writer thread), ``writer``
+(``convert_tar`` and ``ImageStats``). The tar itself is read by
+:mod:`stratasnap.tarstream`, shared with the layer applier.
 
 ``convert_tar(stream, out_path, *, uuid=None, volume_name=b"",
 default_mtime=None, digest=False) -> ImageStats``: with ``digest=True`` the
@@ -27,7 +28,7 @@ call runs one short-lived writer thread of its own.
 
 from __future__ import annotations
 
-from .errors import LayerTooLarge, TarFormatError, TruncatedTar, UnsafeEntry
+from ..tarstream import LayerTooLarge, TarFormatError, TruncatedTar, UnsafeEntry
 from .writer import ImageStats, convert_tar
 
 __all__ = [

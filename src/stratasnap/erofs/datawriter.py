@@ -22,9 +22,8 @@ import threading
 from typing import Literal
 
 from ..fs._libc import libc
+from ..tarstream import LayerTooLarge, TarReader, TruncatedTar
 from . import format as fmt
-from .errors import LayerTooLarge, TruncatedTar
-from .tarstream import TarReader
 
 __all__ = ["DataRegion"]
 

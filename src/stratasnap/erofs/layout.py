@@ -22,8 +22,8 @@ import stat
 from collections import Counter
 from dataclasses import dataclass
 
+from ..tarstream import LayerTooLarge
 from . import format as fmt
-from .errors import LayerTooLarge
 from .tree import Node
 from .xattrs import SharedXattrs, encodable
 

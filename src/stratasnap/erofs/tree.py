@@ -13,10 +13,9 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from .errors import UnsafeEntry
-from .format import NAME_MAX
+from ..tarstream import UnsafeEntry
 
-__all__ = ["NO_XATTRS", "OPAQUE_XATTR", "Node", "Tree", "split_name"]
+__all__ = ["NO_XATTRS", "OPAQUE_XATTR", "Node", "Tree"]
 
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."  # aufs-internal names (.wh..wh.plnk, ...): never content
@@ -67,23 +66,6 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.children is not None
-
-
-def split_name(name: bytes, offset: int) -> tuple[bytes, ...]:
-    """A member name as path components below the image root.
-
-    Per OCI layer rules the archive describes paths relative to the root: a
-    leading ``/`` and ``.`` components are dropped; ``..`` is refused rather
-    than clamped (a layer that needs it is hostile or broken).
-    """
-    if b"\0" in name:
-        raise UnsafeEntry(f"name {name!r} contains NUL", offset=offset)
-    parts = tuple(p for p in name.split(b"/") if p and p != b".")
-    if b".." in parts:
-        raise UnsafeEntry(f"name {name!r} climbs out with '..'", offset=offset)
-    if parts and max(map(len, parts)) > NAME_MAX:
-        raise UnsafeEntry(f"name component longer than {NAME_MAX} bytes", offset=offset)
-    return parts
 
 
 class Tree:

@@ -17,12 +17,23 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ..errors import from_os_error
+from ..tarstream import (
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    HARDLINK,
+    REG,
+    SYMLINK,
+    TarEntry,
+    TarFormatError,
+    TarReader,
+    split_name,
+)
 from . import format as fmt
 from .datawriter import DataRegion
-from .errors import TarFormatError
 from .layout import write_metadata
-from .tarstream import BLK, CHR, DIR, FIFO, HARDLINK, REG, SYMLINK, TarEntry, TarReader
-from .tree import NO_XATTRS, WHITEOUT_PREFIX, Node, Tree, split_name
+from .tree import NO_XATTRS, WHITEOUT_PREFIX, Node, Tree
 
 __all__ = ["ImageStats", "convert_tar"]
 
@@ -180,7 +191,7 @@ def convert_tar(
     hashed as it is read and ``ImageStats.tar_digest`` is ``"sha256:<hex>"``:
     the layer's diff ID, for chain IDs, without a second pass.
 
-    Raises :class:`~stratasnap.erofs.errors.TarFormatError` (an InvalidArgument)
+    Raises :class:`~stratasnap.tarstream.TarFormatError` (an InvalidArgument)
     for a malformed or hostile tar, ResourceExhausted when the disk is full.
     """
     if uuid is None:

@@ -13,8 +13,11 @@ by asking which backend it is):
   the merged view (is this parent a directory? a hard link to a lower file?)
   read the lowerdirs.
 
-Safety: every name is checked before anything is written. Absolute names and
-``..`` components are refused; parent directories are resolved component by
+Safety: every name is checked before anything is written, by the reader's one
+rule for names (:func:`stratasnap.tarstream.split_name`: ``..`` components,
+NUL bytes and over-long components are refused); absolute names are refused
+too (the applier's stricter policy; the EROFS converter scopes them to the
+root as containerd does); parent directories are resolved component by
 component without following a symlink out of the tree (a symlink whose
 target is absolute or climbs above the root refuses the layer; one that
 stays inside is followed, like containerd's scoped resolution); the file
@@ -34,9 +37,18 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ..errors import InvalidArgument, Unimplemented
-from . import tarstream as ts
-from .tarstream import Entry, TarReader
+from ..errors import InvalidArgument
+from ..tarstream import (
+    BLK,
+    CHR,
+    DIR,
+    HARDLINK,
+    REG,
+    SYMLINK,
+    TarEntry,
+    TarReader,
+    split_name,
+)
 from .writers import FileJob, FileWriters
 
 __all__ = ["ApplyStats", "Target", "UnsafeLayer", "apply_tar"]
@@ -85,14 +97,15 @@ class ApplyStats:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _clean(name: str) -> str:
-    """A tar member name as a relative path; refuses absolute names and ``..``."""
-    if name.startswith("/"):
-        raise UnsafeLayer(f"layer entry {name!r} has an absolute name")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeLayer(f"layer entry {name!r} climbs out of the tree ('..')")
-    return "/".join(parts)
+def _clean(name: bytes, offset: int) -> str:
+    """A member name (or link target) as a relative path; refuses absolute names too."""
+    if name.startswith(b"/"):
+        raise UnsafeLayer(f"layer entry {os.fsdecode(name)!r} has an absolute name")
+    return os.fsdecode(b"/".join(split_name(name, offset)))
+
+
+def _xattrs(e: TarEntry) -> dict[str, bytes]:
+    return {os.fsdecode(k): v for k, v in e.xattrs} if e.xattrs else {}
 
 
 def _join(a: str, b: str) -> str:
@@ -283,8 +296,8 @@ class _Applier:
                 raise
             # Unprivileged (native backend without root): files stay ours, as with rootless tar.
 
-    def entry(self, tar: TarReader, e: Entry) -> None:
-        name = _clean(e.name)
+    def entry(self, tar: TarReader, e: TarEntry) -> None:
+        name = _clean(e.name, e.offset)
         self.stats.entries += 1
         head, _, base = name.rpartition("/")
         if base.startswith(_WH):
@@ -295,20 +308,20 @@ class _Applier:
                 self.whiteout(parent, base[len(_WH) :])
             return
         if not name:  # the root directory itself: only its metadata
-            if e.type == ts.DIR:
+            if e.type == DIR:
                 self._metadata(e, self.root, fd=None)
                 self._dir_times.append(("", e.mtime_ns))
             return
         parent, base = self.resolve(name)
         rel = _join(parent, base)
         path = self.abs(rel)
-        if e.is_reg:
+        if e.type == REG:
             self._regular(tar, e, rel, path)
             return
         if path in self._pending:
             self.sync()
         st = _lstat(path)
-        if e.type == ts.DIR:
+        if e.type == DIR:
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 self._remove(rel, st)
                 st = None
@@ -321,32 +334,29 @@ class _Applier:
             return
         if st is not None:
             self._remove(rel, st)
-        if e.type == ts.LNK:
+        if e.type == HARDLINK:
             self._hardlink(e, rel)
             self._written.add(rel)
             return
-        if e.type == ts.SYM:
-            os.symlink(e.linkname, path)
-        elif e.type in (ts.CHR, ts.BLK):
-            kind = stat.S_IFCHR if e.type == ts.CHR else stat.S_IFBLK
+        if e.type == SYMLINK:
+            os.symlink(os.fsdecode(e.linkname), path)
+        elif e.type in (CHR, BLK):
+            kind = stat.S_IFCHR if e.type == CHR else stat.S_IFBLK
             os.mknod(path, kind | 0o600, os.makedev(e.devmajor, e.devminor))
-        elif e.type == ts.FIFO:
+        else:  # FIFO: the reader yields no other member type
             os.mkfifo(path, 0o600)
-        else:
-            raise Unimplemented(f"layer entry {e.name!r} has unsupported tar type {e.type!r}")
         self._written.add(rel)
-        self._metadata(e, path, fd=None, fresh_mode=0o600 if e.type != ts.SYM else -1)
+        self._metadata(e, path, fd=None, fresh_mode=0o600 if e.type != SYMLINK else -1)
         os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
-    def _regular(self, tar: TarReader, e: Entry, rel: str, path: str) -> None:
+    def _regular(self, tar: TarReader, e: TarEntry, rel: str, path: str) -> None:
         if self._writers is not None and e.size <= _THREADED_MAX and path not in self._pending:
-            data = tar.read_data(e.size) if e.size else b""
-            if len(data) < e.size:  # a short read from a pipe: collect the rest
-                data += b"".join(iter(lambda: tar.read_data(e.size - len(data)), b""))
+            data = tar.read(e.size) if e.size else b""  # all of it, even from a pipe
+            xattrs = _xattrs(e)
             fresh = e.mode & 0o777 & ~self._umask
             chown = (e.uid, e.gid) if (e.uid, e.gid) != (self._uid, self._gid) else None
-            chmod = e.mode if (e.mode != fresh or chown or e.xattrs) else None
-            job = FileJob(path, data, e.mode & 0o777, e.mtime_ns, chown, chmod, e.xattrs, rel)
+            chmod = e.mode if (e.mode != fresh or chown or xattrs) else None
+            job = FileJob(path, data, e.mode & 0o777, e.mtime_ns, chown, chmod, xattrs, rel)
             self._writers.submit(job)
             self._written.add(rel)
             self.stats.files += 1
@@ -368,7 +378,7 @@ class _Applier:
         try:
             left = e.size
             while left:
-                chunk = tar.read_data(min(left, _COPY_CHUNK))
+                chunk = tar.read(min(left, _COPY_CHUNK))
                 view = memoryview(chunk)
                 while view:
                     n = os.write(fd, view)
@@ -382,11 +392,12 @@ class _Applier:
         self.stats.files += 1
         self.stats.bytes += e.size
 
-    def _hardlink(self, e: Entry, rel: str) -> None:
+    def _hardlink(self, e: TarEntry, rel: str) -> None:
         self.sync()
-        target_name = _clean(e.linkname)
+        target_name = _clean(e.linkname, e.offset)
+        name, link = os.fsdecode(e.name), os.fsdecode(e.linkname)
         if not target_name:
-            raise UnsafeLayer(f"layer entry {e.name!r} is a hard link to the root")
+            raise UnsafeLayer(f"layer entry {name!r} is a hard link to the root")
         tparent, tbase = self.resolve(target_name)
         trel = _join(tparent, tbase)
         tst = _lstat(self.abs(trel))
@@ -397,13 +408,13 @@ class _Applier:
                 tst = _lstat(self.abs(trel))
         if tst is None or _is_whiteout_dev(tst):
             raise InvalidArgument(
-                f"layer entry {e.name!r} is a hard link to {e.linkname!r}, which does not exist"
+                f"layer entry {name!r} is a hard link to {link!r}, which does not exist"
             )
         if stat.S_ISDIR(tst.st_mode):
-            raise UnsafeLayer(f"layer entry {e.name!r} is a hard link to a directory")
+            raise UnsafeLayer(f"layer entry {name!r} is a hard link to a directory")
         os.link(self.abs(trel), self.abs(rel), follow_symlinks=False)
 
-    def _metadata(self, e: Entry, path: str, fd: int | None, fresh_mode: int = -1) -> None:
+    def _metadata(self, e: TarEntry, path: str, fd: int | None, fresh_mode: int = -1) -> None:
         """Owner, xattrs and mode, in that order: chown clears setuid bits and
         security.capability. Calls that would change nothing are skipped
         (``fresh_mode`` is the mode the entry was created with, -1 if unknown)."""
@@ -417,9 +428,9 @@ class _Applier:
                 if _IS_ROOT:
                     raise
                 # Unprivileged (native backend without root): files stay ours, like rootless tar.
-        for key, value in e.xattrs.items():
+        for key, value in _xattrs(e).items():
             set_xattr(path if fd is None else fd, key, value)
-        if e.type == ts.SYM:
+        if e.type == SYMLINK:
             return
         if e.mode != fresh_mode or e.xattrs or e.uid != self._uid or e.gid != self._gid:
             if fd is not None:
