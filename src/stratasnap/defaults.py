@@ -11,7 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["default_address", "default_root"]
+__all__ = ["LOCK_NAME", "default_address", "default_root"]
+
+#: The lock file in every snapshotter root: a server holds it (flock) while it
+#: serves the root, and ``stratasnap check --repair`` while it repairs.
+LOCK_NAME = ".stratasnap.lock"
 
 
 def default_root() -> Path:

@@ -29,29 +29,63 @@ never means something else here):
 * Whitespace is skipped between any two tokens. containerd's parser peeks at
   the raw next character, so it rejects a space right before ``,``, ``.`` or
   the end (``name==a , kind==view``); we accept it.
-* Patterns run on Python's :mod:`re`, not RE2: the RE2-only spellings are
-  translated (``\\z``, ``(?<name>…)``, ``\\Q…\\E``, ``[[:alpha:]]``) and
-  ``\\d \\w \\s \\b`` are ASCII-only as in RE2. Constructs only Python knows
-  (look-arounds, back-references) are accepted; RE2-only ones we do not
-  translate (``\\pL``, ``(?U)``) are InvalidArgument.
+* ``~=`` patterns are compiled by RE2 itself (:mod:`stratasnap.regex`), as
+  Go's regexp would, except that ``\\C`` is refused (RE2 has it, Go not).
 * ``\\xHH`` and octal escapes that leave invalid UTF-8 are InvalidArgument
   (containerd keeps the bytes, and they can never equal a protobuf string).
 * Error positions count characters, not UTF-8 bytes.
+* What one request may cost is bounded, so that any request is answered
+  quickly with matches or InvalidArgument (containerd has no bounds):
+
+  ========================================  =====================================
+  bound                                     value
+  ========================================  =====================================
+  filter strings (OR-ed alternatives)       :data:`MAX_ALTERNATIVES` (4096)
+  bytes of all filter strings together      :data:`MAX_FILTER_BYTES` (16 KiB)
+  selectors in all alternatives together    :data:`MAX_SELECTORS` (4096)
+  bytes of all ``~=`` patterns together     :data:`MAX_PATTERNS_BYTES` (1 KiB)
+  ``~=`` selectors                          :data:`MAX_PATTERNS` (16)
+  one pattern                               see :mod:`stratasnap.regex`
+  ========================================  =====================================
 """
 
 from __future__ import annotations
 
 import enum
-import functools
-import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
 
 from stratasnap.errors import InvalidArgument
+from stratasnap.regex import Pattern, PatternError, compile_pattern
 from stratasnap.types import Info
 
-__all__ = ["Filter", "Operator", "Selector", "compile_pattern", "field_value", "parse"]
+__all__ = [
+    "MAX_ALTERNATIVES",
+    "MAX_FILTER_BYTES",
+    "MAX_PATTERNS",
+    "MAX_PATTERNS_BYTES",
+    "MAX_SELECTORS",
+    "Filter",
+    "Operator",
+    "Selector",
+    "compile_pattern",
+    "field_value",
+    "parse",
+]
+
+#: Filter strings in one request (each is one alternative of the OR).
+MAX_ALTERNATIVES = 4096
+#: Bytes (UTF-8) of one request's filter strings together.
+MAX_FILTER_BYTES = 16 * 1024
+#: Selectors in one request, all alternatives together.
+MAX_SELECTORS = 4096
+#: Bytes of one request's ``~=`` patterns together: compiling is the costly part
+#: (up to about 11 ms per KiB for the costliest shapes on a quiet 2-CPU machine).
+MAX_PATTERNS_BYTES = 1024
+#: ``~=`` selectors in one request: a pattern on a name or a label is tried on
+#: every snapshot (or every snapshot with that label), one pass each.
+MAX_PATTERNS = 16
 
 
 class Operator(enum.Enum):
@@ -99,7 +133,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     op: Operator
     value: str = ""
-    _regex: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
+    _regex: Pattern | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The parser never builds the next two shapes; refusing them keeps
@@ -114,9 +148,9 @@ class Selector:
         if self.op is Operator.MATCHES:
             try:
                 regex = compile_pattern(self.value)
-            except (re.error, ValueError) as exc:
+            except PatternError as exc:
                 raise InvalidArgument(
-                    f"filters: invalid regular expression {_go_quote(self.value)}: {exc}"
+                    f"filters: invalid regular expression {_quote_pattern(self.value)}: {exc}"
                 ) from None
             object.__setattr__(self, "_regex", regex)
 
@@ -130,7 +164,7 @@ class Selector:
         if self.op is Operator.NOT_EQUAL:
             return (found or "") != self.value
         assert self._regex is not None  # compiled in __post_init__
-        return self._regex.search(found or "") is not None
+        return self._regex.search(found or "")
 
     def __str__(self) -> str:
         """The selector in filter syntax; parsing it gives this selector back."""
@@ -171,9 +205,28 @@ def parse(*filters: str) -> Filter:
     """
     if not filters:
         return Filter(((),))
+    if len(filters) > MAX_ALTERNATIVES:
+        raise InvalidArgument(
+            f"filters: {len(filters)} filters in one request, more than {MAX_ALTERNATIVES}"
+        )
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in filters)
+    if size > MAX_FILTER_BYTES:
+        raise InvalidArgument(
+            f"filters: {size} bytes of filters in one request, more than {MAX_FILTER_BYTES}"
+        )
+    budget = _Budget()
     # "" is special-cased by containerd (Parse returns Always); a string of
     # only whitespace is not, and fails with "expected field or quoted".
-    return Filter(tuple(_Parser(text).selectors() if text else () for text in filters))
+    return Filter(tuple(_Parser(text, budget).selectors() if text else () for text in filters))
+
+
+class _Budget:
+    """What the filters of one request have spent so far (see the bounds above)."""
+
+    def __init__(self) -> None:
+        self.selectors = 0
+        self.patterns = 0
+        self.pattern_bytes = 0
 
 
 # --- lexical classes (containerd's scanner.go) ----------------------------
@@ -216,9 +269,10 @@ def _digit_value(ch: str) -> int:
 class _Parser:
     """Recursive descent over one filter string; ``pos`` indexes ``text``."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, budget: _Budget) -> None:
         self.text = text
         self.pos = 0
+        self.budget = budget
 
     def error(self, pos: int, msg: str) -> InvalidArgument:
         text = self.text
@@ -246,19 +300,38 @@ class _Parser:
         return tuple(found)
 
     def selector(self) -> Selector:
+        self.peek()
+        start = self.pos
+        budget = self.budget
+        budget.selectors += 1
+        if budget.selectors > MAX_SELECTORS:
+            raise self.error(start, f"more than {MAX_SELECTORS} selectors in one request")
         fieldpath = self.fieldpath()
         if self.peek() in ("", ","):
             return Selector(fieldpath, Operator.PRESENT)
         op = self.operator()
         value_pos, value = self.value(op)
         if op is Operator.MATCHES:
+            # Counted before compiling: the budget is there to bound compile time.
+            budget.patterns += 1
+            if budget.patterns > MAX_PATTERNS:
+                raise self.error(
+                    value_pos, f"more than {MAX_PATTERNS} regular expressions in one request"
+                )
+            budget.pattern_bytes += len(value.encode())
+            if budget.pattern_bytes > MAX_PATTERNS_BYTES:
+                raise self.error(
+                    value_pos,
+                    f"regular expressions of one request total more than "
+                    f"{MAX_PATTERNS_BYTES} bytes",
+                )
             # Compiled (and cached) here only to point at the pattern when it
             # is bad; Selector.__post_init__ then gets it from the cache.
             try:
                 compile_pattern(value)
-            except (re.error, ValueError) as exc:
+            except PatternError as exc:
                 raise self.error(
-                    value_pos, f"invalid regular expression {_go_quote(value)}: {exc}"
+                    value_pos, f"invalid regular expression {_quote_pattern(value)}: {exc}"
                 ) from None
         return Selector(fieldpath, op, value)
 
@@ -450,6 +523,13 @@ def _go_quote(text: str) -> str:
     return "".join(parts)
 
 
+def _quote_pattern(pattern: str, limit: int = 80) -> str:
+    """A pattern for an error message: quoted, and cut short when long."""
+    if len(pattern) <= limit:
+        return _go_quote(pattern)
+    return f"{_go_quote(pattern[:limit])}… ({len(pattern)} characters)"
+
+
 def _is_plain_field(name: str) -> bool:
     return bool(name) and all(ch in _FIELD_RUNES for ch in name)
 
@@ -463,99 +543,3 @@ def _is_plain_value(value: str) -> bool:
     )
 
 
-# --- RE2 spellings that Python's re needs translated -----------------------
-
-# Inside brackets only; each maps to what it stands for in ASCII, as in RE2.
-_POSIX_CLASSES = {
-    "alnum": "0-9A-Za-z",
-    "alpha": "A-Za-z",
-    "ascii": "\\x00-\\x7f",
-    "blank": "\\t ",
-    "cntrl": "\\x00-\\x1f\\x7f",
-    "digit": "0-9",
-    "graph": "!-~",
-    "lower": "a-z",
-    "print": " -~",
-    "punct": "!-/:-@\\[-`{-~",
-    "space": "\\t\\n\\v\\f\\r ",
-    "upper": "A-Z",
-    "word": "0-9A-Za-z_",
-    "xdigit": "0-9A-Fa-f",
-}
-_POSIX_CLASS = re.compile(r"\[:(\^?)([a-z]*):\]")
-
-
-@functools.lru_cache(maxsize=256)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """The Python regex for a ``~=`` pattern (RE2 spelling); cached.
-
-    Public so that the metadata store's SQL REGEXP matches exactly as
-    :meth:`Selector.match` does. Raises ``re.error`` or ValueError.
-    """
-    # re.ASCII: RE2's \d \w \s \b are ASCII-only. The price is that (?i)
-    # folds only ASCII letters, where RE2 folds all of Unicode.
-    return re.compile(_translate_re2(pattern), re.ASCII)
-
-
-def _translate_re2(pattern: str) -> str:
-    """Rewrite the RE2 spellings Python's re reads differently or not at all.
-
-    Raises ValueError for RE2 syntax with no simple equivalent.
-    """
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    in_class = False
-    while i < n:
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < n:
-            esc = pattern[i + 1]
-            if esc == "Q" and not in_class:
-                # \Q…\E: literal text, up to \E or the end of the pattern.
-                end = pattern.find("\\E", i + 2)
-                out.append(re.escape(pattern[i + 2 : n if end < 0 else end]))
-                i = n if end < 0 else end + 2
-                continue
-            # RE2's \z is "end of text", Python's \Z (Python's \z is 3.14+).
-            out.append("\\Z" if esc == "z" and not in_class else pattern[i : i + 2])
-            i += 2
-            continue
-        if in_class:
-            if ch == "]":
-                in_class = False
-            elif ch == "[":
-                posix = _POSIX_CLASS.match(pattern, i)
-                if posix:
-                    negated, name = posix.groups()
-                    if name not in _POSIX_CLASSES:
-                        raise ValueError(f"invalid character class range {posix.group()}")
-                    if negated:
-                        raise ValueError(f"negated class {posix.group()} is not supported")
-                    out.append(_POSIX_CLASSES[name])
-                    i = posix.end()
-                    continue
-                # A literal "[" in RE2; escaped so re does not warn about
-                # future nested sets.
-                ch = "\\["
-            elif ch in "&~|" and out and out[-1] == ch:
-                # Literal in RE2; doubled, re warns of future set operations.
-                ch = "\\" + ch
-            out.append(ch)
-            i += 1
-            continue
-        if ch == "[":
-            in_class = True
-            # "^" and then a "]" straight after "[" are part of the class
-            # in both dialects, not its end.
-            head = 2 if pattern.startswith("[^", i) else 1
-            if pattern.startswith("]", i + head):
-                head += 1
-            out.append(pattern[i : i + head])
-            i += head
-            continue
-        if pattern.startswith("(?<", i) and pattern[i + 3 : i + 4] not in ("=", "!"):
-            out.append("(?P<")  # RE2 (Go 1.22) named group; re only knows (?P<…>
-            i += 3
-            continue
-        out.append(ch)
-        i += 1
-    return "".join(out)

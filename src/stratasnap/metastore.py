@@ -53,6 +53,8 @@ from .errors import (
     SnapshotError,
     Unavailable,
 )
+from .findings import Row
+from .store_filter import matching_ids
 from .types import Info, Kind, Timestamp, Usage
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "Record",
     "WriteTx",
     "owned_ids_if_closed",
+    "read_only_survey",
     "validate_key",
 ]
 
@@ -237,58 +240,6 @@ def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _regexp(pattern: str, value: str) -> bool:
-    # The filters module's own compiler, so SQL and Selector.match agree exactly.
-    return _filters.compile_pattern(pattern).search(value) is not None
-
-
-def _filter_sql(flt: _filters.Filter) -> tuple[str, list[str]]:
-    """Translate a parsed filter into a WHERE clause over ``s`` (snapshots) and ``p`` (parent).
-
-    Every field the snapshot adaptor knows goes into SQL, regexes through a
-    registered REGEXP function, so a walk with a filter reads only matching rows.
-    """
-    ors: list[str] = []
-    args: list[str] = []
-    for selectors in flt.alternatives:
-        ands: list[str] = []
-        for sel in selectors:
-            field_sql, field_args = _field_sql(sel.fieldpath)
-            op = sel.op
-            if op is _filters.Operator.PRESENT:
-                ands.append(f"({field_sql}) IS NOT NULL")
-                args.extend(field_args)
-            elif op is _filters.Operator.EQUAL:
-                ands.append(f"({field_sql}) = ?")
-                args.extend([*field_args, sel.value])
-            elif op is _filters.Operator.NOT_EQUAL:
-                # containerd compares an absent field as "": absent matches != x.
-                ands.append(f"COALESCE(({field_sql}), '') != ?")
-                args.extend([*field_args, sel.value])
-            else:
-                ands.append(f"regexp(?, COALESCE(({field_sql}), ''))")
-                args.extend([sel.value, *field_args])
-        ors.append("(" + (" AND ".join(ands) or "1") + ")")
-    return " OR ".join(ors) or "1", args
-
-
-def _field_sql(fieldpath: tuple[str, ...]) -> tuple[str, list[str]]:
-    # Like containerd's adaptor (and filters.field_value): only the first segment
-    # counts for name/parent/kind; under labels the rest joined by "." is the key.
-    head = fieldpath[0] if fieldpath else ""
-    if head == "name":
-        return "s.key", []
-    if head == "parent":
-        return "COALESCE(p.key, '')", []
-    if head == "kind":
-        return "s.kind", []
-    if head == "labels":
-        return "SELECT l.value FROM labels l WHERE l.snapshot_id = s.id AND l.key = ?", [
-            ".".join(fieldpath[1:])
-        ]
-    return "NULL", []
-
-
 class ReadTx:
     """Reads inside one consistent snapshot of the store."""
 
@@ -382,9 +333,23 @@ class ReadTx:
         return rec, prec.id
 
     def walk(self, flt: _filters.Filter) -> list[Info]:
-        """Every snapshot matching ``flt``, ordered by key."""
-        where, args = ("1", []) if flt.matches_everything else _filter_sql(flt)
-        rows = self._conn.execute(_INFO_SELECT + f" WHERE {where} ORDER BY s.key", args)
+        """Every snapshot matching ``flt``, ordered by key.
+
+        The filter is evaluated as sets of ids (:mod:`.store_filter`), then
+        only the matching rows are read.
+        """
+        if flt.matches_everything:
+            rows = self._conn.execute(_INFO_SELECT + " ORDER BY s.key")
+        else:
+            ids = matching_ids(self._conn, flt)
+            if not ids.negated and not ids.ids:
+                return []
+            membership = "NOT IN" if ids.negated else "IN"
+            rows = self._conn.execute(
+                _INFO_SELECT
+                + f" WHERE s.id {membership} (SELECT value FROM json_each(?)) ORDER BY s.key",
+                (json.dumps(sorted(ids.ids)),),
+            )
         return [self._row_to_record(r, False).info for r in rows]
 
     def id_map(self) -> dict[int, str]:
@@ -631,7 +596,6 @@ class MetaStore:
         except BaseException:
             conn.close()
             raise
-        conn.create_function("regexp", 2, _regexp, deterministic=True)
         return conn
 
     @contextmanager
@@ -827,3 +791,42 @@ class MetaStore:
                     "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
                 )
         self._reserve_wal()
+
+
+def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
+    """Every snapshot row, and what SQLite's own checks say, without writing anything.
+
+    Opened read-only (``stratasnap check`` runs next to a live server): no
+    migration, no recovery. Problems are SQLite's integrity check and the
+    rows whose parent reference is dangling (foreign keys).
+    """
+    uri = f"file:{quote(str(Path(path).absolute()))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise Unavailable(f"cannot open {path} read-only: {exc}") from None
+    try:
+        problems: list[str] = []
+        try:
+            result = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(20)")]
+            if result != ["ok"]:
+                problems.extend(result)
+            for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check"):
+                problems.append(f"{table} row {rowid} refers to a missing row of {parent}")
+            rows: dict[int, Row] = {}
+            kinds = {k.value: k for k in Kind}
+            for sid, key, kind, parent_id in conn.execute(
+                "SELECT id, key, kind, parent_id FROM snapshots"
+            ):
+                rows[int(sid)] = Row(
+                    int(sid),
+                    str(key),
+                    kinds.get(str(kind)),
+                    None if parent_id is None else int(parent_id),
+                )
+        except sqlite3.DatabaseError as exc:
+            # Corrupt beyond reading its rows: that is the finding.
+            return {}, (*problems, f"cannot read the store: {exc}")
+        return rows, tuple(problems)
+    finally:
+        conn.close()

@@ -31,13 +31,14 @@ from .errors import (
     from_os_error,
 )
 from .filters import parse as parse_filters
+from .findings import Finding, Repair, Survey
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree
 from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
-__all__ = ["BaseSnapshotter", "Snapshotter", "unknown_options"]
+__all__ = ["BaseSnapshotter", "Snapshotter", "create_in_progress", "unknown_options"]
 
 log = logging.getLogger("stratasnap")
 
@@ -206,6 +207,85 @@ class BaseSnapshotter:
     def _erase(self, path: Path) -> None:
         """Delete released storage at ``path`` and everything below it (default: rmtree)."""
         _rmtree(path)
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """Findings on the storage of ``survey`` (``stratasnap check``); a class hook.
+
+        Called on the class, with no store open: a check changes nothing. The
+        base checks the layout every backend shares (each snapshot has its
+        directory, each directory its snapshot, ``new-*``/``rm-*`` leftovers,
+        mounts and loop devices on storage no snapshot owns). A backend adds
+        the checks of its own storage with ``yield from super()._check(survey)``
+        and its own; the repairs happen through the backend's own cleanup()
+        and release, so what it deletes it also knows how to let go of.
+        """
+        rows, entries = survey.rows, survey.entries
+        for sid, row in rows.items():
+            if str(sid) not in entries and f"rm-{sid}" not in entries:
+                yield Finding(
+                    "missing-storage",
+                    f"snapshots/{sid}",
+                    f"snapshot {json.dumps(row.key)} has no storage (its data is lost;"
+                    " remove it with `stratasnap rm` once nothing uses it)",
+                )
+        for name in sorted(entries):
+            where = f"snapshots/{name}"
+            if name.isdigit():
+                if int(name) not in rows:
+                    yield Finding(
+                        "orphan-storage", where, "storage no snapshot owns", Repair.RECLAIM
+                    )
+            elif name.startswith("rm-") and name[3:].isdigit():
+                if int(name[3:]) in rows:
+                    if name[3:] in entries:
+                        yield Finding(
+                            "interrupted-remove",
+                            where,
+                            f"a remove of a live snapshot was interrupted, and snapshots/"
+                            f"{name[3:]} exists too: which one holds its data is for a person",
+                        )
+                    else:
+                        yield Finding(
+                            "interrupted-remove",
+                            where,
+                            "a remove was killed before it committed; the snapshot still exists",
+                            Repair.RESTORE,
+                        )
+                else:
+                    yield Finding(
+                        "interrupted-remove",
+                        where,
+                        "a removed snapshot's storage was never deleted",
+                        Repair.RECLAIM,
+                    )
+            elif name.startswith("new-"):
+                if name not in survey.locked:
+                    yield Finding(
+                        "interrupted-create", where, "a create was killed half-way", Repair.RECLAIM
+                    )
+            else:
+                yield Finding(
+                    "unknown-entry",
+                    where,
+                    "not something stratasnap makes: move it out of the snapshots directory",
+                )
+        for mnt in survey.mounts:
+            if not survey.in_use(mnt):
+                yield Finding(
+                    "stale-mount",
+                    str(mnt),
+                    "mounted on storage no snapshot owns",
+                    Repair.UNMOUNT,
+                )
+        for dev, backing in survey.loops:
+            if not survey.in_use(backing):
+                yield Finding(
+                    "stale-loop",
+                    str(dev),
+                    f"backed by {backing}, which no snapshot owns",
+                    Repair.DETACH,
+                )
 
     def _storage_busy(self, path: Path) -> bool:
         """Whether storage below ``path`` is still in use where the mount table does not show.
@@ -540,10 +620,10 @@ def _is_leftover(name: str, path: Path, owned: Container[int]) -> bool:
         sid = name[3:]
         # rm-<owned id>: a remove killed before its commit, recovered at open.
         return not (sid.isdigit() and int(sid) in owned)
-    return name.startswith("new-") and not _in_use(path)
+    return name.startswith("new-") and not create_in_progress(path)
 
 
-def _in_use(path: Path) -> bool:
+def create_in_progress(path: Path) -> bool:
     """Whether a create (in any process) holds the lock on this ``new-*`` directory."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -22,6 +22,7 @@ import pytest
 from stratasnap import open_snapshotter
 from stratasnap.backends.btrfs import BtrfsSnapshotter
 from stratasnap.backends.overlay_options import MAX_SIZE_LABEL
+from stratasnap.check import check
 from stratasnap.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from stratasnap.fs import btrfs
 from stratasnap.fs.usage import disk_usage
@@ -399,3 +400,24 @@ def test_opening_reaps_leftover_read_only_subvolumes(btrfs_fs: Path) -> None:
     with _open(root) as s:
         assert s.stat("keep").kind.value == "active"
     assert not aside.exists()  # gone at close, without a cleanup() call
+
+
+def test_check_finds_lost_subvolumes_and_wrong_read_only_flags(btrfs_fs: Path) -> None:
+    root = _fresh(btrfs_fs)
+    with _open(root) as s:
+        s.prepare("lost")
+        s.prepare("frozen")
+        s.prepare("c-a")
+        s.commit("c", "c-a")
+        s.view("v", "c")  # binds its parent: nothing of its own to check
+        lost, frozen, committed = _fs(s, "lost"), _fs(s, "frozen"), _fs(s, "c")
+    assert check(root, "btrfs").healthy
+    btrfs.destroy_subvolume(lost.parent, "fs")
+    btrfs.set_readonly(frozen)  # a commit killed after its flag
+    btrfs.set_readonly(committed, False)
+    found = {(f.code, f.where) for f in check(root, "btrfs").findings}
+    assert found == {
+        ("missing-subvolume", f"snapshots/{lost.parent.name}/fs"),
+        ("read-only-active", f"snapshots/{frozen.parent.name}/fs"),
+        ("writable-layer", f"snapshots/{committed.parent.name}/fs"),
+    }

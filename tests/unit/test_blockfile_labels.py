@@ -432,8 +432,9 @@ def test_usage_is_image_minus_parent(sn: BlockfileSnapshotter) -> None:
     (m,) = sn.prepare("a")
     u = sn.usage("a")
     assert u.size == os.stat(m.source).st_blocks * 512
-    # The image file, plus ext4's reserved inodes and root (the filesystem's own).
-    assert u.inodes == 1 + fsimage.used_inodes(m.source) >= 12
+    # The image file, plus ext4's reserved inodes and root (the filesystem's own;
+    # no lost+found).
+    assert u.inodes == 1 + fsimage.used_inodes(m.source) >= 11
     sn.commit("c", "a")
     assert sn.usage("c") == u  # stored at commit
     sn.prepare("b", "c")
@@ -514,3 +515,23 @@ def test_a_hung_tool_is_killed_and_fails_the_call(
     assert err.value.errno == errno.ETIMEDOUT
     assert "mkfs.ext4 did not finish in 0.5 s" in str(err.value)
     assert [p.name for p in scratch.iterdir()] == ["hung-bin"]  # no half-made image
+
+
+# -- an empty root -----------------------------------------------------------------------
+
+
+def test_template_root_is_empty_even_when_made_by_an_older_stratasnap(root: Path) -> None:
+    _tool("debugfs")
+    s = BlockfileSnapshotter(root, scratch_size="64M")
+    template = s.template
+    s.close()
+    assert not fsimage.has_lost_found(template)
+    # What mkfs.ext4 leaves, and what templates made before had.
+    subprocess.run(
+        ["debugfs", "-w", "-R", "mkdir lost+found", str(template)], check=True, capture_output=True
+    )
+    assert fsimage.has_lost_found(template)
+    BlockfileSnapshotter(root, scratch_size="64M").close()
+    assert not fsimage.has_lost_found(template)
+    assert fsimage.probe_fs_type(template) == "ext4"
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]

@@ -170,7 +170,7 @@ def test_other_syntax_errors(text: str, message: str) -> None:
 def test_bad_regex_error_points_at_the_pattern_past_spaces() -> None:
     assert parse_error("name~=  (x") == (
         'filters: parse error: [name~=   >|(|< x]: invalid regular expression "(x": '
-        "missing ), unterminated subpattern at position 0"
+        "missing ): (x"
     )
 
 
@@ -280,6 +280,10 @@ def test_regex_value_forms(text: str, pattern: str) -> None:
         ("^[[]$", "[", "]"),
         (r"^\d$", "3", "\u0663"),  # \d is ASCII only, as in RE2
         ("(?i)^abc$", "ABC", "abd"),
+        ("(?i)^é$", "É", "e"),  # RE2 folds all of Unicode
+        ("^[[:^alpha:]]+$", "12", "1a"),
+        (r"^\pL+$", "héllo", "h1"),
+        ("^(?U)a+", "a", None),  # ungreedy: Go's flag
         ("", "anything", None),
     ],
 )
@@ -290,11 +294,24 @@ def test_regex_semantics(pattern: str, yes: str, no: str | None) -> None:
         assert not sel.match(info(no))
 
 
-@pytest.mark.parametrize("pattern", ["(", "a{2,1}", "[[:^alpha:]]", "[[:nope:]]", "(?U)a"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "(",
+        "a{2,1}",
+        "[[:nope:]]",
+        "a{1001}",  # Go's and RE2's repeat limit
+        r"\C",  # RE2 has it, Go does not
+        "(?=x)",  # Python's look-ahead: not RE2
+        r"(a)\1",  # back-references: not RE2
+        "((a{100}){100}){100}",  # nested repeats: RE2's limit
+    ],
+)
 def test_bad_regex_is_invalid_argument_at_parse_time(pattern: str) -> None:
     # Stricter than containerd, which logs and matches nothing.
-    context = parse_error(f'name~="{pattern}"')
-    assert context.startswith('filters: parse error: [name~= >|"|< ')
+    escaped = pattern.replace("\\", "\\\\")  # inside /…/ a backslash is escaped
+    context = parse_error(f"name~=/{escaped}/")
+    assert context.startswith("filters: parse error: [name~= >|/|< ")
     assert "invalid regular expression" in context
     with pytest.raises(InvalidArgument, match="invalid regular expression"):
         Selector(("name",), RE, pattern)
@@ -452,6 +469,49 @@ def test_selector_refuses_meaningless_shapes() -> None:
 def test_str_is_filter_syntax(sel: Selector, text: str) -> None:
     assert str(sel) == text
     assert parse(text).alternatives == ((sel,),)
+
+
+# --- what one request may cost --------------------------------------------------
+
+
+def test_backtracking_pattern_runs_in_linear_time() -> None:
+    # Python's re takes for ever on this; RE2 answers at once (a hang here
+    # would end in pytest-timeout's failure).
+    sel = Selector(("name",), RE, "(a+)+$")
+    assert not sel.match(info("a" * 4000 + "!"))
+    many_groups = Selector(("name",), RE, "(.*)" * 500 + "!")
+    assert many_groups.match(info("x" * 4000 + "!"))
+
+
+def test_groups_nest_at_most_1000_deep() -> None:
+    Selector(("name",), RE, "(" * 1000 + ")" * 1000)
+    with pytest.raises(InvalidArgument, match="groups nest 1001 deep, more than 1000"):
+        Selector(("name",), RE, "(" * 1001 + ")" * 1001)
+    # Brackets and escapes are not groups.
+    Selector(("name",), RE, r"[(]\(" * 400)
+
+
+def test_one_pattern_is_bounded() -> None:
+    with pytest.raises(InvalidArgument, match="pattern is 2049 bytes long, more than 2048"):
+        Selector(("name",), RE, "a" * 2049)
+    with pytest.raises(InvalidArgument, match="pattern too large"):
+        Selector(("name",), RE, r"\pL{1000}" * 200)
+
+
+def test_request_bounds_are_invalid_argument_naming_the_bound() -> None:
+    with pytest.raises(InvalidArgument, match="4097 filters in one request, more than 4096"):
+        parse(*["name==a"] * 4097)
+    assert len(parse(*[""] * 4096).alternatives) == 4096
+    with pytest.raises(InvalidArgument, match="16385 bytes of filters in one request"):
+        parse("name==" + "a" * (16 * 1024 - 5))
+    with pytest.raises(InvalidArgument, match="more than 4096 selectors in one request"):
+        parse(",".join(["k"] * 2049), ",".join(["n"] * 2048))
+    assert len(parse(",".join(["k"] * 2048), ",".join(["n"] * 2048)).alternatives) == 2
+    with pytest.raises(InvalidArgument, match="regular expressions of one request total more"):
+        parse("name~=" + "a" * 512, "labels.x~=" + "b" * 513)
+    parse(*[f"labels.{i}~=x" for i in range(16)])
+    with pytest.raises(InvalidArgument, match="more than 16 regular expressions in one request"):
+        parse(*[f"labels.{i}~=x" for i in range(17)])
 
 
 # --- properties ---------------------------------------------------------------------

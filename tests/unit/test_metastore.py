@@ -258,6 +258,64 @@ def test_sql_pushdown_agrees_with_predicate(store: MetaStore) -> None:
                 assert got == want, flt_args
 
 
+def test_random_filters_agree_with_predicate(store: MetaStore) -> None:
+    """Random ANDs and ORs of every selector shape: the store's sets give the predicate's."""
+    import random
+
+    create(store, "k1", labels={"a": "1", "x.y/z": "v"})
+    commit(store, "c1", "k1", {"a": "1"})
+    create(store, "k2", "c1", labels={"a": "2"})
+    create(store, "v1", "c1", Kind.VIEW, labels={"x.y/z": "v", "b": "1"})
+    create(store, "k3", labels={"b": ""})
+    selectors = [f"{f}" for f in FIELDS]
+    selectors += [
+        f"{f}{op}{v or chr(34) * 2}" for f in FIELDS for op in ("==", "!=") for v in VALUES
+    ]
+    selectors += [f"{f}~=/{p}/" for f in FIELDS for p in ("^c", "1|2", "", "^$", "v$", "^(k|c)")]
+    rng = random.Random(11)
+    with store.read() as tx:
+        everything = tx.walk(filters.parse())
+        for _ in range(1500):
+            strings = [
+                ",".join(rng.choice(selectors) for _ in range(rng.randint(1, 3)))
+                for _ in range(rng.randint(1, 3))
+            ]
+            flt = filters.parse(*strings)
+            want = [i.name for i in everything if flt.match(i)]
+            assert [i.name for i in tx.walk(flt)] == want, strings
+
+
+def test_largest_filters_walk_in_sql(store: MetaStore) -> None:
+    """As many alternatives and selectors as a request may have: no SQLite limit is hit."""
+    for i in range(20):
+        create(store, f"k{i}", labels={"n": str(i), "odd": "y"} if i % 2 else {"n": str(i)})
+    most = filters.MAX_ALTERNATIVES
+    shapes = [
+        ["kind", *[f"name==k{i}" for i in range(most - 1)]],
+        [f"labels.n=={i}" for i in range(most)],
+        [f"labels.n!={i},labels.odd" for i in range(most)],
+        [",".join(["kind"] * 3000)],  # one AND of 3,000 selectors
+        [f"labels.{i}~=^$" for i in range(16)],  # as many regexes as a request may have
+    ]
+    with store.read() as tx:
+        everything = tx.walk(filters.parse())
+        for strings in shapes:
+            flt = filters.parse(*_fit(strings))
+            got = [i.name for i in tx.walk(flt)]
+            assert got == [i.name for i in everything if flt.match(i)], strings[:2]
+            assert got  # every shape selects something
+
+
+def _fit(strings: list[str]) -> list[str]:
+    """The longest head of ``strings`` within a request's byte bound."""
+    total = 0
+    for n, text in enumerate(strings):
+        total += len(text)
+        if total > filters.MAX_FILTER_BYTES:
+            return strings[:n]
+    return strings
+
+
 def test_update_info_rules(store: MetaStore) -> None:
     create(store, "u", labels={"a": "1", "b": "2"})
     with store.write() as tx:
@@ -283,9 +341,11 @@ def test_times_keep_nanoseconds(store: MetaStore) -> None:
     assert before <= created.epoch_ns <= after
     assert created.nanosecond // 1000 == created.microsecond
     # Stored in nanoseconds, read back exactly (not rounded to microseconds).
-    (stored,) = sqlite3.connect(store.path).execute(
-        "SELECT created_ns FROM snapshots WHERE key = 't'"
-    ).fetchone()
+    (stored,) = (
+        sqlite3.connect(store.path)
+        .execute("SELECT created_ns FROM snapshots WHERE key = 't'")
+        .fetchone()
+    )
     assert created.epoch_ns == stored
 
 

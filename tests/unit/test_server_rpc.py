@@ -275,14 +275,21 @@ def test_list_bad_filter_is_invalid_argument(stub: Any) -> None:
     assert message.endswith(": invalid argument")
 
 
-def test_list_batch_over_4_mib_fits_the_16_mib_limit(client: Client, store: Snapshotter) -> None:
-    # 100 snapshots x 10 labels x ~4000 bytes: a 4 MB batch, over gRPC's 4 MiB default.
+def test_list_batches_of_big_infos_stay_small(client: Client, store: Snapshotter) -> None:
+    # 100 snapshots x 11 labels x ~4000 bytes: 4.4 MB, over gRPC's 4 MiB default. A
+    # client may store 1024 such labels per snapshot: 100 of those would be 400 MB,
+    # far over any limit, so batches are cut by size as well as by count.
     big = {f"label-{j}": "v" * 3990 for j in range(11)}
     for i in range(100):
         store.prepare(f"big-{i}", labels=big)
+    huge = {f"label-{j}": "v" * 4000 for j in range(1024)}
+    store.prepare("huge", labels=huge)
     batches = list(client.list_batches())
-    assert [len(b) for b in batches] == [100]
-    assert all(dict(i.labels) == big for i in batches[0])
+    assert sum(len(b) for b in batches) == 101
+    assert all(len(b) < 100 for b in batches)
+    assert all(dict(i.labels) == big for b in batches for i in b if i.name != "huge")
+    (alone,) = [b for b in batches if any(i.name == "huge" for i in b)]
+    assert [dict(i.labels) for i in alone] == [huge]
 
 
 # -- errors ---------------------------------------------------------------------------------

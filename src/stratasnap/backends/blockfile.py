@@ -25,20 +25,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument
+from ..findings import Finding, Survey
 from ..fs import loop
 from ..fs.copy import copy_file, copy_file_atomic
 from ..fs.dirlock import locked_dir
 from ..fs.image import (
     MissingTool,
     grow_image,
+    has_lost_found,
     image_mountpoints,
     make_image,
     probe_fs_type,
+    remove_lost_found,
     used_inodes,
 )
 from ..fs.mountinfo import read_mountinfo
@@ -132,6 +135,31 @@ class BlockfileSnapshotter(BaseSnapshotter):
                 " (set recreate_scratch to make a new template)"
             )
         self.fs_type = found
+        if found == "ext4" and has_lost_found(self.template):
+            try:
+                self._empty_template_root()
+            except OSError as exc:
+                # Best effort (a full disk, a hung debugfs): the template still works,
+                # its snapshots just start with an empty lost+found as they used to.
+                log.warning("scratch template %s keeps its lost+found: %s", self.template, exc)
+
+    def _empty_template_root(self) -> None:
+        """Take mkfs's lost+found out of a template made before stratasnap did that itself.
+
+        Done on a copy renamed over the template: another process may be
+        copying the template right now.
+        """
+        tmp = self.root / f".{TEMPLATE}.tmp-{os.getpid()}"
+        try:
+            copy_file(self.template, tmp)
+            remove_lost_found(tmp)
+            fsync_path(tmp)
+            os.replace(tmp, self.template)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_path(self.root)
 
     # -- paths ---------------------------------------------------------------------
 
@@ -217,7 +245,10 @@ class BlockfileSnapshotter(BaseSnapshotter):
         options = ["loop", "ro" if readonly else "rw"]
         if fs_type == "xfs":
             # Every copy of one template has the template's UUID, and xfs
-            # refuses to mount a UUID twice.
+            # refuses to mount a UUID twice. A UUID of its own per copy would
+            # cost xfs_db rewriting the copy's whole log (120-200 ms and 64 MiB
+            # no longer shared per copy of the default 10 GiB template), and
+            # views mount the very same image twice anyway.
             options.append("nouuid")
         if readonly:
             # A read-only loop device cannot replay a journal; a layer whose
@@ -268,6 +299,36 @@ class BlockfileSnapshotter(BaseSnapshotter):
                     continue  # unmounted and its directory removed meanwhile
             fsync_path(image)
 
+    # -- check ---------------------------------------------------------------------
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """The layout's checks, then: every image there should be holds a filesystem."""
+        yield from super()._check(survey)
+        template = survey.root / TEMPLATE
+        if template.exists() and _fs_type(template) is None:
+            yield Finding(
+                "bad-image",
+                TEMPLATE,
+                "the scratch template holds no ext4 or xfs filesystem"
+                " (open with recreate_scratch=true to make a new one)",
+            )
+        for sid, row in survey.rows.items():
+            storage = survey.snapshots_dir / str(sid)
+            if row.kind is Kind.VIEW and row.parent_id is not None:
+                continue  # mounts its parent's image: nothing of its own
+            if str(sid) not in survey.entries:
+                continue  # reported by the layout check
+            for image in (storage / IMAGE, storage / VM_IMAGE):
+                where = str(image.relative_to(survey.root))
+                found = _fs_type(image)
+                if found is None and (image.name == IMAGE or image.exists()):
+                    yield Finding(
+                        "bad-image",
+                        where,
+                        f"the image of snapshot {row.key!r} is missing or holds no filesystem",
+                    )
+
     # -- removal ---------------------------------------------------------------------
 
     def remove(self, key: str) -> None:
@@ -317,6 +378,13 @@ class BlockfileSnapshotter(BaseSnapshotter):
     def _storage_busy(self, path: Path) -> bool:
         # Never delete an image a loop device still holds (cleanup() retries later).
         return bool(self._let_go(path))
+
+
+def _fs_type(image: Path) -> str | None:
+    try:
+        return probe_fs_type(image)
+    except OSError:
+        return None
 
 
 def _allocated(path: Path) -> int:

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument, from_os_error
 from ..filters import parse as parse_filters
+from ..findings import Finding, Survey
 from ..fs import btrfs
 from ..fs.usage import disk_usage
 from ..metastore import Record
@@ -215,6 +216,44 @@ class BtrfsSnapshotter(BaseSnapshotter):
                 if btrfs.is_subvolume(sub):
                     ids.append(btrfs.subvolume_id(sub))
         return ids if ids and self._quota_status_or_none() is not None else []
+
+    # -- check ---------------------------------------------------------------------
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """The layout's checks, then each snapshot's subvolume and its read-only flag."""
+        yield from super()._check(survey)
+        for sid, row in survey.rows.items():
+            if str(sid) not in survey.entries:
+                continue  # reported by the layout check
+            if row.kind is Kind.VIEW and row.parent_id is not None:
+                continue  # binds its parent's subvolume: nothing of its own
+            fs = survey.snapshots_dir / str(sid) / FS
+            where = f"snapshots/{sid}/{FS}"
+            try:
+                readonly = btrfs.is_readonly(fs) if btrfs.is_subvolume(fs) else None
+            except FileNotFoundError:
+                readonly = None
+            if readonly is None:
+                yield Finding(
+                    "missing-subvolume",
+                    where,
+                    f"snapshot {row.key!r} has no subvolume (its files are lost)",
+                )
+            elif row.kind is Kind.COMMITTED and not readonly:
+                yield Finding(
+                    "writable-layer",
+                    where,
+                    f"committed snapshot {row.key!r} is writable; its children may not"
+                    f" match it (`btrfs property set {fs} ro true` stops further changes)",
+                )
+            elif row.kind is Kind.ACTIVE and readonly:
+                yield Finding(
+                    "read-only-active",
+                    where,
+                    f"active snapshot {row.key!r} is read-only (a commit was killed midway);"
+                    " opening the store with the btrfs backend makes it writable again",
+                )
 
     # -- calls that differ -------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ..errors import FailedPrecondition
+from ..findings import Finding, Survey
 from ..fs import loop
 from ..fs.overlay_probe import (
     escape_layer_path,
@@ -43,6 +44,7 @@ from ..metastore import Record
 from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Info, Kind, Mount, Reclaimed, Usage
 from .overlay_idmap import GIDMAP_LABEL, UIDMAP_LABEL, parse_mapping_labels
+from .overlay_limits import IMAGE as LIMITED_IMAGE
 from .overlay_limits import LimitedLayers
 from .overlay_options import OverlayOptions, parse_size_label
 
@@ -151,6 +153,22 @@ class OverlaySnapshotter(BaseSnapshotter):
 
     def _fs_dir(self, sid: int) -> Path:
         return self.storage_dir(sid) / "fs"
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """The layout's checks, then: every snapshot has its upper (or its limited image)."""
+        yield from super()._check(survey)
+        for sid, row in survey.rows.items():
+            if str(sid) not in survey.entries:
+                continue  # reported by the layout check
+            storage = survey.snapshots_dir / str(sid)
+            # A size-limited layer that is not mounted now shows only its image.
+            if not (storage / "fs").is_dir() and not (storage / LIMITED_IMAGE).exists():
+                yield Finding(
+                    "missing-upper",
+                    f"snapshots/{sid}/fs",
+                    f"snapshot {row.key!r} has no fs directory (its files are lost)",
+                )
 
     def _mounts(self, rec: Record) -> list[Mount]:
         kind = rec.info.kind

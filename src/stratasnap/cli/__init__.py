@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..server.commands import config, serve
 from ._app import Session, cli, default_root, pass_snapshotter
+from .check import check
 from .edit import commit, label, mounts, prepare, rm, view
 from .erofs import erofs
 from .image import diff, image
@@ -29,6 +30,7 @@ _VERBS = (
     usage,
     tree,
     cleanup,
+    check,
     image,
     diff,
     config,

@@ -37,9 +37,11 @@ __all__ = [
     "ToolFailed",
     "find_tool",
     "grow_image",
+    "has_lost_found",
     "image_mountpoints",
     "make_image",
     "probe_fs_type",
+    "remove_lost_found",
     "used_inodes",
 ]
 
@@ -50,6 +52,7 @@ FS_TYPES = ("ext4", "xfs")
 PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "e2fsck": "e2fsprogs",
+    "debugfs": "e2fsprogs",
     "resize2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
     "xfs_growfs": "xfsprogs",
@@ -133,7 +136,8 @@ def find_tool(name: str) -> str:
     return found
 
 
-def _run(argv: Sequence[str], ok: tuple[int, ...] = (0,)) -> None:
+def _run(argv: Sequence[str], ok: tuple[int, ...] = (0,)) -> str:
+    """Run a tool (killed after TOOL_TIMEOUT_S); its stdout, or ToolFailed."""
     try:
         proc = subprocess.run(
             argv,
@@ -152,6 +156,7 @@ def _run(argv: Sequence[str], ok: tuple[int, ...] = (0,)) -> None:
         ) from None
     if proc.returncode not in ok:
         raise ToolFailed(argv, proc.returncode, proc.stderr or proc.stdout)
+    return proc.stdout
 
 
 def _check_type(fs_type: str) -> None:
@@ -178,6 +183,8 @@ def make_image(
         finally:
             os.close(fd)
         _run([mkfs, *MKFS_ARGS[fs_type], *mkfs_args, tmp])
+        if fs_type == "ext4":
+            remove_lost_found(tmp)
         fsync_path(tmp)
         os.replace(tmp, dst)
     except BaseException:
@@ -258,12 +265,33 @@ def grow_image(path: StrPath, size: int, fs_type: str | None = None) -> None:
         return
     os.truncate(path, size)
     if fs_type == "ext4":
+        had_lost_found = has_lost_found(path)
         # 1: errors were corrected (e.g. the journal was replayed): fine to go on.
         _run([e2fsck, "-f", "-p", os.fspath(path)], ok=(0, 1))
         _run([resize2fs, os.fspath(path)])
+        if not had_lost_found:
+            # e2fsck makes one wherever it is missing; the snapshot did not have it.
+            remove_lost_found(path)
     else:
         _grow_xfs(Path(path), growfs)
     fsync_path(path)
+
+
+def has_lost_found(path: StrPath) -> bool:
+    """Whether the ext4 image's root holds ``lost+found`` (read with debugfs, no mount)."""
+    # debugfs exits 0 either way; a missing file is a message on stderr.
+    out = _run([find_tool("debugfs"), "-R", "stat /lost+found", os.fspath(path)])
+    return "Inode:" in out
+
+
+def remove_lost_found(path: StrPath) -> None:
+    """Remove the empty ``lost+found`` that mkfs.ext4 and e2fsck put in the root.
+
+    A snapshot starts as empty as every backend's (and as the image's layers
+    say): containerd's snapshotter tests, and containers, see its root. e2fsck
+    makes the directory again when it needs one, so nothing is lost.
+    """
+    _run([find_tool("debugfs"), "-w", "-R", "rmdir lost+found", os.fspath(path)])
 
 
 def _grow_xfs(path: Path, growfs: str) -> None:

@@ -43,13 +43,15 @@ from typing import IO, Any
 
 import grpc
 
+from ..defaults import LOCK_NAME
 from ..snapshotter import BaseSnapshotter, Snapshotter
 from .config import Config, SnapshotterConfig
 from .metrics import Metrics, MetricsServer
-from .service import SnapshotsService, Snapshotters
+from .service import SEND_TIMEOUT, SnapshotsService, Snapshotters
 
 __all__ = [
     "LOCK_NAME",
+    "MAX_CALLS",
     "MAX_MESSAGE_SIZE",
     "WORKERS",
     "DaemonError",
@@ -62,12 +64,16 @@ __all__ = [
 
 log = logging.getLogger("stratasnap.server")
 
-#: The lock file in every snapshotter root.
-LOCK_NAME = ".stratasnap.lock"
 #: containerd's proxy client sends and receives up to 16 MiB.
 MAX_MESSAGE_SIZE = 16 << 20
-#: gRPC worker threads (4-8 is the measured sweet spot on small machines).
-WORKERS = 8
+#: gRPC worker threads. Threads that wait (a slow disk, a stream whose client
+#: reads slowly) cost only memory, so there are many more than CPUs: the 4-8
+#: that measure fastest would all be taken by eight stalled clients. Threads are
+#: started as calls need them.
+WORKERS = 64
+#: Calls in progress at once (running or queued for a thread); beyond, a call is
+#: RESOURCE_EXHAUSTED at once instead of queueing without bound.
+MAX_CALLS = 1024
 
 
 class DaemonError(Exception):
@@ -281,12 +287,14 @@ class Server:
         *,
         opener: Callable[[SnapshotterConfig], Snapshotter] = open_store,
         workers: int = WORKERS,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         self.config = config
         self.address = config.address
         self.metrics = Metrics()
         self._opener = opener
         self._workers = workers
+        self._send_timeout = send_timeout
         self._locks: list[_RootLock] = []
         self._stores: dict[str, Snapshotter] = {}
         self._service: SnapshotsService | None = None
@@ -358,7 +366,12 @@ class Server:
             if isinstance(store, BaseSnapshotter):
                 store.start_reaper()
 
-        service = SnapshotsService(Snapshotters(self._stores), self.metrics)
+        service = SnapshotsService(
+            Snapshotters(self._stores),
+            self.metrics,
+            max_streams=max(1, self._workers // 2),
+            send_timeout=self._send_timeout,
+        )
         self.metrics.watch(self._stores)
         self._service = service
 
@@ -378,6 +391,7 @@ class Server:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
             ],
+            maximum_concurrent_rpcs=MAX_CALLS,
         )
         service.register(server)
         self._grpc = server
@@ -459,6 +473,8 @@ class Server:
                 log.warning("closing stores with calls still running", extra={"calls": left})
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._service is not None:
+            self._service.close()
         for name, store in self._stores.items():
             try:
                 store.close()

@@ -11,7 +11,11 @@ traceback.
 ``List`` reads the whole walk before it sends anything, then streams it in
 batches of 100 ``Info`` (as containerd's own service does): no store lock or
 read transaction stays open while a slow client drains the stream, so a Stat
-(or a Remove) during a List never waits for it.
+(or a Remove) during a List never waits for it. A stream occupies a worker
+thread while it sends, so at most ``max_streams`` stream at once (one more is
+RESOURCE_EXHAUSTED, at once) and a stream whose client reads nothing for
+``send_timeout`` seconds is cancelled (:mod:`.streams`): clients that stop
+reading cannot take the workers that other clients' calls need.
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from ..errors import NotFound, SnapshotError, Unavailable, Unimplemented
+from ..errors import NotFound, ResourceExhausted, SnapshotError, Unavailable, Unimplemented
 from ..snapshotter import Snapshotter
 from ..types import EPOCH, Info, Kind, Mount, Timestamp
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.types import mount_pb2
 from .metrics import Metrics
+from .streams import StreamWatch
 
 __all__ = [
     "LIST_BATCH",
+    "MAX_STREAMS",
     "NAMESPACE_HEADER",
+    "SEND_TIMEOUT",
     "SERVICE",
     "SnapshotsService",
     "Snapshotters",
@@ -51,6 +58,13 @@ log = logging.getLogger("stratasnap.server")
 SERVICE = "containerd.services.snapshots.v1.Snapshots"
 #: Infos per ListSnapshotsResponse, like containerd's snapshots service.
 LIST_BATCH = 100
+#: Bytes per ListSnapshotsResponse, at most (unless one Info alone is larger): 100
+#: Infos with big labels would exceed what clients accept (grpc's default 4 MiB).
+LIST_BATCH_BYTES = 1 << 20
+#: List streams sending at once; the server's thread pool is larger (see daemon.THREADS).
+MAX_STREAMS = 32
+#: Seconds a List stream may wait for its client to read before it is cancelled.
+SEND_TIMEOUT = 10.0
 #: gRPC metadata containerd puts the namespace of the call in.
 NAMESPACE_HEADER = "containerd-namespace"
 
@@ -190,6 +204,8 @@ class SnapshotsService:
         metrics: Metrics | None = None,
         *,
         list_batch: int = LIST_BATCH,
+        max_streams: int = MAX_STREAMS,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         if not isinstance(snapshotters, Snapshotters):
             snapshotters = Snapshotters(snapshotters)
@@ -199,6 +215,9 @@ class SnapshotsService:
         self._lock = threading.Condition()
         self._running = 0
         self._shut = False
+        self._max_streams = max_streams
+        self._streams = 0
+        self._watch = StreamWatch(send_timeout)
 
     # -- registration ----------------------------------------------------------------
 
@@ -257,6 +276,15 @@ class SnapshotsService:
         """Calls currently inside a snapshotter."""
         return self._running
 
+    @property
+    def streams(self) -> int:
+        """List streams currently sending."""
+        return self._streams
+
+    def close(self) -> None:
+        """Stop the stream watcher (after the gRPC server has stopped)."""
+        self._watch.close()
+
     def _enter(self) -> None:
         with self._lock:
             if self._shut:
@@ -304,7 +332,7 @@ class SnapshotsService:
                     self._log_call(logging.DEBUG, method, request, context, 0, "", elapsed)
                 return response
             done(method, request, context, code, message, start)
-            context.abort(_STATUS[code], message)
+            context.abort(_STATUS[code], _clip(message))
 
         handle.__name__ = method
         return handle
@@ -416,32 +444,66 @@ class SnapshotsService:
         start = perf_counter()
         code, message = 0, ""
         infos: list[Info] = []
-        try:
-            self._enter()
-            try:
-                _, sn = self.snapshotters.resolve(request.snapshotter)
-                # The whole walk first: nothing of the store stays held while streaming.
-                infos = list(sn.walk(*request.filters))
-            finally:
-                self._leave()
-        except SnapshotError as e:
-            code, message = _code_of(e), str(e)
-        except Exception as e:
-            code, message = _UNKNOWN, _describe(e)
-            self._log_crash("List", request, context, e)
+        # A slot before any work: a refused List costs nothing.
+        with self._lock:
+            if self._streams >= self._max_streams:
+                code = ResourceExhausted.grpc_code
+                message = (
+                    f"{self._streams} List streams are already sending, the most at once; "
+                    "retry when one has finished"
+                )
+            else:
+                self._streams += 1
         if code:
             self._done("List", request, context, code, message, start)
-            context.abort(_STATUS[code], message)
-        batch = self._batch
+            context.abort(_STATUS[code], _clip(message))
+        stream = self._watch.watch(context.cancel)
         try:
-            for i in range(0, len(infos), batch):
-                chunk = infos[i : i + batch]
-                yield pb.ListSnapshotsResponse(info=[info_to_proto(x) for x in chunk])
+            try:
+                self._enter()
+                try:
+                    _, sn = self.snapshotters.resolve(request.snapshotter)
+                    # The whole walk first: nothing of the store stays held while streaming.
+                    infos = list(sn.walk(*request.filters))
+                finally:
+                    self._leave()
+            except SnapshotError as e:
+                code, message = _code_of(e), str(e)
+            except Exception as e:
+                code, message = _UNKNOWN, _describe(e)
+                self._log_crash("List", request, context, e)
+            if code:
+                context.abort(_STATUS[code], _clip(message))
+            stream.progress()
+            for chunk in _batches(infos, self._batch):
+                yield pb.ListSnapshotsResponse(info=chunk)
+                # Back here only once gRPC sent the batch: the client is reading.
+                stream.progress()
         except GeneratorExit:  # the client went away (or the server is stopping)
             code = _CANCELLED
             raise
         finally:
+            self._watch.done(stream)
+            with self._lock:
+                self._streams -= 1
             self._done("List", request, context, code, message, start)
+
+
+def _batches(infos: list[Info], most: int) -> Iterator[list[pb.Info]]:
+    """``infos`` on the wire in groups of ``most``, each of at most LIST_BATCH_BYTES."""
+    chunk: list[pb.Info] = []
+    size = 0
+    for info in infos:
+        msg = info_to_proto(info)
+        # Labels are what makes an Info big; without any it is a few dozen bytes.
+        n = msg.ByteSize() if info.labels else 64
+        if chunk and (len(chunk) == most or size + n > LIST_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(msg)
+        size += n
+    if chunk:
+        yield chunk
 
 
 # Errors that are part of the protocol's normal flow (containerd probes with
@@ -457,6 +519,21 @@ _EXPECTED = frozenset(
         grpc.StatusCode.UNAVAILABLE,
     )
 )
+
+
+#: Characters of an error message on the wire. Messages quote what the client sent
+#: (keys, labels, filters up to 16 KiB), and gRPC clients refuse trailers over 8 KiB
+#: (RESOURCE_EXHAUSTED instead of the real error); the message travels
+#: percent-encoded, up to 12 bytes a character.
+MAX_MESSAGE_CHARS = 512
+
+
+def _clip(message: str) -> str:
+    """The message, its middle cut out when long: the end keeps containerd's class suffix."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    keep = MAX_MESSAGE_CHARS // 2 - 20
+    return f"{message[:keep]} …({len(message) - 2 * keep} characters)… {message[-keep:]}"
 
 
 def _code_of(e: SnapshotError) -> int:
