@@ -8,10 +8,15 @@
 //	goclient -address /run/ss.sock -mode pairs -n 200 -prefix r0
 //	goclient -address /run/ss.sock -mode list
 //	goclient -address /run/ss.sock -mode round -n 200 -stats 2000 -prefix r0 -key K
+//	goclient -address /run/ss.sock -mode mixed-concurrent -c 64 -conns 1 -seconds 3 -prefix r0 -key PARENT
 //
 // round is one round of benchmarks/grpc.py: n prepare+commit pairs, then
 // -stats sequential Stats of the new layers, then n removes (after -warmup
 // untimed Stats of -key on the fresh connection).
+//
+// mixed-concurrent is benchmarks/concurrent.py's load: -c goroutines, each
+// repeating prepare (on committed -key), stat, commit, stat, list of its own
+// snapshots (a label filter) and remove, for -seconds; it reports ops_per_s.
 //
 // Build offline against Debian's packages (GOPATH mode):
 //
@@ -65,7 +70,7 @@ func main() {
 	flag.StringVar(&o.address, "address", "", "unix socket of the server (a path or unix://path)")
 	flag.StringVar(&o.snapshotter, "snapshotter", "stratasnap", "the request's snapshotter field")
 	flag.StringVar(&o.namespace, "namespace", "default", "containerd-namespace metadata (\"\": none)")
-	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs, list or round")
+	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs, list, round or mixed-concurrent")
 	flag.IntVar(&o.n, "n", 3000, "calls (stat) or prepare+commit pairs (pairs)")
 	flag.IntVar(&o.warmup, "warmup", 200, "untimed calls first (stat, stat-concurrent: per client)")
 	flag.IntVar(&o.clients, "c", 32, "concurrent clients (stat-concurrent)")
@@ -105,6 +110,8 @@ func main() {
 		out, err = runPairs(o)
 	case "list":
 		out, err = runList(o)
+	case "mixed-concurrent":
+		out, err = runMixedConcurrent(o)
 	case "round":
 		out, err = runRound(o)
 	default:
@@ -566,4 +573,101 @@ func runRound(o options) (map[string]interface{}, error) {
 		return nil, err
 	}
 	return out, nil
+}
+
+func runMixedConcurrent(o options) (map[string]interface{}, error) {
+	if err := o.needKeys(); err != nil {
+		return nil, err
+	}
+	if o.clients < 1 {
+		return nil, fmt.Errorf("-c must be at least 1")
+	}
+	nconns := o.conns
+	if nconns <= 0 || nconns > o.clients {
+		nconns = o.clients
+	}
+	clients := make([]snapshotsapi.SnapshotsClient, nconns)
+	for i := range clients {
+		client, closeConn, err := connect(o.address)
+		if err != nil {
+			return nil, err
+		}
+		defer closeConn()
+		clients[i] = client
+	}
+	ctx := o.ctx()
+	parent := o.keys[0]
+	var (
+		done     sync.WaitGroup
+		stop     int32
+		firstErr error
+		errOnce  sync.Once
+	)
+	begin := make(chan struct{})
+	counts := make([]int, o.clients)
+	done.Add(o.clients)
+	for w := 0; w < o.clients; w++ {
+		go func(w int) {
+			defer done.Done()
+			client := clients[w%nconns]
+			tag := fmt.Sprintf("%s-%d", o.prefix, w)
+			labels := map[string]string{"client": tag}
+			filter := fmt.Sprintf(`labels."client"==%s`, tag)
+			sn := o.snapshotter
+			cycle := func(i int) error {
+				key, name := fmt.Sprintf("%s-a%d", tag, i), fmt.Sprintf("%s-c%d", tag, i)
+				if _, err := client.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{
+					Snapshotter: sn, Key: key, Parent: parent, Labels: labels}); err != nil {
+					return err
+				}
+				if _, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{Snapshotter: sn, Key: key}); err != nil {
+					return err
+				}
+				if _, err := client.Commit(ctx, &snapshotsapi.CommitSnapshotRequest{
+					Snapshotter: sn, Name: name, Key: key, Labels: labels}); err != nil {
+					return err
+				}
+				if _, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{Snapshotter: sn, Key: name}); err != nil {
+					return err
+				}
+				stream, err := client.List(ctx, &snapshotsapi.ListSnapshotsRequest{Snapshotter: sn, Filters: []string{filter}})
+				if err != nil {
+					return err
+				}
+				for {
+					if _, err := stream.Recv(); err == io.EOF {
+						break
+					} else if err != nil {
+						return err
+					}
+				}
+				_, err = client.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{Snapshotter: sn, Key: name})
+				return err
+			}
+			<-begin
+			var werr error
+			for i := 0; werr == nil && atomic.LoadInt32(&stop) == 0; i++ {
+				if werr = cycle(i); werr == nil {
+					counts[w] += 6
+				}
+			}
+			if werr != nil {
+				errOnce.Do(func() { firstErr = werr })
+			}
+		}(w)
+	}
+	t0 := time.Now()
+	close(begin)
+	time.Sleep(time.Duration(o.seconds * float64(time.Second)))
+	atomic.StoreInt32(&stop, 1)
+	done.Wait()
+	elapsed := time.Since(t0).Seconds()
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	total := 0
+	for _, c := range counts {
+		total += c
+	}
+	return map[string]interface{}{"ops_per_s": float64(total) / elapsed, "ops": total, "clients": o.clients, "conns": nconns}, nil
 }

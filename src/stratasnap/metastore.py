@@ -5,9 +5,10 @@ parents, labels, stored usage, internal ids) and enforces the same rules in
 the same order. It never touches files: backends compose "metadata
 transaction + filesystem work + compensation" themselves.
 
-Concurrency: one SQLite connection per thread (readers never block each
-other in WAL mode); writers are serialised by a process-wide lock and by
-``BEGIN IMMEDIATE`` across processes.
+Concurrency: one SQLite connection per thread for reads (readers never
+block each other in WAL mode); writes go through one writer connection,
+one at a time, and concurrent ones share a commit (:mod:`.group_commit`);
+``BEGIN IMMEDIATE`` serialises them across processes.
 
 A full disk: the store must still open, read, and delete rows on a
 filesystem that has no free block or inode left, or a snapshotter that ran
@@ -54,6 +55,7 @@ from .errors import (
     Unavailable,
 )
 from .findings import Row
+from .group_commit import GroupCommit
 from .store_filter import matching_ids
 from .types import Info, Kind, Timestamp, Usage
 
@@ -415,7 +417,7 @@ class WriteTx(ReadTx):
 
     def commit_active(
         self, key: str, name: str, usage: Usage, labels: Mapping[str, str], parent: str = ""
-    ) -> Record:
+    ) -> None:
         """Turn active ``key`` into committed ``name``, keeping its id (and storage)."""
         rec, parent_id = self.check_commit(name, key, parent)
         now = _now_ns()
@@ -425,9 +427,9 @@ class WriteTx(ReadTx):
             (name, now, now, usage.size, usage.inodes, parent_id, rec.id),
         )
         # Commit replaces labels; it does not inherit the active snapshot's.
-        self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        if rec.info.labels:
+            self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._set_labels(rec.id, labels)
-        return self.get(name, with_parents=True)
 
     def update_info(self, info: Info, fieldpaths: Iterable[str]) -> Info:
         """Update labels as containerd does; other fields of ``info`` are ignored."""
@@ -463,7 +465,7 @@ class WriteTx(ReadTx):
         ).fetchone()
         if child is not None:
             raise FailedPrecondition(f"cannot remove snapshot {_q(key)} with child {_q(child[0])}")
-        self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        # Its labels go with it (ON DELETE CASCADE).
         self._conn.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         return rec
 
@@ -491,6 +493,8 @@ class WriteTx(ReadTx):
         return found
 
     def _set_labels(self, sid: int, labels: Mapping[str, str]) -> None:
+        if not labels:
+            return
         self._conn.executemany(
             "INSERT INTO labels (snapshot_id, key, value) VALUES (?, ?, ?)",
             [(sid, k, v) for k, v in labels.items() if v],
@@ -558,7 +562,8 @@ class MetaStore:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        # The commit is looked up at each call, so that crash tests can interrupt it.
+        self._group = GroupCommit(self._writer, lambda conn: self._commit(conn))
         self._ids: list[int] = []
         self._id_batch = 1
         self._ids_lock = threading.Lock()
@@ -608,6 +613,16 @@ class MetaStore:
             if typed is None:
                 raise
             raise typed from exc
+
+    def _writer(self) -> sqlite3.Connection:
+        """The connection every write transaction of this process runs on (by turns)."""
+        if self._closed:
+            raise Unavailable("snapshotter is closed")
+        with self._typed_errors():
+            conn = self._connect()
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise Unavailable."""
@@ -685,7 +700,7 @@ class MetaStore:
     @contextmanager
     def read(self) -> Iterator[ReadTx]:
         """A read transaction (nested inside one already open on this thread)."""
-        conn = self._conn()
+        conn = self._group.current() or self._conn()
         if conn.in_transaction:
             yield ReadTx(conn)
             return
@@ -699,30 +714,27 @@ class MetaStore:
 
     @contextmanager
     def write(self) -> Iterator[WriteTx]:
-        """A write transaction: committed when the block ends, rolled back on error."""
+        """A write transaction: durable when the block ends, rolled back on error.
+
+        Concurrent ones may share one commit (see :mod:`.group_commit`); the
+        block's own changes are all or nothing either way.
+        """
         with self._immediate() as conn:
             yield WriteTx(conn)
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE under the process write lock; COMMIT at the end, ROLLBACK on error."""
-        conn = self._conn()
-        if conn.in_transaction:
-            # Nesting would deadlock on the write lock (and a reserved id must be
-            # durable on its own, before the caller's transaction).
+        """A write transaction on the writer's connection, by turns; durable at the end."""
+        if self._conn().in_transaction or self._group.current() is not None:
+            # Nesting would wait for its own turn forever (and a reserved id must
+            # be durable on its own, before the caller's transaction).
             raise RuntimeError("write transaction inside another transaction on this thread")
-        with self._write_lock, self._typed_errors():
-            conn.execute("BEGIN IMMEDIATE")
+        # SQLite may roll a transaction back itself (a full disk does): the
+        # group commit checks before it rolls back or commits.
+        with self._typed_errors(), self._group.transaction() as conn:
             changes = conn.total_changes
-            try:
-                yield conn
-            except BaseException:
-                # SQLite may have rolled back already (a full disk does that).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            yield conn
             self._wrote |= conn.total_changes != changes
-            self._commit(conn)
 
     def _commit(self, conn: sqlite3.Connection) -> None:
         # A separate method so crash tests can kill the process right here.
@@ -732,6 +744,10 @@ class MetaStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many commits made how many write transactions durable: ``{size: commits}``."""
+        return self._group.batch_sizes()
 
     def reserve_id(self) -> int:
         """An id no snapshot has had or will have, made durable before it is returned."""

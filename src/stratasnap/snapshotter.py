@@ -183,14 +183,13 @@ class BaseSnapshotter:
         """Usage of an active snapshot, measured now."""
         return disk_usage(self._fs_dir(rec.id))
 
-    def _flush(self, rec: Record) -> None:
-        """Make an active snapshot's data durable before its commit is (containerd#5854)."""
-        flush_tree(self._fs_dir(rec.id))
-
     def _prepare_commit(self, rec: Record) -> Usage:
-        """Storage work before an active snapshot's commit; returns the usage to store."""
-        self._flush(rec)
-        return self._measure(rec)
+        """Storage work before an active snapshot's commit; returns the usage to store.
+
+        The default makes the tree's data durable before the commit is
+        (containerd#5854) and measures it, in one walk.
+        """
+        return flush_tree(self._fs_dir(rec.id))
 
     def _release(self, path: Path) -> None:
         """Let go of a removed snapshot's storage (mounts, loop devices) before deletion.
@@ -369,8 +368,7 @@ class BaseSnapshotter:
         validate_key(key)
         clean = clean_labels(labels)
         with self._store.read() as tx:
-            tx.check_commit(name, key, parent)
-            rec = tx.get(key)
+            rec, _ = tx.check_commit(name, key, parent)
         if parent and not rec.info.parent and "rebase" not in self.capabilities:
             # A rebase only relabels metadata; it is right only for backends whose
             # storage holds the layer's own changes (overlay), not a full copy.
@@ -465,6 +463,10 @@ class BaseSnapshotter:
         """How many snapshots of each kind exist (for metrics)."""
         with self._store.read() as tx:
             return tx.count_by_kind()
+
+    def commit_batch_sizes(self) -> dict[int, int]:
+        """How many metadata commits made how many write calls durable (for metrics)."""
+        return self._store.batch_sizes()
 
     def cleanup(self) -> Reclaimed:
         doomed: list[Path] = []

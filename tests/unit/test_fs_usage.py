@@ -115,10 +115,26 @@ def test_flush_tree_small_fsyncs_each(scratch: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(usage, "fsync_path", spy)
     monkeypatch.setattr(usage, "syncfs", lambda p: pytest.fail("syncfs on a small tree"))
-    flush_tree(root)
+    os.link(root / "a", root / "sub" / "a-link")  # one inode, one fsync
+    got = flush_tree(root)
     rel = [os.path.relpath(p, root) for p in synced]
-    assert sorted(rel[:2]) == ["a", "sub/b"]  # files first
+    assert sorted(rel[:2]) in (["a", "sub/b"], ["sub/a-link", "sub/b"])  # files first
     assert rel[2:] == ["sub", "."]  # then directories, deepest first
+    assert got == disk_usage(root)  # the same walk measured the tree
+
+
+def test_flush_tree_counts_directories_towards_the_limit(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Empty directories need an fsync each too: many of them are a syncfs.
+    root = scratch / "t"
+    for i in range(6):
+        (root / f"d{i}").mkdir(parents=True)
+    calls: list[object] = []
+    monkeypatch.setattr(usage, "syncfs", calls.append)
+    monkeypatch.setattr(usage, "fsync_path", lambda p: pytest.fail("fsync per directory"))
+    assert flush_tree(root, fsync_limit=5) == disk_usage(root)
+    assert calls == [str(root)]
 
 
 def test_flush_tree_large_uses_syncfs(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,7 +145,7 @@ def test_flush_tree_large_uses_syncfs(scratch: Path, monkeypatch: pytest.MonkeyP
     calls: list[object] = []
     monkeypatch.setattr(usage, "syncfs", calls.append)
     monkeypatch.setattr(usage, "fsync_path", lambda p: pytest.fail("fsync per file"))
-    flush_tree(root, fsync_limit=5)
+    assert flush_tree(root, fsync_limit=5) == disk_usage(root)
     assert calls == [str(root)]
 
 

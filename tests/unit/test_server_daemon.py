@@ -455,6 +455,13 @@ def test_metrics_endpoint(scratch: Path) -> None:
     assert samples['stratasnap_snapshots{kind="view",snapshotter="stratasnap"}'] == 1
     assert samples['stratasnap_cleanup_reclaimed_bytes_total{snapshotter="stratasnap"}'] >= 5000
     assert "# TYPE stratasnap_rpc_duration_seconds histogram" in text
+    # Alone, each write call had a commit of its own.
+    batches = samples['stratasnap_commit_batch_size_count{snapshotter="stratasnap"}']
+    assert batches >= 4  # prepare, commit, prepare, view (and id reservations, cleanup)
+    assert samples['stratasnap_commit_batch_size_bucket{le="1.0",snapshotter="stratasnap"}'] == (
+        batches
+    )
+    assert samples['stratasnap_commit_batch_size_sum{snapshotter="stratasnap"}'] == batches
     assert not any(k.startswith("python_gc") for k in samples)  # our own registry only
 
 

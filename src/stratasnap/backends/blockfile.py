@@ -284,6 +284,10 @@ class BlockfileSnapshotter(BaseSnapshotter):
         with self._store.read() as tx:
             return self.image_path(tx.get(rec.info.parent).id)
 
+    def _prepare_commit(self, rec: Record) -> Usage:
+        self._flush(rec)
+        return self._measure(rec)
+
     def _flush(self, rec: Record) -> None:
         for image in self._images(self.storage_dir(rec.id)):
             if not image.exists():

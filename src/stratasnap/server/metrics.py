@@ -7,6 +7,8 @@ Exposed on ``metrics_address`` (``/metrics``) when one is configured:
 - ``stratasnap_rpc_duration_seconds{method}``: latency histogram, per RPC.
 - ``stratasnap_snapshots{snapshotter,kind}``: snapshots by kind, computed on scrape.
 - ``stratasnap_cleanup_reclaimed_bytes_total{snapshotter}``: bytes freed by Cleanup.
+- ``stratasnap_commit_batch_size{snapshotter}``: histogram of the write calls each
+  metadata commit made durable (above 1: concurrent calls shared one fsync).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..types import Info, Kind
@@ -100,6 +102,41 @@ class _SnapshotsByKind(Collector):
         yield family
 
 
+#: Batch sizes, up to the store's largest (group_commit.MAX_BATCH).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class _CommitBatches(Collector):
+    """How many write calls each metadata commit carried, per snapshotter, at scrape time.
+
+    The store keeps plain counts (it knows nothing of Prometheus); they are
+    turned into a histogram here.
+    """
+
+    def __init__(self, snapshotters: Callable[[], Mapping[str, _Walkable]]) -> None:
+        self._snapshotters = snapshotters
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            "stratasnap_commit_batch_size",
+            "Write calls made durable by one metadata commit (one fsync).",
+            labels=["snapshotter"],
+        )
+        for name, sn in self._snapshotters().items():
+            sizes_of = getattr(sn, "commit_batch_sizes", None)
+            if not callable(sizes_of):
+                continue
+            sizes: Mapping[int, int] = sizes_of()
+            buckets = [
+                (str(float(le)), sum(n for size, n in sizes.items() if size <= le))
+                for le in BATCH_BUCKETS
+            ]
+            buckets.append(("+Inf", sum(sizes.values())))
+            total = sum(size * n for size, n in sizes.items())
+            family.add_metric([name], buckets, total)
+        yield family
+
+
 class MetricsServer:
     """A running ``/metrics`` HTTP endpoint."""
 
@@ -153,6 +190,7 @@ class Metrics:
         self._duration = {m: duration.labels(m) for m in METHODS}
         self._snapshots: Mapping[str, _Walkable] = {}
         self.registry.register(_SnapshotsByKind(lambda: self._snapshots))
+        self.registry.register(_CommitBatches(lambda: self._snapshots))
 
     def watch(self, snapshotters: Mapping[str, _Walkable]) -> None:
         """Count these snapshotters' snapshots on scrape (replaces earlier ones)."""
