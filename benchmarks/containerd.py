@@ -8,8 +8,10 @@ and blockfile): ``ss-native``, ``ss-overlay``, ``ss-blockfile``. They are the
 named snapshotters (``[snapshotters.NAME]``, each its own backend and root) of
 one stratasnap server, and containerd's ``[proxy_plugins.NAME]`` entries all
 point at its socket. ``overlayfs`` is the fair reference for ``ss-overlay``
-(same mounts), ``native`` for ``ss-native`` (a full copy per layer). Every
-measurement alternates between them in one run:
+(same mounts), ``native`` for ``ss-native`` (a full copy per layer). With
+``--fs btrfs`` containerd's own ``btrfs`` snapshotter loads as well, the reference
+for ``ss-btrfs`` (``--backends btrfs``). Every measurement alternates between
+them in one run:
 
 1. **import + unpack** of a large image the benchmark builds (3 layers of
    generated files, by default 30,000 files and ~300 MB): ``ctr images
@@ -268,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         default="2G",
         help="blockfile scratch_size (the template image; the big image needs ~1 GB)",
     )
-    ap.add_argument("--fs", default="ext4")
+    ap.add_argument(
+        "--fs",
+        default="ext4",
+        help="scratch filesystem: ext4, xfs, btrfs (adds containerd's btrfs snapshotter; "
+        "use with --backends btrfs,...)",
+    )
     ap.add_argument("--size", default="20G", help="of the scratch filesystem")
     args = ap.parse_args(argv)
 
@@ -309,15 +316,18 @@ def main(argv: list[str] | None = None) -> None:
             namespace="bench",
             log_level="info",
         )
+        # On a btrfs scratch filesystem containerd's own btrfs snapshotter loads
+        # too: the reference for ss-btrfs.
+        builtin = ["overlayfs", "native"] + (["btrfs"] if args.fs == "btrfs" else [])
         try:
             stack.start()
             ver = stack.run(["containerd", "--version"]).stdout.split()
             print(
-                f"# containerd {ver[2] if len(ver) > 2 else '?'}; snapshotters: overlayfs and "
-                f"native (built in), {', '.join(ours)} (stratasnap backends, proxy plugins "
-                "of one server); ratios are against overlayfs"
+                f"# containerd {ver[2] if len(ver) > 2 else '?'}; snapshotters: "
+                f"{', '.join(builtin)} (built in), {', '.join(ours)} (stratasnap backends, "
+                "proxy plugins of one server); ratios are against overlayfs"
             )
-            bench = Bench(stack, ["overlayfs", "native", *ours], args.layers)
+            bench = Bench(stack, [*builtin, *ours], args.layers)
             # Keeps the tiny image's content (and gives gc() an image to tag).
             bench.ctr("bench-content", "images", "import", "--no-unpack", str(tiny))
             results: list[str] = []
@@ -335,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
                         f"{snap:<20}{spread(t_):>22}{med(t_) / ref:>7.2f}x{spread(r):>22}"
                     )
                 results.append("  target: stratasnap <= 1.3x overlayfs (fair pair: ss-overlay)")
+                if "btrfs" in big_results and f"{PREFIX}btrfs" in big_results:
+                    mine, theirs = big_results[f"{PREFIX}btrfs"][0], big_results["btrfs"][0]
+                    results.append(
+                        f"  {PREFIX}btrfs / containerd btrfs: {med(mine) / med(theirs):.2f}x"
+                        " (target <= 1.1x)"
+                    )
 
             if "cycles" in parts:
                 print(

@@ -96,33 +96,91 @@ def scratch(_scratch_base: Path, request: pytest.FixtureRequest) -> Path:
     return d
 
 
+def make_loopfs(
+    work: Path, fs_type: str = "ext4", size: str = "2G", mkfs_args: tuple[str, ...] = ()
+) -> Path:
+    """Make a ``fs_type`` filesystem in a sparse file under ``work``, loop-mount it, return it.
+
+    Needs root; skips (or fails under CI) otherwise, or when mkfs is missing.
+    Undo with :func:`unmount_loopfs`.
+    """
+    need_root()
+    mkfs = shutil.which(f"mkfs.{fs_type}")
+    need(mkfs is not None, f"mkfs.{fs_type} not installed")
+    assert mkfs is not None
+    image, mnt = work / "fs.img", work / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    quiet = {"ext4": ["-q", "-F", "-m", "0"], "xfs": ["-q", "-f"], "btrfs": ["-q", "-f"]}
+    subprocess.run([mkfs, *quiet.get(fs_type, []), *mkfs_args, str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    return mnt
+
+
+def unmount_loopfs(mnt: Path) -> None:
+    """Unmount what tests left below ``mnt``, then ``mnt`` (its loop device goes with it)."""
+    for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+        m = line.split()[1]
+        if m.startswith(str(mnt) + "/"):
+            _umount(Path(m))
+    subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+
+
 @pytest.fixture
 def loopfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Path]]:
     """Factory: ``loopfs("xfs", size="1G")`` makes, loop-mounts and returns a fresh filesystem.
 
     Needs root; skips (or fails under CI) otherwise, or when mkfs is missing.
     """
-    made: list[tuple[Path, Path]] = []
+    made: list[Path] = []
 
     def make(fs_type: str = "ext4", size: str = "2G", mkfs_args: tuple[str, ...] = ()) -> Path:
-        need_root()
-        mkfs = shutil.which(f"mkfs.{fs_type}")
-        need(mkfs is not None, f"mkfs.{fs_type} not installed")
-        assert mkfs is not None
-        work = tmp_path_factory.mktemp(f"loop-{fs_type}")
-        image, mnt = work / "fs.img", work / "mnt"
-        mnt.mkdir()
-        subprocess.run(["truncate", "-s", size, str(image)], check=True)
-        quiet = {"ext4": ["-q", "-F", "-m", "0"], "xfs": ["-q", "-f"], "btrfs": ["-q", "-f"]}
-        subprocess.run([mkfs, *quiet.get(fs_type, []), *mkfs_args, str(image)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
-        made.append((mnt, image))
+        mnt = make_loopfs(tmp_path_factory.mktemp(f"loop-{fs_type}"), fs_type, size, mkfs_args)
+        made.append(mnt)
         return mnt
 
     yield make
-    for mnt, _image in reversed(made):
-        for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-            m = line.split()[1]
-            if m.startswith(str(mnt) + "/"):
-                _umount(Path(m))
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+    for mnt in reversed(made):
+        unmount_loopfs(mnt)
+
+
+def _btrfs_module_fs(factory: pytest.TempPathFactory, quota: bool) -> Iterator[Path]:
+    mnt = make_loopfs(factory.mktemp("loop-btrfs"), "btrfs", "2G")
+    try:
+        if quota:
+            subprocess.run(["btrfs", "quota", "enable", str(mnt)], check=True)
+            # Until the first rescan ends the numbers are marked inconsistent
+            # (and the backend walks instead of reading them).
+            subprocess.run(["btrfs", "quota", "rescan", "-W", str(mnt)], check=True)
+        yield mnt
+    finally:
+        unmount_loopfs(mnt)
+
+
+@pytest.fixture(scope="module")
+def btrfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh 2 GB btrfs loop filesystem (quotas off), shared by one test module."""
+    yield from _btrfs_module_fs(tmp_path_factory, quota=False)
+
+
+@pytest.fixture(scope="module")
+def btrfs_quota_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh 2 GB btrfs loop filesystem with quotas (qgroups) on, shared by one module."""
+    yield from _btrfs_module_fs(tmp_path_factory, quota=True)
+
+
+@pytest.fixture
+def store_root(scratch: Path, request: pytest.FixtureRequest) -> Callable[[str], Path]:
+    """``store_root(backend)``: where a test's snapshot root for ``backend`` goes.
+
+    On the tmpfs of ``scratch``, except for backends that need a filesystem
+    of their own: btrfs gets a directory on the module's btrfs loop filesystem.
+    """
+
+    def make(backend: str) -> Path:
+        if backend == "btrfs":
+            fs: Path = request.getfixturevalue("btrfs_fs")
+            return Path(tempfile.mkdtemp(dir=fs)) / "root"
+        return scratch / "root"
+
+    return make

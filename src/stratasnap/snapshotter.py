@@ -240,6 +240,10 @@ class BaseSnapshotter:
                 # _delete() sees the mount that stayed and keeps the directory.
                 log.warning("storage %s is busy, left for a later cleanup(): %s", path, exc)
 
+    def _erase(self, path: Path) -> None:
+        """Delete released storage at ``path`` and everything below it (default: rmtree)."""
+        _rmtree(path)
+
     @classmethod
     def _check(cls, survey: Survey) -> Iterator[Finding]:
         """Findings on the storage of ``survey`` (``stratasnap check``); a class hook.
@@ -579,7 +583,7 @@ class BaseSnapshotter:
         for entry in entries:
             path = Path(entry.path)
             if _is_leftover(entry.name, path, owned) and not mounts_under(path):
-                _rmtree(path)
+                self._erase(path)  # the backend's way (btrfs: read-only subvolumes)
                 reaped = True
         return reaped
 
@@ -621,7 +625,7 @@ class BaseSnapshotter:
         self._release(path)
         if mounts_under(path) or self._storage_busy(path):
             return False
-        _rmtree(path)
+        self._erase(path)
         return True
 
 

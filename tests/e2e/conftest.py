@@ -1,7 +1,8 @@
 """Fixtures of the e2e suite: one private stratasnap + containerd per backend, the image.
 
 ``stack`` (session scope, one per Linux backend in ``stratasnap.backends.BACKENDS``)
-mounts a tmpfs, starts the server on it with that backend, then a containerd
+mounts a tmpfs (and a btrfs loop filesystem on it for the btrfs backend's
+store), starts the server on it with that backend, then a containerd
 whose config names the server as its ``stratasnap`` proxy plugin. ``image``
 builds the test image once per session. When a test fails, the end of both
 daemons' logs is added to its report.
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, need, need_root
+from conftest import IN_CI, make_loopfs, need, need_root
 
 from stratasnap.backends import BACKENDS
 
@@ -73,7 +74,15 @@ def stack(backend: str) -> Iterator[Stack]:
     # Unique: runc's state (/run/containerd/runc/<namespace>/<id>) and the cgroups
     # (/<namespace>/<id>) are shared by every containerd on the machine.
     namespace = re.sub(r"[^A-Za-z0-9]+", "-", f"stratasnap-e2e-{backend}-{os.getpid()}")
+    store_fs = None
+    if backend == "btrfs":
+        # Its root must be on btrfs: a loop filesystem (image on the tmpfs) under the store.
+        (base / "btrfs").mkdir()
+        store_fs = make_loopfs(base / "btrfs", "btrfs", "3G")
+        (base / "stratasnap").symlink_to(store_fs)
     s = Stack(base, backend, namespace=namespace)
+    if store_fs is not None:
+        s.own_mounts.append(str(store_fs))
     try:
         try:
             s.stratasnapd.start()

@@ -220,6 +220,9 @@ class Stack:
         self.snapshotter = snapshotter
         self.namespace = namespace
         self.backend_options = dict(backend_options or {})
+        #: Filesystems mounted below ``base`` for the store before the daemons ran
+        #: (the btrfs backend's loop filesystem): not theirs to leave or clean.
+        self.own_mounts: list[str] = []
         self.logs = base / "logs"
         self.ss_root = base / "stratasnap" / "root"
         self.ss_config = base / "stratasnap" / "config.toml"

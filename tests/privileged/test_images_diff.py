@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,13 @@ def _mutate(root: Path) -> None:
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_diff_then_apply_gives_same_tree(backend: str, compression: str, scratch: Path) -> None:
+def test_diff_then_apply_gives_same_tree(
+    backend: str, compression: str, scratch: Path, store_root: Callable[[str], Path]
+) -> None:
     need_root()
     archive = scratch / "rich.tar"
     write_oci_archive(archive, "example.com/rich:1", rich_layers())
-    root = scratch / "root"
+    root = store_root(backend)
     mnt = scratch / "mnt"
     mnt.mkdir()
     with open_snapshotter(root, backend) as sn:

@@ -4,6 +4,7 @@ lowerdirs): refused, the good first layer kept, nothing written outside."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,15 @@ CASES = {
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_hostile_second_layer(backend: str, case: str, scratch: Path) -> None:
+def test_hostile_second_layer(
+    backend: str, case: str, scratch: Path, store_root: Callable[[str], Path]
+) -> None:
     need_root()
     base = Layer().dir("etc").file("etc/ok", "ok").symlink("evil", str(scratch / "outside"))
     (scratch / "outside").mkdir()
     archive = scratch / "img.tar"
     info = write_oci_archive(archive, "example.com/h:1", [base, CASES[case]()])
-    root = scratch / "root"
+    root = store_root(backend)
     with open_snapshotter(root, backend) as sn:
         store = ImageStore(root, sn)
         (imp,) = import_archive(archive, store.content)

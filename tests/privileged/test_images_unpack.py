@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,10 +83,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obj
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_unpack_matches_umoci(
-    backend: str, scratch: Path, image: tuple[Path, dict[str, object]]
+    backend: str,
+    scratch: Path,
+    image: tuple[Path, dict[str, object]],
+    store_root: Callable[[str], Path],
 ) -> None:
     archive, expected = image
-    root = scratch / "root"
+    root = store_root(backend)
     with open_snapshotter(root, backend) as sn:
         store = ImageStore(root, sn)
         (imp,) = import_archive(archive, store.content)

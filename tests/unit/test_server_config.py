@@ -228,6 +228,12 @@ def test_capabilities_come_from_the_backend() -> None:
         ("native", {"slow_chown": "true"}, "unknown option(s) slow_chown for backend 'native'"),
         ("blockfile", {"scratch_size": "lots"}, "scratch_size"),
         ("blockfile", {"sync_remove": "true"}, "unknown option(s) sync_remove"),
+        ("btrfs", {"quota": "maybe"}, "quota='maybe'"),
+        (
+            "btrfs",
+            {"upperdir_label": "true"},
+            "unknown option(s) upperdir_label for backend 'btrfs'",
+        ),
     ],
 )
 def test_config_containerd_reports_a_bad_backend_option(

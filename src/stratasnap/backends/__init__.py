@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "overlay": "stratasnap.backends.overlay:OverlaySnapshotter",
     "blockfile": "stratasnap.backends.blockfile:BlockfileSnapshotter",
     "erofs": "stratasnap.backends.erofs:ErofsSnapshotter",
+    "btrfs": "stratasnap.backends.btrfs:BtrfsSnapshotter",
 }
 
 

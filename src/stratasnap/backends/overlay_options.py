@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from ..errors import InvalidArgument
 from ..fs.overlay_image import MAX_SIZE, MIN_SIZE
 
-__all__ = ["MAX_SIZE_LABEL", "OverlayOptions", "parse_bool", "parse_size_label", "parse_words"]
+__all__ = [
+    "MAX_SIZE_LABEL",
+    "OverlayOptions",
+    "parse_bool",
+    "parse_size_label",
+    "parse_size_option",
+    "parse_words",
+]
 
 #: containerd's label for the size limit of a writable layer, in bytes.
 MAX_SIZE_LABEL = "containerd.io/snapshot/max-size"
@@ -66,7 +73,7 @@ def _check_range(what: str, value: str, size: int) -> int:
     return size
 
 
-def _size_option(name: str, value: object, backend: str) -> int:
+def parse_size_option(name: str, value: object, backend: str) -> int:
     """``default_size``: bytes as an integer, or a string such as ``"10GiB"``; 0 is none."""
     if isinstance(value, bool):
         raise InvalidArgument(f"{backend} option {name}={value!r}: expected a size")
@@ -137,7 +144,7 @@ class OverlayOptions:
             upperdir_label=parse_bool("upperdir_label", options.pop("upperdir_label", False), b),
             sync_remove=parse_bool("sync_remove", options.pop("sync_remove", False), b),
             mount_options=parse_words("mount_options", options.pop("mount_options", ()), b),
-            default_size=_size_option("default_size", options.pop("default_size", 0), b),
+            default_size=parse_size_option("default_size", options.pop("default_size", 0), b),
             slow_chown=parse_bool("slow_chown", options.pop("slow_chown", False), b),
         )
         return parsed

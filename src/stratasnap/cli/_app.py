@@ -119,7 +119,7 @@ class _Group(click.Group):
     envvar="STRATASNAP_BACKEND",
     show_envvar=True,
     metavar="NAME",
-    help="Storage backend: native, overlay, blockfile or erofs.",
+    help="Storage backend: native, overlay, blockfile, erofs or btrfs.",
 )
 @click.option(
     "--option",

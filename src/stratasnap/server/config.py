@@ -355,6 +355,7 @@ address = "{DEFAULT_ADDRESS}"
 # The backend of the default snapshotter: native (directory copies, works
 # anywhere), overlay (overlayfs, needs root), blockfile (filesystem images),
 # erofs (overlay whose committed layers are read-only EROFS images).
+# btrfs (subvolume snapshots; the root must be on btrfs).
 backend = "{DEFAULT_BACKEND}"
 
 # debug, info, warning, error or critical.
