@@ -14,6 +14,7 @@ right; :attr:`Repair.PERSON` means nothing safe can be done without a person.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,16 @@ class Survey:
             return None
         sid = top[3:] if top.startswith("rm-") else top
         return int(sid) if sid.isdigit() and int(sid) in self.rows else None
+
+    def stored(self) -> Iterator[tuple[int, Row]]:
+        """Rows whose storage directory exists, for a backend's own checks.
+
+        A row without its directory is the layout check's finding already;
+        a backend looking inside the storage skips it.
+        """
+        for sid, row in self.rows.items():
+            if str(sid) in self.entries:
+                yield sid, row
 
     def in_use(self, path: Path) -> bool:
         """Whether ``path`` lies in storage that something owns or is making."""

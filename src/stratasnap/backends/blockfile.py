@@ -317,12 +317,10 @@ class BlockfileSnapshotter(BaseSnapshotter):
                 "the scratch template holds no ext4 or xfs filesystem"
                 " (open with recreate_scratch=true to make a new one)",
             )
-        for sid, row in survey.rows.items():
+        for sid, row in survey.stored():
             storage = survey.snapshots_dir / str(sid)
             if row.kind is Kind.VIEW and row.parent_id is not None:
                 continue  # mounts its parent's image: nothing of its own
-            if str(sid) not in survey.entries:
-                continue  # reported by the layout check
             for image in (storage / IMAGE, storage / VM_IMAGE):
                 where = str(image.relative_to(survey.root))
                 found = _fs_type(image)

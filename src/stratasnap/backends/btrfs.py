@@ -60,6 +60,7 @@ from ..snapshotter import BaseSnapshotter, unknown_options
 from ..types import Kind, Mount, Reclaimed, Usage
 from .btrfs_options import BtrfsOptions
 from .btrfs_qgroups import StaleQgroups
+from .native import bind_mounts
 from .overlay_options import MAX_SIZE_LABEL, parse_size_label
 
 __all__ = ["BtrfsSnapshotter"]
@@ -175,12 +176,7 @@ class BtrfsSnapshotter(BaseSnapshotter):
         return self.storage_dir(sid) / FS
 
     def _mounts(self, rec: Record) -> list[Mount]:
-        if rec.info.kind is Kind.VIEW and rec.parent_ids:
-            source = self._fs_dir(rec.parent_ids[0])
-        else:
-            source = self._fs_dir(rec.id)
-        mode = "rw" if rec.info.kind is Kind.ACTIVE else "ro"
-        return [Mount(type="bind", source=str(source), options=("rbind", mode))]
+        return bind_mounts(rec, self._fs_dir)
 
     def _measure(self, rec: Record) -> Usage:
         fs = self._fs_dir(rec.id)
@@ -223,9 +219,7 @@ class BtrfsSnapshotter(BaseSnapshotter):
     def _check(cls, survey: Survey) -> Iterator[Finding]:
         """The layout's checks, then each snapshot's subvolume and its read-only flag."""
         yield from super()._check(survey)
-        for sid, row in survey.rows.items():
-            if str(sid) not in survey.entries:
-                continue  # reported by the layout check
+        for sid, row in survey.stored():
             if row.kind is Kind.VIEW and row.parent_id is not None:
                 continue  # binds its parent's subvolume: nothing of its own
             fs = survey.snapshots_dir / str(sid) / FS

@@ -7,7 +7,7 @@ has them (xfs, btrfs). Mounts are bind mounts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..fs.copy import copy_tree
@@ -17,6 +17,20 @@ from ..types import Kind, Mount
 
 __all__ = ["NativeSnapshotter"]
 
+
+
+def bind_mounts(rec: Record, storage_of: Callable[[int], Path]) -> list[Mount]:
+    """The bind mount of a snapshot whose storage is a whole tree (native, btrfs).
+
+    An active snapshot binds its own tree rw; a view binds its parent's read-only
+    (it has no storage of its own), as containerd's native and btrfs snapshotters do.
+    """
+    if rec.info.kind is Kind.VIEW and rec.parent_ids:
+        source = storage_of(rec.parent_ids[0])
+    else:
+        source = storage_of(rec.id)
+    mode = "ro" if rec.info.kind is Kind.VIEW else "rw"
+    return [Mount(type="bind", source=str(source), options=("rbind", mode))]
 
 class NativeSnapshotter(BaseSnapshotter):
     """Snapshots as directories under ``<root>/snapshots/<id>``."""
@@ -37,9 +51,4 @@ class NativeSnapshotter(BaseSnapshotter):
             copy_tree(self.storage_dir(parent.id), work)
 
     def _mounts(self, rec: Record) -> list[Mount]:
-        if rec.info.kind is Kind.VIEW and rec.parent_ids:
-            source = self.storage_dir(rec.parent_ids[0])
-        else:
-            source = self.storage_dir(rec.id)
-        mode = "ro" if rec.info.kind is Kind.VIEW else "rw"
-        return [Mount(type="bind", source=str(source), options=("rbind", mode))]
+        return bind_mounts(rec, self.storage_dir)

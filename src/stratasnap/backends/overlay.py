@@ -158,9 +158,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _check(cls, survey: Survey) -> Iterator[Finding]:
         """The layout's checks, then: every snapshot has its upper (or its limited image)."""
         yield from super()._check(survey)
-        for sid, row in survey.rows.items():
-            if str(sid) not in survey.entries:
-                continue  # reported by the layout check
+        for sid, row in survey.stored():
             storage = survey.snapshots_dir / str(sid)
             # A size-limited layer that is not mounted now shows only its image.
             if not (storage / "fs").is_dir() and not (storage / LIMITED_IMAGE).exists():
