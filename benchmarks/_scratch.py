@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import tempfile
@@ -82,3 +83,24 @@ def timed(fn: Callable[[], object], repeat: int = 3) -> float:
 def drop_caches() -> None:
     """Write back dirty data so one measurement does not pay for the last one's."""
     os.sync()
+
+
+def fsync_floor(directory: Path, writes: int) -> float:
+    """Median time of a one-row SQLite write (WAL, synchronous=FULL), as the store does.
+
+    The floor a metadata call cannot go under on ``directory``'s filesystem;
+    benchmarks state their figures against it.
+    """
+    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (x)")
+    times = []
+    for i in range(writes):
+        t0 = time.perf_counter()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (?)", (i,))
+        db.execute("COMMIT")
+        times.append(time.perf_counter() - t0)
+    db.close()
+    return statistics.median(times)

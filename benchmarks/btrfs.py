@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _scratch import scratch_fs
+from _scratch import fsync_floor, scratch_fs
 from native import make_tree
 
 from stratasnap import open_snapshotter
@@ -58,23 +57,6 @@ def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def fsync_floor(directory: Path) -> float:
-    """Median time of a one-row SQLite write (WAL, synchronous=FULL), as the store does."""
-    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE t (x)")
-    times = []
-    for i in range(100):
-        t0 = time.perf_counter()
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO t VALUES (?)", (i,))
-        db.execute("COMMIT")
-        times.append(time.perf_counter() - t0)
-    db.close()
-    return med(times)
 
 
 def _open(root: Path, **options: object) -> BtrfsSnapshotter:
@@ -173,7 +155,7 @@ def bench_commit() -> None:
             what = "quotas on: usage from the qgroup" if quota else "quotas off: usage walks"
             print(f"\n## 16-layer chain (containerd benchsuite shape), {what} ({desc})")
             sn = _open(mnt / "root", quota=quota)
-            floor = fsync_floor(mnt)
+            floor = fsync_floor(mnt, writes=100)
             print(
                 f"  reference: one-row SQLite write transaction (fsync floor) {ms(floor).strip()}"
             )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _scratch import scratch_fs
+from _scratch import fsync_floor, scratch_fs
 
 from stratasnap import open_snapshotter
 from stratasnap.backends.overlay import OverlaySnapshotter
@@ -86,23 +85,6 @@ def chain(sn: OverlaySnapshotter, mnt: Path, prefix: str, presync: bool) -> dict
     return times
 
 
-def fsync_floor(directory: Path) -> float:
-    """Median time of a one-row SQLite write (WAL, synchronous=FULL), as the store does."""
-    db = sqlite3.connect(directory / "floor.db", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE t (x)")
-    times = []
-    for i in range(200):
-        t0 = time.perf_counter()
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO t VALUES (?)", (i,))
-        db.execute("COMMIT")
-        times.append(time.perf_counter() - t0)
-    db.close()
-    return med(times)
-
-
 def wait_for_loops(base: Path, timeout: float = 5.0) -> None:
     """Wait until no loop device holds an image under ``base``.
 
@@ -145,7 +127,7 @@ def main() -> None:
         sn = open_snapshotter(base / "root", "overlay")
         assert isinstance(sn, OverlaySnapshotter)
         mnt = Path(tempfile.mkdtemp(dir=base))
-        floor = fsync_floor(base)
+        floor = fsync_floor(base, writes=200)
         print(f"reference: one-row SQLite write transaction (fsync floor) {ms(floor).strip()}")
 
         print("\n## 16-layer chain (containerd benchsuite shape), median per layer")
