@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from _gobuild import build_go  # noqa: E402
 from _scratch import scratch_fs  # noqa: E402
+from _server import ServerProcess  # noqa: E402
 
 from stratasnap import open_snapshotter  # noqa: E402
 from stratasnap.group_commit import MAX_BATCH  # noqa: E402
@@ -113,44 +113,20 @@ def round_ops(
     return sum(counts) / elapsed
 
 
-class Server:
+class Server(ServerProcess):
     """A snapshots server on ``root``: ``python -m stratasnap.server serve`` from ``src``,
     or, when ``src`` is a ``goproxy`` binary, containerd's overlay snapshotter."""
 
     def __init__(self, src: Path, backend: str, root: Path, log: Path) -> None:
-        self.address = root.parent / f"{root.name}.sock"
+        address = root.parent / f"{root.name}.sock"
         if src.name == "goproxy":
-            argv = [str(src), "-root", str(root), "-address", str(self.address)]
+            argv = [str(src), "-root", str(root), "-address", str(address)]
         else:
             argv = [sys.executable, "-m", "stratasnap.server", "serve", "--root", str(root)]
-            argv += ["--backend", backend, "--address", str(self.address)]
+            argv += ["--backend", backend, "--address", str(address)]
             argv += ["--log-level", "warning"]
         env = {**os.environ, "PYTHONPATH": str(src)}
-        self.log = open(log, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd="/",
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while not self.address.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(argv, address, log, env=env, timeout=60, poll=0.05)
 
 
 def built(program: str, out: Path) -> Path:

@@ -41,7 +41,6 @@ sys.path.insert(0, str(HERE))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -51,6 +50,7 @@ from collections.abc import Callable, Sequence  # noqa: E402
 
 from _gobuild import build_go  # noqa: E402
 from _scratch import scratch_fs  # noqa: E402
+from _server import ServerProcess  # noqa: E402
 
 from stratasnap.backends import open_snapshotter  # noqa: E402
 from stratasnap.server.client import Client  # noqa: E402
@@ -80,33 +80,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class Server:
+class Server(ServerProcess):
     """``python -m stratasnap.server serve`` on ``root``, as a subprocess."""
 
     def __init__(self, root: Path, address: Path, log: Path) -> None:
-        self.address = address
         argv = [sys.executable, "-m", "stratasnap.server", "serve", "--root", str(root)]
         argv += ["--address", str(address), "--log-level", "warning"]
-        self.log = open(log, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            argv, stdout=self.log, stderr=subprocess.STDOUT, cwd="/", start_new_session=True
-        )
-        deadline = time.monotonic() + 30
-        while not address.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(argv, address, log)
 
 
 # -- the Go client ---------------------------------------------------------------------
