@@ -20,7 +20,8 @@ tree and whiteout rules), ``xattrs``, ``layout`` (metadata placement),
 :mod:`stratasnap.tarstream`, shared with the layer applier.
 
 ``convert_tar(stream, out_path, *, uuid=None, volume_name=b"",
-default_mtime=None, digest=False) -> ImageStats``: with ``digest=True`` the
+default_mtime=None, digest=False, compression="none") -> ImageStats``
+(``compression`` one of ``COMPRESSIONS``): with ``digest=True`` the
 stats carry ``tar_digest`` ("sha256:…" of the uncompressed stream: the
 layer's diff ID, for chain IDs). It is thread-safe (no shared state); each
 call runs one short-lived writer thread of its own.
@@ -29,9 +30,10 @@ call runs one short-lived writer thread of its own.
 from __future__ import annotations
 
 from ..tarstream import LayerTooLarge, TarFormatError, TruncatedTar, UnsafeEntry
-from .writer import ImageStats, convert_tar
+from .writer import COMPRESSIONS, ImageStats, convert_tar
 
 __all__ = [
+    "COMPRESSIONS",
     "ImageStats",
     "LayerTooLarge",
     "TarFormatError",

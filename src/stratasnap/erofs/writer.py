@@ -35,7 +35,10 @@ from .datawriter import DataRegion
 from .layout import write_metadata
 from .tree import NO_XATTRS, WHITEOUT_PREFIX, Node, Tree
 
-__all__ = ["ImageStats", "convert_tar"]
+__all__ = ["COMPRESSIONS", "ImageStats", "convert_tar"]
+
+#: The ``compression`` values convert_tar accepts ("none": plain block runs).
+COMPRESSIONS: tuple[str, ...] = ("none",)
 
 BS = fmt.BLOCK_SIZE
 _TYPE_BITS = {
@@ -178,6 +181,7 @@ def convert_tar(
     volume_name: bytes = b"",
     default_mtime: int | None = None,
     digest: bool = False,
+    compression: str = "none",
 ) -> ImageStats:
     """Read an uncompressed layer tar from ``stream`` once; write an EROFS image.
 
@@ -191,9 +195,15 @@ def convert_tar(
     hashed as it is read and ``ImageStats.tar_digest`` is ``"sha256:<hex>"``:
     the layer's diff ID, for chain IDs, without a second pass.
 
+    ``compression`` is one of :data:`COMPRESSIONS` (ValueError otherwise).
+
     Raises :class:`~stratasnap.tarstream.TarFormatError` (an InvalidArgument)
     for a malformed or hostile tar, ResourceExhausted when the disk is full.
     """
+    if compression not in COMPRESSIONS:
+        raise ValueError(
+            f"compression {compression!r}: the converter writes {', '.join(COMPRESSIONS)}"
+        )
     if uuid is None:
         uuid = secrets.token_bytes(16)
     if len(uuid) != 16 or len(volume_name) > 16:
