@@ -10,6 +10,12 @@ The writes themselves run on one background thread: ``pwrite`` and
 ``copy_file_range`` release the GIL, so the kernel's copying overlaps the
 parsing of the next members. The thread is started and joined by
 :class:`DataRegion`; an error it meets is raised in the caller at the next call.
+
+:class:`CompressedRegion` is the same for compressed images: the main thread
+reads file data into the pooled buffers, and the writer thread compresses it
+(:mod:`.pclusters`; liblz4 releases the GIL too), allocates its blocks and
+writes them. Blocks are allocated on that thread, in file order, so a file's
+blocks are known only once :meth:`CompressedRegion.finish` has returned.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from typing import Literal
 from ..fs._libc import libc
 from ..tarstream import LayerTooLarge, TarReader, TruncatedTar
 from . import format as fmt
+from .lz4 import Lz4
+from .pclusters import ClusterPacker, FileClusters, Segment
+from .tree import Node
 
-__all__ = ["DataRegion"]
+__all__ = ["CompressedRegion", "DataRegion"]
 
 BS = fmt.BLOCK_SIZE
 BUFFER = 4 << 20  # one pooled buffer; small files are batched up to this size
@@ -40,17 +49,19 @@ _NO_COPY_RANGE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNO
 
 _Write = tuple[Literal["write"], bytearray, int, int, bool]  # buffer, length, offset, holes
 _Copy = tuple[Literal["copy"], int, int, int, int]  # src fd, src offset, length, offset
+_Pack = tuple[Literal["pack"], bytearray, list[Segment]]  # buffer, file pieces in it
 
 
 class _Writer:
-    """The writer thread and its buffer pool."""
+    """The writer thread and its buffer pool (and, compressing, its cluster packer)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, codec: Lz4 | None = None) -> None:
         self._fd = fd
+        self.packer = ClusterPacker(codec, 1, self._put) if codec else None
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self._free.put(bytearray(BUFFER))
-        self._jobs: queue.Queue[_Write | _Copy | None] = queue.Queue()
+        self._jobs: queue.Queue[_Write | _Copy | _Pack | None] = queue.Queue()
         self.error: BaseException | None = None
         self._copy_range = True
         self._written_to = 0
@@ -73,9 +84,14 @@ class _Writer:
     def copy(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
         self._jobs.put(("copy", src_fd, src_offset, length, offset))
 
+    def pack(self, buf: bytearray, segments: list[Segment]) -> None:
+        self._jobs.put(("pack", buf, segments))
+
     def close(self) -> None:
         """Wait for every queued write; raise what went wrong in any of them."""
         self.stop()
+        if self.packer is not None and self.error is None:
+            self.packer.flush()  # the thread is gone: its last staged blocks
         self.check()
 
     def stop(self, *, drop_queued: bool = False) -> None:
@@ -92,13 +108,20 @@ class _Writer:
                 if self.error is None:
                     if job[0] == "write":
                         self._write(*job[1:])
-                    else:
+                    elif job[0] == "copy":
                         self._copy(*job[1:])
+                    else:
+                        assert self.packer is not None
+                        self.packer.pack(job[1], job[2])
             except BaseException as exc:  # raised in the caller's thread by check()
                 self.error = exc
             finally:
-                if job[0] == "write":
+                if job[0] != "copy":
                     self._free.put(job[1])
+
+    def _put(self, data: memoryview, offset: int) -> None:
+        os.pwrite(self._fd, data, offset)
+        self._wrote(offset + len(data))
 
     def _write(self, buf: bytearray, length: int, offset: int, holes: bool) -> None:
         view = memoryview(buf)
@@ -178,8 +201,11 @@ class DataRegion:
             self._fill = 0
         self._batch_block = self.next_block
 
-    def add(self, reader: TarReader, size: int) -> int:
-        """Store the current member's ``size`` data bytes; returns their first block."""
+    def add(self, reader: TarReader, node: Node) -> None:
+        """Store the current member's ``node.size`` data bytes; sets ``node.blkaddr``."""
+        node.blkaddr = self._add(reader, node.size)
+
+    def _add(self, reader: TarReader, size: int) -> int:
         if size == 0:
             return 0
         padded = size + (-size % BS)
@@ -214,6 +240,70 @@ class DataRegion:
 
     def finish(self) -> None:
         """Write what is batched and wait for all writes (raising their errors)."""
+        self._flush()
+        self._closed = True
+        self._writer.close()
+
+    def abort(self) -> None:
+        """Stop the writer thread, ignoring its errors (the image is being discarded)."""
+        if not self._closed:
+            self._closed = True
+            self._writer.stop(drop_queued=True)
+
+
+class CompressedRegion:
+    """Like :class:`DataRegion`, with files compressed by ``codec`` on the writer thread.
+
+    A file's node gets its block (or its index) once :meth:`finish` returns.
+    """
+
+    def __init__(self, fd: int, codec: Lz4) -> None:
+        self.data_bytes = 0
+        self._writer = _Writer(fd, codec)
+        self._buf = self._writer.take()
+        self._fill = 0
+        self._segments: list[Segment] = []
+        self._closed = False
+
+    @property
+    def next_block(self) -> int:
+        """The first block after the data (once :meth:`finish` has returned)."""
+        assert self._closed and self._writer.packer is not None
+        return self._writer.packer.next_block
+
+    def _flush(self) -> None:
+        if self._segments:
+            self._writer.pack(self._buf, self._segments)
+            self._buf = self._writer.take()
+            self._fill = 0
+            self._segments = []
+
+    def add(self, reader: TarReader, node: Node) -> None:
+        """Queue the current member's ``node.size`` data bytes for compression."""
+        size = node.size
+        if size == 0:
+            return
+        self.data_bytes += size
+        file = FileClusters(node)
+        padded = size + (-size % BS)
+        if padded <= SMALL:
+            if self._fill + padded > BUFFER:
+                self._flush()
+            fill = self._fill
+            reader.readinto_padded(memoryview(self._buf)[fill : fill + padded])
+            self._segments.append((file, fill, size, True))
+            self._fill = fill + padded
+            return
+        self._flush()
+        left = size
+        while left:  # BUFFER is whole blocks: every piece but the last is too
+            buf = self._writer.take()
+            n = reader.readinto(memoryview(buf)[: min(left, BUFFER)])
+            left -= n
+            self._writer.pack(buf, [(file, 0, n, not left)])
+
+    def finish(self) -> None:
+        """Compress and write what is queued, wait for it (raising its errors)."""
         self._flush()
         self._closed = True
         self._writer.close()

@@ -4,14 +4,18 @@ File data is streamed to the image first (block 1 on), so everything here is
 placed after it, once the whole tar has been read::
 
     block 0          superblock at byte 1024 (written last)
-    blocks 1..       regular-file data, each file in whole blocks (FLAT_PLAIN)
+    blocks 1..       regular-file data, each file in whole blocks (FLAT_PLAIN), or
+                     one block per compressed extent (see pclusters.py)
     xattr_blkaddr    shared xattr entries
     meta_blkaddr     inodes, 32-byte slots (nid = slot number); the root first (nid 1)
                      so it fits the superblock's 16-bit root_nid
     after them       directory / symlink blocks that did not fit inline
 
 An inode record (inode, xattr body, inline tail) never crosses a block
-boundary: the kernel refuses inline data that does, and reads are simpler.
+boundary: the kernel refuses inline data that does, and reads are simpler. A
+compressed file's record (inode, xattrs, map header, one 8-byte index entry per
+4 KiB of file) may: the kernel reads each entry on its own, and 8-byte entries
+at 8-aligned offsets never straddle blocks. One over a block starts a block.
 Directory blocks hold sorted entries so the kernel can binary-search them.
 """
 
@@ -50,6 +54,7 @@ class MetaResult:
     extended_inodes: int
     shared_xattrs: int
     dropped_xattrs: int
+    compressed_files: int
 
 
 def _pad_to(n: int, align: int) -> int:
@@ -124,7 +129,11 @@ def _build_time(order: list[Node]) -> tuple[int, int]:
 def write_metadata(
     fd: int, root: Node, first_block: int, uuid: bytes, volume_name: bytes = b""
 ) -> MetaResult:
-    """Lay out and write all metadata and the superblock from ``first_block`` on."""
+    """Lay out and write all metadata and the superblock from ``first_block`` on.
+
+    Regular files with a ``zindex`` become compressed inodes (FULL index);
+    the superblock then announces ZERO_PADDING, which their blocks use.
+    """
     order = _walk(root)
     build_time = _build_time(order)
     keys = [encodable(n.xattrs) if n.xattrs else None for n in order]
@@ -140,7 +149,7 @@ def write_metadata(
     flags = bytearray(len(order))
     # nid 0 would be inode number 0, which readdir(3) treats as a deleted entry.
     pos = fmt.INODE_SLOT
-    extended = 0
+    extended = compressed = 0
     for i, node in enumerate(order):
         key = keys[i]
         ibody = shared.ibody(key) if key else b""
@@ -159,10 +168,15 @@ def write_metadata(
         )
         core = fmt.COMPACT_SIZE if compact else fmt.EXTENDED_SIZE
         extended += not compact
-        tail = payload_size % BS
-        inline = bool(tail) and core + len(ibody) + tail <= BS
+        if node.zindex is not None:
+            compressed += 1
+            inline = False
+            record = fmt.z_index_offset(core + len(ibody)) + len(node.zindex)
+        else:
+            tail = payload_size % BS
+            inline = bool(tail) and core + len(ibody) + tail <= BS
+            record = core + len(ibody) + (tail if inline else 0)
         flags[i] = (not compact) | (inline << 1)
-        record = core + len(ibody) + (tail if inline else 0)
         if record > BS or pos % BS + record > BS:
             pos = _pad_to(pos, BS)
         node.nid = pos // fmt.INODE_SLOT
@@ -183,6 +197,11 @@ def write_metadata(
         layout = fmt.LAYOUT_FLAT_PLAIN
         if kind == stat.S_IFREG:
             i_u, size = node.blkaddr, node.size
+            if node.zindex is not None:
+                layout = fmt.LAYOUT_COMPRESSED_FULL
+                # The map header and its reserved bytes stay zero (see format.py).
+                at = off + fmt.z_index_offset(core + len(ibody))
+                inode_area[at : at + len(node.zindex)] = node.zindex
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             i_u, size = node.rdev, 0
         else:  # directories and symlinks: whole blocks out of line, the tail inline
@@ -249,9 +268,12 @@ def write_metadata(
         xattr_blkaddr=xattr_blkaddr,
         uuid=uuid,
         volume_name=volume_name,
+        feature_incompat=fmt.FEATURE_INCOMPAT_ZERO_PADDING if compressed else 0,
     )
     os.pwrite(fd, sb, fmt.SUPER_OFFSET)
-    return MetaResult(blocks, len(order), build_time, extended, len(shared.ids), dropped)
+    return MetaResult(
+        blocks, len(order), build_time, extended, len(shared.ids), dropped, compressed
+    )
 
 
 def _dir_entries(d: Node) -> list[tuple[bytes, int, int]]:

@@ -51,10 +51,13 @@ class Node:
     mtime_nsec: int
     xattrs: dict[bytes, bytes]
     size: int = 0  # regular files: data length
-    blkaddr: int = 0  # regular files: first block of the data
+    # regular files: the inode's i_u: the first block of the data (plain), or the
+    # number of blocks the data takes (compressed: zindex is set)
+    blkaddr: int = 0
     rdev: int = 0  # devices: encoded device number
     target: bytes = b""  # symlinks
     children: dict[bytes, Node] | None = None
+    zindex: bytes | None = None  # compressed regular files: the full lcluster index
     implicit: bool = False  # a parent directory no member has listed (yet)
     whiteout: bool = False  # the 0/0 device a .wh. member of this layer made
     # Filled in by the layout (a tree is laid out once): kept here rather than in
