@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import io
 import os
+import random
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import need
 from hypothesis import strategies as st
 
 WHITEOUT = ".wh."
@@ -271,6 +274,65 @@ def mounted_image(image: Path, mountpoint: Path, *, loop: bool = False) -> Itera
         subprocess.run(["umount", str(mountpoint)], check=True)
 
 
+def extract_image(image: Path, dest: Path) -> dict[str, tuple[str, str, str]]:
+    """``fsck.erofs --extract`` (no root, no kernel): path -> (kind, sha256, link target)."""
+    need(shutil.which("fsck.erofs") is not None, "fsck.erofs (erofs-utils) not installed")
+    r = subprocess.run(
+        ["fsck.erofs", f"--extract={dest}", str(image)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {p: (a.kind, a.digest, a.target) for p, a in snapshot(dest, with_xattrs=False).items()}
+
+
+def contents(members: list[Member]) -> dict[str, tuple[str, str, str]]:
+    """What :func:`extract_image` must find: ``expected_tree`` without metadata."""
+    return {p: (a.kind, a.digest, a.target) for p, a in expected_tree(members).items()}
+
+
+# -- file contents for compression -------------------------------------------
+
+KIB, MIB = 1 << 10, 1 << 20
+#: Sizes where compressed layouts change: one block, logical clusters, the
+#: converter's small-file batch (256 KiB), an extent's input window (1 MiB),
+#: the read buffer a large file is cut into (4 MiB).
+BOUNDARY_SIZES = (
+    *(0, 1, 4095, 4096, 4097, 8191, 8192, 8193, 12289, 65535, 65536, 65537),
+    *(256 * KIB - 1, 256 * KIB, 256 * KIB + 1, MIB - 1, MIB, MIB + 4097),
+    *(4 * MIB - 1, 4 * MIB, 4 * MIB + 1),
+)
+KINDS = ("zeros", "text", "random", "mixed")
+_WORDS = (b"the", b"layer", b"of", b"a", b"file", b"system", b"holds", b"usr", b"0", b"42")
+
+
+def content(kind: str, size: int, seed: int = 0) -> bytes:
+    """``size`` bytes: "zeros", "text" (lz4 halves it or better), "random"
+    (incompressible), or "mixed" (runs of all three of odd lengths, so compressed
+    and stored extents alternate and start anywhere inside a block)."""
+    rng = random.Random(seed)
+    if kind == "zeros":
+        return bytes(size)
+    if kind == "random":
+        return rng.randbytes(size)
+    if kind == "text":
+        out = bytearray()
+        while len(out) < size:
+            out += b" ".join(rng.choices(_WORDS, k=4096)) + b"\n"
+        return bytes(out[:size])
+    assert kind == "mixed"
+    out = bytearray()
+    while len(out) < size:
+        run = rng.randrange(1, 30000)
+        out += content(rng.choice(("zeros", "text", "random")), run, rng.randrange(1 << 30))
+    return bytes(out[:size])
+
+
+@st.composite
+def file_contents(draw: st.DrawFn) -> bytes:
+    """Data for compression tests: boundary or arbitrary sizes, every kind."""
+    size = draw(st.one_of(st.sampled_from(BOUNDARY_SIZES), st.integers(0, 200_000)))
+    return content(draw(st.sampled_from(KINDS)), size, draw(st.integers(0, 1 << 30)))
+
+
 # -- hypothesis strategies ---------------------------------------------------
 
 _name = st.text(alphabet="abcxyz-_.é", min_size=1, max_size=8).filter(
@@ -345,6 +407,8 @@ def layers(draw: st.DrawFn) -> list[Member]:
                 st.one_of(
                     st.binary(max_size=64),
                     st.sampled_from([b"", b"x" * 4096, b"y" * 4097, bytes(range(256)) * 40]),
+                    # compressible, across several blocks (for compressed images)
+                    st.sampled_from([b"ab" * 10_000, content("mixed", 50_000, 3)]),
                 )
             )
             members.append(

@@ -73,3 +73,22 @@ def test_bad_input_exit_code_and_no_file(tmp_path: Path) -> None:
 def test_bad_uuid(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["erofs", "convert", "-", str(tmp_path / "i"), "--uuid", "x"])
     assert r.exit_code == 2 and "not a UUID" in r.output
+
+
+def test_compression_option(tmp_path: Path) -> None:
+    text = b"".join(b"127.0.0.%d host-%d.example.org\n" % (i % 256, i) for i in range(4000))
+    tar = build_tar([Member("etc/hosts", "file", data=text)])
+    sizes = {}
+    for compression in ("none", "lz4"):
+        image = tmp_path / f"{compression}.erofs"
+        r = CliRunner().invoke(
+            cli, ["erofs", "convert", "-", str(image), "--compression", compression], input=tar
+        )
+        assert r.exit_code == 0, r.output
+        sizes[compression] = image.stat().st_size
+    assert "1 files compressed" in r.output
+    assert sizes["lz4"] < sizes["none"] / 2
+    help_text = CliRunner().invoke(cli, ["erofs", "convert", "--help"]).output
+    assert "--compression [none|lz4|lz4hc]" in help_text and "Linux 5.3" in help_text
+    r = CliRunner().invoke(cli, ["erofs", "convert", "-", "x", "--compression", "zstd"], input=tar)
+    assert r.exit_code == 2 and "'zstd' is not one of" in r.output

@@ -19,12 +19,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import need
-from erofs_layers import Member, build_tar, layers, libarchive_tar, snapshot
+from erofs_layers import Member, build_tar, extract_image, layers, libarchive_tar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratasnap.erofs import (
+    COMPRESSIONS,
     LayerTooLarge,
     TarFormatError,
     TruncatedTar,
@@ -60,15 +60,6 @@ def _refused(tar: bytes, tmp_path: Path, error: type[Exception]) -> Exception:
     assert isinstance(info.value, InvalidArgument)
     assert list(out.iterdir()) == [], "a refused tar must leave nothing behind"
     return info.value
-
-
-def _extract(image: Path, dest: Path) -> dict[str, tuple[str, str, str]]:
-    need(shutil.which("fsck.erofs") is not None, "fsck.erofs (erofs-utils) not installed")
-    r = subprocess.run(
-        ["fsck.erofs", f"--extract={dest}", str(image)], capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    return {p: (a.kind, a.digest, a.target) for p, a in snapshot(dest, with_xattrs=False).items()}
 
 
 ONE_FILE = build_tar([Member("f", "file", data=b"x" * 700)])
@@ -177,7 +168,7 @@ def test_accepted_layer_through_a_pipe(tmp_path: Path) -> None:
     t.join()
     assert stats.tar_bytes <= len(tar)
     assert stats.whiteouts == 1 and stats.files == 4
-    tree = _extract(tmp_path / "img", tmp_path / "x")
+    tree = extract_image(tmp_path / "img", tmp_path / "x")
     assert (tmp_path / "x/abs/f").read_bytes() == b"two"
     assert tree["abs/g"][0] == "file" and tree["d"][0] == "dir"
     assert tree["d/l"] == ("symlink", "", "../abs/f")
@@ -251,14 +242,15 @@ def test_libarchive_bad_base64(tmp_path: Path) -> None:
     _refused(tar, tmp_path, TarFormatError)
 
 
-def test_truncated_large_member_of_a_tar_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_truncated_large_member_of_a_tar_file(tmp_path: Path, compression: str) -> None:
     """A tar *file* cut inside a large member (the kernel-copy path) is refused too."""
     tar = build_tar([Member("big", "file", data=os.urandom(3 << 20))])
     (tmp_path / "cut.tar").write_bytes(tar[: 2 << 20])
     out = tmp_path / "out"
     out.mkdir()
     with (tmp_path / "cut.tar").open("rb") as f, pytest.raises(TruncatedTar):
-        convert_tar(f, out / "img")
+        convert_tar(f, out / "img", compression=compression)
     assert list(out.iterdir()) == []
 
 
@@ -274,8 +266,9 @@ def test_large_members_from_a_file_and_from_a_stream_agree(tmp_path: Path) -> No
     assert (tmp_path / "from-stream").stat().st_blocks * 512 < (6 << 20)
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_a_failed_data_write_fails_the_conversion(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
 ) -> None:
     """Data is written on a background thread; its errors must still reach the caller."""
     import types
@@ -291,7 +284,8 @@ def test_a_failed_data_write_fails_the_conversion(
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(SnapshotError, match="Input/output error"):
-        convert_tar(io.BytesIO(build_tar([Member("f", "file", data=b"x" * 5000)])), out / "i")
+        tar = build_tar([Member("f", "file", data=b"x" * 5000)])
+        convert_tar(io.BytesIO(tar), out / "i", compression=compression)
     assert list(out.iterdir()) == []
 
 
@@ -305,16 +299,18 @@ def test_wrapped_file_streams_are_read_not_copied_by_descriptor(tmp_path: Path) 
     assert (tmp_path / "from-gzip").read_bytes() == (tmp_path / "from-bytes").read_bytes()
 
 
-def test_same_tar_same_uuid_same_image(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_same_tar_same_uuid_same_image(tmp_path: Path, compression: str) -> None:
     tar = build_tar(
         [
             Member("a/b/c", "file", data=b"x" * 9000, mtime=1_650_000_000),
+            Member("a/b/d", "file", data=os.urandom(9000) + b"y" * 9000),
             Member("a/l", "symlink", target="b/c", mtime=1_700_000_001),
             Member("z", "dir", xattrs={"user.x": "1"}),
         ]
     )
-    first = convert_tar(io.BytesIO(tar), tmp_path / "1", uuid=b"u" * 16)
-    convert_tar(io.BytesIO(tar), tmp_path / "2", uuid=b"u" * 16)
+    first = convert_tar(io.BytesIO(tar), tmp_path / "1", uuid=b"u" * 16, compression=compression)
+    convert_tar(io.BytesIO(tar), tmp_path / "2", uuid=b"u" * 16, compression=compression)
     assert (tmp_path / "1").read_bytes() == (tmp_path / "2").read_bytes()
     assert first.image_bytes == (tmp_path / "1").stat().st_size
 
@@ -327,12 +323,14 @@ def test_same_tar_same_uuid_same_image(tmp_path: Path) -> None:
     flips=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
     cut=st.one_of(st.none(), st.integers(0, 1 << 16)),
     fix_checksums=st.booleans(),
+    compression=st.sampled_from(COMPRESSIONS),
 )
 def test_mangled_tars_are_converted_or_refused_never_crash(
     members: list[Member],
     flips: list[tuple[int, int]],
     cut: int | None,
     fix_checksums: bool,
+    compression: str,
     tmp_path: Path,
 ) -> None:
     """Random byte flips and cuts: either a valid image or a TarFormatError, nothing else.
@@ -351,7 +349,7 @@ def test_mangled_tars_are_converted_or_refused_never_crash(
     out = tmp_path / f"out-{os.urandom(4).hex()}"
     out.mkdir()
     try:
-        convert_tar(io.BytesIO(data), out / "img")
+        convert_tar(io.BytesIO(data), out / "img", compression=compression)
     except TarFormatError:
         assert list(out.iterdir()) == []
         return

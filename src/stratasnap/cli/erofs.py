@@ -37,6 +37,18 @@ def erofs() -> None:
     help="mtime of parent directories the tar does not list. "
     "[default: the newest mtime in the layer]",
 )
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "lz4", "lz4hc"]),
+    default="none",
+    show_default=True,
+    help="How file data is stored. none: as is (fastest to write and to read). "
+    "lz4: compressed in 4 KiB clusters wherever that saves a block; text and "
+    "binaries take about half the disk, already-compressed files stay as they "
+    "are; costs CPU to write and a little to read. lz4hc: 5-10% smaller "
+    "than lz4, several times slower to write, as fast to read. "
+    "Compressed images mount on Linux 5.3 and later.",
+)
 @click.option("--digest", is_flag=True, help="Also print the tar's sha256 (the layer's diff ID).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 def convert(
@@ -44,13 +56,15 @@ def convert(
     image: Path,
     uuid_text: str | None,
     default_mtime: int | None,
+    compression: str,
     digest: bool,
     as_json: bool,
 ) -> None:
     """Convert an uncompressed layer tar LAYER into an EROFS image IMAGE.
 
     One streaming pass, no mounts, no extraction: file data goes straight
-    into the image, which is uncompressed with 4 KiB blocks. OCI whiteouts
+    into the image (4 KiB blocks), uncompressed or, with --compression,
+    lz4-compressed where that saves space. OCI whiteouts
     become overlayfs ones (.wh.NAME: a 0/0 character device NAME;
     .wh..wh..opq: trusted.overlay.opaque=y on the directory), so the image
     works as an overlayfs lower layer. Owners, modes (setuid too), mtimes
@@ -66,11 +80,19 @@ def convert(
     Examples:
       stratasnap erofs convert layer.tar layer.erofs
       stratasnap erofs convert --digest blobs/sha256/4f4f… layer.erofs
+      stratasnap erofs convert --compression lz4 layer.tar layer.erofs
       zstdcat layer.tar.zst | stratasnap erofs convert - layer.erofs
       mount -t erofs -o ro layer.erofs /mnt/layer
     """
-    from ..erofs import convert_tar
+    from ..erofs import COMPRESSIONS, convert_tar
 
+    if compression not in COMPRESSIONS:
+        from ..erofs.lz4 import library_error
+
+        raise click.BadParameter(
+            f"{compression} is not available here: {library_error()}",
+            param_hint="'--compression'",
+        )
     try:
         fs_uuid = uuidlib.UUID(uuid_text).bytes if uuid_text else None
     except ValueError:
@@ -83,7 +105,14 @@ def convert(
             else stack.enter_context(open(layer, "rb", buffering=1 << 20))
         )
         stream = _maybe_gunzip(raw, stack)
-        stats = convert_tar(stream, image, uuid=fs_uuid, default_mtime=default_mtime, digest=digest)
+        stats = convert_tar(
+            stream,
+            image,
+            uuid=fs_uuid,
+            default_mtime=default_mtime,
+            digest=digest,
+            compression=compression,
+        )
     elapsed = time.monotonic() - start
     if as_json:
         extra = {"seconds": round(elapsed, 3), "peak_rss_kib": _peak_rss_kib()}
@@ -92,7 +121,9 @@ def convert(
     rate = stats.tar_bytes / elapsed / 1e6 if elapsed > 0 else 0.0
     click.echo(
         f"{image}: {human_size(stats.image_bytes)} image, {stats.inodes} inodes "
-        f"({stats.files} files, {stats.directories} dirs, {stats.whiteouts} whiteouts) "
+        f"({stats.files} files, {stats.directories} dirs, {stats.whiteouts} whiteouts"
+        + (f", {stats.compressed_files} files compressed" if compression != "none" else "")
+        + ") "
         f"from {human_size(stats.tar_bytes)} of tar in {elapsed:.2f}s ({rate:.0f} MB/s)"
     )
     if digest:
