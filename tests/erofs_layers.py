@@ -274,6 +274,29 @@ def mounted_image(image: Path, mountpoint: Path, *, loop: bool = False) -> Itera
         subprocess.run(["umount", str(mountpoint)], check=True)
 
 
+_LZ4_PROBE: list[bool] = []
+
+
+def kernel_reads_lz4(work: Path) -> bool:
+    """Whether this kernel mounts and reads an lz4 image made by ``mkfs.erofs -zlz4``.
+
+    A probe, not a version check (CONFIG_EROFS_FS_ZIP may be off); the image
+    comes from erofs-utils, so a bug of ours cannot make the probe say no.
+    """
+    if not _LZ4_PROBE:
+        need(shutil.which("mkfs.erofs") is not None, "mkfs.erofs (erofs-utils) not installed")
+        src = work / "lz4-probe-src"
+        src.mkdir()
+        (src / "f").write_bytes(b"compressible " * 5000)
+        subprocess.run(["mkfs.erofs", "--quiet", "-zlz4", str(work / "probe.erofs"), str(src)])
+        try:
+            with mounted_image(work / "probe.erofs", work / "lz4-probe-mnt") as mnt:
+                _LZ4_PROBE.append((mnt / "f").read_bytes() == b"compressible " * 5000)
+        except (subprocess.CalledProcessError, OSError):
+            _LZ4_PROBE.append(False)
+    return _LZ4_PROBE[0]
+
+
 def extract_image(image: Path, dest: Path) -> dict[str, tuple[str, str, str]]:
     """``fsck.erofs --extract`` (no root, no kernel): path -> (kind, sha256, link target)."""
     need(shutil.which("fsck.erofs") is not None, "fsck.erofs (erofs-utils) not installed")

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import need, need_root
+from conftest import need, need_kernel, need_root
 from erofs_layers import (
     Member,
     build_tar,
     expected_tree,
+    kernel_reads_lz4,
     layers,
     libarchive_tar,
     mounted_image,
@@ -46,9 +47,11 @@ def _fsck(image: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _convert_and_mount(members: list[Member], work: Path) -> dict[str, object]:
+def _convert_and_mount(
+    members: list[Member], work: Path, compression: str = "none"
+) -> dict[str, object]:
     image = work / "layer.erofs"
-    convert_tar(io.BytesIO(build_tar(members)), image)
+    convert_tar(io.BytesIO(build_tar(members)), image, compression=compression)
     _fsck(image)
     with mounted_image(image, work / "mnt") as mnt:
         return dict(snapshot(mnt))
@@ -58,11 +61,16 @@ def _convert_and_mount(members: list[Member], work: Path) -> dict[str, object]:
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(members=layers())
-def test_mounted_image_equals_tar_after_whiteouts(members: list[Member], scratch: Path) -> None:
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_mounted_image_equals_tar_after_whiteouts(
+    members: list[Member], compression: str, scratch: Path
+) -> None:
     need_root()
+    if compression != "none":
+        need_kernel(kernel_reads_lz4(scratch), "EROFS lz4 decompression (CONFIG_EROFS_FS_ZIP)")
     work = Path(tempfile.mkdtemp(dir=scratch))
     try:
-        assert _convert_and_mount(members, work) == expected_tree(members)
+        assert _convert_and_mount(members, work, compression) == expected_tree(members)
     finally:
         shutil.rmtree(work)
 
@@ -178,9 +186,14 @@ def _big_layer(stream: BinaryIO, big_size: int, marker_every: int, small_files: 
     stream.write(bytes(1024))
 
 
-def _convert_in_child(image: Path, feed: Callable[[BinaryIO], None]) -> dict[str, int]:
+def _convert_in_child(
+    image: Path, feed: Callable[[BinaryIO], None], *options: str
+) -> dict[str, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image), "--json"],
+        [
+            *(sys.executable, "-m", "stratasnap", "erofs", "convert", "-", str(image)),
+            *("--json", *options),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -323,10 +336,14 @@ def test_later_members_replace_earlier_ones_like_an_extraction(scratch: Path) ->
     ]
 
 
-def test_real_tree_tarred_by_gnu_tar_matches_mkfs_erofs(scratch: Path) -> None:
-    """Real files (parts of Python's stdlib) tarred by GNU tar: the same tree as mkfs.erofs."""
+@pytest.mark.parametrize("compression", ["none", "lz4", "lz4hc"])
+def test_real_tree_tarred_by_gnu_tar_matches_mkfs_erofs(scratch: Path, compression: str) -> None:
+    """Real files (parts of Python's stdlib) tarred by GNU tar: the same tree as mkfs.erofs
+    (compressed with the same compressor, when compressing)."""
     need_root()
     need(shutil.which("mkfs.erofs") is not None, "mkfs.erofs (erofs-utils) not installed")
+    if compression != "none":
+        need_kernel(kernel_reads_lz4(scratch), "EROFS lz4 decompression (CONFIG_EROFS_FS_ZIP)")
     stdlib = Path(os.__file__).parent
     parts = [
         p for p in ("email", "json", "asyncio", "encodings", "unittest") if (stdlib / p).is_dir()
@@ -343,13 +360,17 @@ def test_real_tree_tarred_by_gnu_tar_matches_mkfs_erofs(scratch: Path) -> None:
         input=tar,
         check=True,
     )
+    z = [f"-z{compression}"] if compression != "none" else []
     subprocess.run(
-        ["mkfs.erofs", "--quiet", "-Enoinline_data", str(scratch / "ref"), str(extracted)],
+        ["mkfs.erofs", "--quiet", *z, "-Enoinline_data", str(scratch / "ref"), str(extracted)],
         check=True,
     )
-    stats = convert_tar(io.BytesIO(tar), scratch / "ours")
+    stats = convert_tar(io.BytesIO(tar), scratch / "ours", compression=compression)
     _fsck(scratch / "ours")
     assert stats.files > 300
+    if compression != "none":
+        assert stats.compressed_files > 100
+        assert stats.image_bytes <= (scratch / "ref").stat().st_size * 1.01
     with (
         mounted_image(scratch / "ref", scratch / "m1") as m1,
         mounted_image(scratch / "ours", scratch / "m2") as m2,
