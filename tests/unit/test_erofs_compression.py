@@ -205,3 +205,42 @@ def test_as_small_as_mkfs_erofs_on_real_files(tmp_path: Path, compression: str) 
     assert extract_image(tmp_path / "ours", tmp_path / "back") == extract_image(
         reference, tmp_path / "ref-back"
     )
+
+
+def test_images_do_not_depend_on_which_worker_finishes_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks are placed in job order: one worker or three, the same bytes."""
+    from stratasnap.erofs import compressed_writer
+
+    files = {f"{k}/{n}": content(k, n, n) for k in KINDS for n in BOUNDARY_SIZES[8:]}
+    tar = _files_tar(files)
+    images = []
+    for threads in (1, 3):
+        monkeypatch.setattr(compressed_writer, "THREADS", threads)
+        image = tmp_path / f"t{threads}"
+        convert_tar(io.BytesIO(tar), image, uuid=bytes(16), compression="lz4")
+        images.append(image.read_bytes())
+    assert images[0] == images[1]
+
+
+def test_a_compression_error_fails_the_conversion_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stratasnap.erofs import pclusters
+
+    calls = []
+
+    def broken(*args: object) -> tuple[int, int]:
+        calls.append(1)
+        if len(calls) > 50:  # some jobs done, then failures on every worker
+            raise MemoryError("out of memory in the compressor")
+        return 0, 0
+
+    monkeypatch.setattr(pclusters.Lz4, "compress", broken)
+    tar = _files_tar({f"f{i}": content("text", 300_000, i) for i in range(40)})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(MemoryError, match="in the compressor"):
+        convert_tar(io.BytesIO(tar), out / "img", compression="lz4")
+    assert list(out.iterdir()) == []

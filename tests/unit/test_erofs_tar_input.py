@@ -273,7 +273,7 @@ def test_a_failed_data_write_fails_the_conversion(
     """Data is written on a background thread; its errors must still reach the caller."""
     import types
 
-    from stratasnap.erofs import datawriter
+    from stratasnap.erofs import compressed_writer, datawriter
     from stratasnap.errors import SnapshotError
 
     def broken_pwrite(fd: int, data: object, offset: int) -> int:
@@ -281,6 +281,7 @@ def test_a_failed_data_write_fails_the_conversion(
 
     fake_os = types.SimpleNamespace(**{**vars(os), "pwrite": broken_pwrite})
     monkeypatch.setattr(datawriter, "os", fake_os)
+    monkeypatch.setattr(compressed_writer, "os", fake_os)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(SnapshotError, match="Input/output error"):

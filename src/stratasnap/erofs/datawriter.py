@@ -10,12 +10,8 @@ The writes themselves run on one background thread: ``pwrite`` and
 ``copy_file_range`` release the GIL, so the kernel's copying overlaps the
 parsing of the next members. The thread is started and joined by
 :class:`DataRegion`; an error it meets is raised in the caller at the next call.
-
-:class:`CompressedRegion` is the same for compressed images: the main thread
-reads file data into the pooled buffers, and the writer thread compresses it
-(:mod:`.pclusters`; liblz4 releases the GIL too), allocates its blocks and
-writes them. Blocks are allocated on that thread, in file order, so a file's
-blocks are known only once :meth:`CompressedRegion.finish` has returned.
+Compressed images use :mod:`.compressed_writer` instead, with the same
+buffers and writeback.
 """
 
 from __future__ import annotations
@@ -30,11 +26,9 @@ from typing import Literal
 from ..fs._libc import libc
 from ..tarstream import LayerTooLarge, TarReader, TruncatedTar
 from . import format as fmt
-from .lz4 import Lz4
-from .pclusters import ClusterPacker, FileClusters, Segment
 from .tree import Node
 
-__all__ = ["CompressedRegion", "DataRegion"]
+__all__ = ["BUFFER", "BUFFERS", "MAX_BLOCKS", "SMALL", "DataRegion", "Writeback"]
 
 BS = fmt.BLOCK_SIZE
 BUFFER = 4 << 20  # one pooled buffer; small files are batched up to this size
@@ -49,23 +43,45 @@ _NO_COPY_RANGE = frozenset((errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNO
 
 _Write = tuple[Literal["write"], bytearray, int, int, bool]  # buffer, length, offset, holes
 _Copy = tuple[Literal["copy"], int, int, int, int]  # src fd, src offset, length, offset
-_Pack = tuple[Literal["pack"], bytearray, list[Segment]]  # buffer, file pieces in it
+
+
+class Writeback:
+    """Starts writeback of what was written to ``fd`` so far, without waiting for it.
+
+    The final fsync then finds most of the data already on its way to the
+    disk: the disk works while the tar is parsed instead of after.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._written_to = 0
+        self._writeback_from = 0
+
+    def wrote(self, end: int) -> None:
+        """Bytes up to ``end`` were written."""
+        self._written_to = max(self._written_to, end)
+        if self._written_to - self._writeback_from >= WRITEBACK_EVERY:
+            libc.sync_file_range(
+                self._fd,
+                ctypes.c_int64(self._writeback_from),
+                ctypes.c_int64(self._written_to - self._writeback_from),
+                _SYNC_FILE_RANGE_WRITE,
+            )
+            self._writeback_from = self._written_to
 
 
 class _Writer:
-    """The writer thread and its buffer pool (and, compressing, its cluster packer)."""
+    """The writer thread and its buffer pool."""
 
-    def __init__(self, fd: int, codec: Lz4 | None = None) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd = fd
-        self.packer = ClusterPacker(codec, 1, self._put) if codec else None
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(BUFFERS):
             self._free.put(bytearray(BUFFER))
-        self._jobs: queue.Queue[_Write | _Copy | _Pack | None] = queue.Queue()
+        self._jobs: queue.Queue[_Write | _Copy | None] = queue.Queue()
         self.error: BaseException | None = None
         self._copy_range = True
-        self._written_to = 0
-        self._writeback_from = 0
+        self._wrote = Writeback(fd).wrote
         self._thread = threading.Thread(target=self._run, name="erofs-writer", daemon=True)
         self._thread.start()
 
@@ -84,14 +100,9 @@ class _Writer:
     def copy(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
         self._jobs.put(("copy", src_fd, src_offset, length, offset))
 
-    def pack(self, buf: bytearray, segments: list[Segment]) -> None:
-        self._jobs.put(("pack", buf, segments))
-
     def close(self) -> None:
         """Wait for every queued write; raise what went wrong in any of them."""
         self.stop()
-        if self.packer is not None and self.error is None:
-            self.packer.flush()  # the thread is gone: its last staged blocks
         self.check()
 
     def stop(self, *, drop_queued: bool = False) -> None:
@@ -108,20 +119,13 @@ class _Writer:
                 if self.error is None:
                     if job[0] == "write":
                         self._write(*job[1:])
-                    elif job[0] == "copy":
-                        self._copy(*job[1:])
                     else:
-                        assert self.packer is not None
-                        self.packer.pack(job[1], job[2])
+                        self._copy(*job[1:])
             except BaseException as exc:  # raised in the caller's thread by check()
                 self.error = exc
             finally:
-                if job[0] != "copy":
+                if job[0] == "write":
                     self._free.put(job[1])
-
-    def _put(self, data: memoryview, offset: int) -> None:
-        os.pwrite(self._fd, data, offset)
-        self._wrote(offset + len(data))
 
     def _write(self, buf: bytearray, length: int, offset: int, holes: bool) -> None:
         view = memoryview(buf)
@@ -156,22 +160,6 @@ class _Writer:
             os.pwrite(self._fd, data, offset + done)
             done += len(data)
         self._wrote(offset + length)
-
-    def _wrote(self, end: int) -> None:
-        """Start writeback of what was written so far, without waiting for it.
-
-        The final fsync then finds most of the data already on its way to the
-        disk: the disk works while the tar is parsed instead of after.
-        """
-        self._written_to = max(self._written_to, end)
-        if self._written_to - self._writeback_from >= WRITEBACK_EVERY:
-            libc.sync_file_range(
-                self._fd,
-                ctypes.c_int64(self._writeback_from),
-                ctypes.c_int64(self._written_to - self._writeback_from),
-                _SYNC_FILE_RANGE_WRITE,
-            )
-            self._writeback_from = self._written_to
 
 
 class DataRegion:
@@ -240,70 +228,6 @@ class DataRegion:
 
     def finish(self) -> None:
         """Write what is batched and wait for all writes (raising their errors)."""
-        self._flush()
-        self._closed = True
-        self._writer.close()
-
-    def abort(self) -> None:
-        """Stop the writer thread, ignoring its errors (the image is being discarded)."""
-        if not self._closed:
-            self._closed = True
-            self._writer.stop(drop_queued=True)
-
-
-class CompressedRegion:
-    """Like :class:`DataRegion`, with files compressed by ``codec`` on the writer thread.
-
-    A file's node gets its block (or its index) once :meth:`finish` returns.
-    """
-
-    def __init__(self, fd: int, codec: Lz4) -> None:
-        self.data_bytes = 0
-        self._writer = _Writer(fd, codec)
-        self._buf = self._writer.take()
-        self._fill = 0
-        self._segments: list[Segment] = []
-        self._closed = False
-
-    @property
-    def next_block(self) -> int:
-        """The first block after the data (once :meth:`finish` has returned)."""
-        assert self._closed and self._writer.packer is not None
-        return self._writer.packer.next_block
-
-    def _flush(self) -> None:
-        if self._segments:
-            self._writer.pack(self._buf, self._segments)
-            self._buf = self._writer.take()
-            self._fill = 0
-            self._segments = []
-
-    def add(self, reader: TarReader, node: Node) -> None:
-        """Queue the current member's ``node.size`` data bytes for compression."""
-        size = node.size
-        if size == 0:
-            return
-        self.data_bytes += size
-        file = FileClusters(node)
-        padded = size + (-size % BS)
-        if padded <= SMALL:
-            if self._fill + padded > BUFFER:
-                self._flush()
-            fill = self._fill
-            reader.readinto_padded(memoryview(self._buf)[fill : fill + padded])
-            self._segments.append((file, fill, size, True))
-            self._fill = fill + padded
-            return
-        self._flush()
-        left = size
-        while left:  # BUFFER is whole blocks: every piece but the last is too
-            buf = self._writer.take()
-            n = reader.readinto(memoryview(buf)[: min(left, BUFFER)])
-            left -= n
-            self._writer.pack(buf, [(file, 0, n, not left)])
-
-    def finish(self) -> None:
-        """Compress and write what is queued, wait for it (raising its errors)."""
         self._flush()
         self._closed = True
         self._writer.close()

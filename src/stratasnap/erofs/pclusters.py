@@ -29,14 +29,13 @@ compress (an extent still takes a block) and are plain as well.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from ..tarstream import LayerTooLarge
 from . import format as fmt
 from .lz4 import Lz4
 from .tree import Node
 
-__all__ = ["MAX_BLOCKS", "WINDOW", "ClusterPacker", "FileClusters", "Segment"]
+__all__ = ["WINDOW", "ClusterCompressor", "FileClusters", "Segment"]
 
 BS = fmt.BLOCK_SIZE
 # Input offered per extent. lz4's best ratio (about 255:1, for runs of zeros)
@@ -44,7 +43,6 @@ BS = fmt.BLOCK_SIZE
 # an extent far below what kernels accept (12 MiB decoded since 6.12; a NONHEAD
 # delta[0] below 2048 clusters, i.e. 8 MiB, without BIG_PCLUSTER).
 WINDOW = 1 << 20
-MAX_BLOCKS = 0xFFFFFFFF  # block addresses are 32-bit
 _ZEROS = bytes(BS)
 _PLAIN, _HEAD, _NONHEAD = fmt.LCLUSTER_PLAIN, fmt.LCLUSTER_HEAD, fmt.LCLUSTER_NONHEAD
 _HEAD_ENTRY = fmt.LCLUSTER_HEAD_INDEX.pack
@@ -98,77 +96,67 @@ class FileClusters:
         node.zindex = bytes(self.index)
         node.blkaddr = self.blocks  # i_u of a compressed inode: blocks it takes
 
+    def place(self, extents: list[int], first_block: int) -> None:
+        """Record extents that :class:`ClusterCompressor` stored from ``first_block`` on."""
+        for n, length in enumerate(extents):
+            self.extent(abs(length), length > 0, first_block + n)
+
 
 Segment = tuple[FileClusters, int, int, bool]  # file, offset in the buffer, length, last piece
 
 
-class ClusterPacker:
-    """Turns pieces of file data into blocks, allocated from ``first_block`` on.
+class ClusterCompressor:
+    """Compresses pieces of file data into consecutive 4 KiB blocks (one per thread).
 
     Pieces of one file come in order, and every piece but a file's last is a
     whole number of blocks long (so an extent never spans two pieces, and
-    extents still start in distinct logical clusters). Output blocks collect in
-    a staging buffer that ``write(data, offset)`` receives when it fills.
+    extents still start in distinct logical clusters). The blocks go to an
+    output buffer at positions relative to its start: they get their place in
+    the image later, in order (see :mod:`.compressed_writer`).
     """
 
-    def __init__(
-        self,
-        codec: Lz4,
-        first_block: int,
-        write: Callable[[memoryview, int], None],
-        staging: int = 4 << 20,
-    ) -> None:
+    def __init__(self, codec: Lz4) -> None:
         self._codec = codec
-        self._write = write
-        self.next_block = first_block
-        self._out = bytearray(staging - staging % BS)
-        self._out_view = memoryview(self._out)
-        self._out_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._out))
-        self._fill = 0
-        self._staged_from = first_block
         self._cbuf = bytearray(BS)  # one compressed block, before it is right-aligned
         self._cbuf_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._cbuf))
 
-    def pack(self, buf: bytearray, segments: Sequence[Segment]) -> None:
+    def compress(
+        self, buf: bytearray, segments: Sequence[Segment], out: bytearray
+    ) -> tuple[int, list[list[int]]]:
+        """Blocks written to ``out``, and per segment its extents in block order:
+        the length stored, positive when compressed, negative when raw."""
         view = memoryview(buf)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        for file, start, length, last in segments:
-            self._piece(file, view[start : start + length], addr + start)
-            if last:
-                file.finish()
+        out_view = memoryview(out)
+        blocks = 0
+        extents = []
+        for _file, start, length, _last in segments:
+            done = self._piece(view[start : start + length], addr + start, out_view, blocks)
+            blocks += len(done)
+            extents.append(done)
+        return blocks, extents
 
-    def flush(self) -> None:
-        if self._fill:
-            self._write(self._out_view[: self._fill], self._staged_from * BS)
-        self._fill = 0
-        self._staged_from = self.next_block
-
-    def _piece(self, file: FileClusters, data: memoryview, addr: int) -> None:
+    def _piece(self, data: memoryview, addr: int, out: memoryview, block: int) -> list[int]:
         length, pos = len(data), 0
-        out, cbuf = self._out_view, memoryview(self._cbuf)
+        cbuf, compress = memoryview(self._cbuf), self._codec.compress
+        extents: list[int] = []
+        o = block * BS
         while pos < length:
-            if self._fill == len(self._out):
-                self.flush()
-            blkaddr = self.next_block
-            if blkaddr >= MAX_BLOCKS:
-                raise LayerTooLarge("layer data exceeds the 16 TiB an EROFS image can address")
-            self.next_block += 1
-            o = self._fill
-            self._fill += BS
             left = length - pos
             if left > BS:
-                consumed, size = self._codec.compress(
-                    addr + pos, min(left, WINDOW), self._cbuf_addr, BS
-                )
+                consumed, size = compress(addr + pos, min(left, WINDOW), self._cbuf_addr, BS)
                 if consumed > BS:
                     out[o : o + BS - size] = _ZEROS[: BS - size]
                     out[o + BS - size : o + BS] = cbuf[:size]
-                    file.extent(consumed, True, blkaddr)
+                    extents.append(consumed)
                     pos += consumed
+                    o += BS
                     continue
             n = min(left, BS)
             out[o : o + n] = data[pos : pos + n]
             if n < BS:
                 out[o + n : o + BS] = _ZEROS[: BS - n]
-            file.extent(n, False, blkaddr)
+            extents.append(-n)
             pos += n
+            o += BS
+        return extents

@@ -31,7 +31,8 @@ from ..tarstream import (
     split_name,
 )
 from . import format as fmt
-from .datawriter import CompressedRegion, DataRegion
+from .compressed_writer import CompressedRegion
+from .datawriter import DataRegion
 from .layout import write_metadata
 from .lz4 import HC_DEFAULT_LEVEL, Lz4, library_error
 from .tree import NO_XATTRS, WHITEOUT_PREFIX, Node, Tree
@@ -105,7 +106,7 @@ class _Converter:
         self.data: DataRegion | CompressedRegion = (
             DataRegion(fd)
             if compression == "none"
-            else CompressedRegion(fd, Lz4(_HC_LEVELS[compression]))
+            else CompressedRegion(fd, lambda: Lz4(_HC_LEVELS[compression]))
         )
         self._interned: dict[int, int] = {}
         self.counts = dict.fromkeys(
