@@ -244,3 +244,29 @@ def test_a_compression_error_fails_the_conversion_and_leaves_nothing(
     with pytest.raises(MemoryError, match="in the compressor"):
         convert_tar(io.BytesIO(tar), out / "img", compression="lz4")
     assert list(out.iterdir()) == []
+
+
+def test_a_compressor_output_that_does_not_decode_back_is_stored_raw(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each compressed block is decoded once before use: a library bug costs space, not data."""
+    import ctypes
+    import types
+
+    from stratasnap.erofs import lz4
+
+    real = lz4._load()
+    assert not isinstance(real, str)
+
+    def corrupting(src: int, dst: int, consumed: object, dst_len: int) -> int:
+        out: int = real.dll.LZ4_compress_destSize(src, dst, consumed, dst_len)
+        last = ctypes.c_ubyte.from_address(dst + out - 1)
+        last.value ^= 0x55  # a literal byte of the last sequence: decodes, wrongly
+        return out
+
+    dll = types.SimpleNamespace(**{**vars(real.dll), "LZ4_compress_destSize": corrupting})
+    monkeypatch.setattr(lz4, "_load", lambda: lz4._Lib(dll, real.version))  # type: ignore[arg-type]
+    members = [Member("t", "file", data=content("text", 300_000))]
+    stats = convert_tar(io.BytesIO(build_tar(members)), tmp_path / "i", compression="lz4")
+    assert stats.compressed_files == 0
+    assert extract_image(tmp_path / "i", tmp_path / "x") == contents(members)

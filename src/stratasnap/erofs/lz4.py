@@ -100,9 +100,10 @@ class Lz4:
     def compress(self, src: int, src_len: int, dst: int, dst_len: int) -> tuple[int, int]:
         """Compress from address ``src`` as much as fits in ``dst_len`` bytes at ``dst``.
 
-        Returns (input bytes consumed, output bytes written), checked by decoding
-        the output again; (0, 0) when the library failed or its output does not
-        decode to exactly that input.
+        Returns (input bytes consumed, output bytes written) when that input is
+        larger than ``dst_len`` (compressing saved space), checked by decoding
+        the output again; else (0, 0), also when the library failed or its
+        output does not decode to exactly that input.
         """
         self._consumed.value = src_len
         if self._state is None:
@@ -112,7 +113,7 @@ class Lz4:
                 self._state, src, dst, self._consumed_ref, dst_len, self._hc_level
             )
         consumed = self._consumed.value
-        if out <= 0 or consumed <= 0:
+        if out <= 0 or consumed <= dst_len:
             return 0, 0
         if len(self._check) < consumed:
             self._check = ctypes.create_string_buffer(max(consumed, 2 * len(self._check)))
