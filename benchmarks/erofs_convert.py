@@ -4,8 +4,8 @@ Run: ``.venv/bin/python benchmarks/erofs_convert.py`` as root (it makes a fresh
 ext4 loop filesystem; ``--help`` for options). It builds a layer tar on that
 filesystem: ``--content random`` (default: 300 MB of incompressible data in
 30,000 files, 300 directories, symlinks, hard links), ``--content real``
-(300 MB of this machine's /usr: binaries, libraries, Python, docs: what
-compression sees in a real layer), or ``--tar`` to use a given one. Then it
+(300 MB of this machine's /usr: binaries, libraries, Python sources, docs and
+data, headers: what compression sees in a real layer), or ``--tar`` to use a given one. Then it
 times, alternated round by round, each ending with the image fsynced:
 
 1. ``stratasnap``: ``convert_tar`` reading the tar once, writing the image;
@@ -97,21 +97,25 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+REAL_TREES = ("usr/bin", "usr/lib/x86_64-linux-gnu", "usr/lib/python3", "usr/share", "usr/include")
+
+
 def make_real_tar(path: Path, total_mb: int) -> None:
-    """A layer of this machine's real files from /usr, up to ``total_mb`` of data."""
-    listed, total = [], 0
-    for top in ("usr/bin", "usr/lib", "usr/share", "usr/libexec"):
+    """A layer of this machine's files: an equal share of ``total_mb`` from each of
+    ``REAL_TREES`` (binaries, libraries, Python sources, docs and data, headers)."""
+    listed: list[str] = []
+    share = total_mb * MB // len(REAL_TREES)
+    for top in REAL_TREES:
+        taken = 0
         for dirpath, dirnames, filenames in os.walk(Path("/") / top):
             dirnames.sort()
             for name in sorted(filenames):
                 full = Path(dirpath) / name
-                if full.is_symlink() or not full.is_file():
+                if taken >= share or full.is_symlink() or not full.is_file():
                     continue
                 listed.append(str(full.relative_to("/")))
-                total += full.stat().st_size
-                if total >= total_mb * MB:
-                    break
-            if total >= total_mb * MB:
+                taken += full.stat().st_size
+            if taken >= share:
                 break
     files = path.with_suffix(".list")
     files.write_text("\n".join(listed) + "\n")
