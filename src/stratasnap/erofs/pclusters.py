@@ -88,6 +88,10 @@ class FileClusters:
         if self.pos != node.size:
             raise AssertionError(f"placed {self.pos} of {node.size} bytes")
         if not self.compressed:
+            # Raw extents of whole blocks from offset 0, in consecutive blocks: the
+            # blocks hold the file as an uncompressed inode would.
+            if self.blocks != -(-node.size // BS):
+                raise AssertionError("raw extents that are not whole blocks")
             node.blkaddr = self.first_block if self.blocks else 0
             return
         if len(self.index) < -(-node.size // BS) * fmt.LCLUSTER_INDEX_SIZE:
