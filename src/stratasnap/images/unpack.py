@@ -14,10 +14,11 @@ on a temporary directory (root only).
 
 A backend with a faster whole-layer path (the erofs backend's tar → EROFS
 converter) offers it through :class:`LayerConverter`: unpack then still reads
-the blob itself (decompression, the blob digest and the diff ID, in
+the blob itself (decompression and the blob digest, in
 :class:`~.layer_stream.LayerStream`) and hands the backend the uncompressed
-tar, so every backend is checked the same way and no backend needs to know
-about blobs or compression. Unpack never asks which backend it has.
+tar; the diff ID the backend computed of what it read is checked against the
+config's here, so no backend needs to know about blobs, compression or image
+configs. Unpack never asks which backend it has.
 """
 
 from __future__ import annotations
@@ -276,7 +277,16 @@ def _apply_layer(
     t0 = time.perf_counter()
     try:
         with open(blob.path, "rb") as src:
-            stream = LayerStream(src, blob.compression, blob.digest, blob.diff_id, progress)
+            stream = LayerStream(
+                src,
+                blob.compression,
+                blob.digest,
+                blob.diff_id,
+                progress,
+                # The converter hashes what it reads (its answer is checked below):
+                # one sha256 pass over the uncompressed layer instead of two.
+                hash_diff_id=converter is None,
+            )
             try:
                 if converter is not None:
                     applied = _convert(converter, key, stream, blob)
@@ -317,11 +327,10 @@ def _convert(
 ) -> ApplyStats:
     """The backend's way: the whole verified, uncompressed tar handed over at once."""
     got = converter.convert_layer(key, cast(BinaryIO, stream))
-    stream.finish()  # the blob digest and the diff ID of what the backend read
+    stream.finish()  # the blob digest of what the backend read
     if got != str(blob.diff_id):
-        # The backend read something else than the stream (or hashed it wrongly).
         raise DigestMismatch(
-            f"layer {blob.digest}: the backend converted content with diff ID {got}, "
-            f"the image config says {blob.diff_id}"
+            f"layer {blob.digest}: uncompressed content has diff ID {got} "
+            f"(as converted by the backend), the image config says {blob.diff_id}"
         )
     return ApplyStats()  # entries and files: the backend's business
