@@ -74,7 +74,10 @@ def image() -> None:
 
     Images live in the store's root: blobs under <root>/content, names in
     its metadata, layers as committed snapshots named by chain ID (shared
-    between images, like containerd's).
+    between images, like containerd's). On the erofs backend each layer tar
+    is converted straight into its EROFS image (no file written per entry,
+    no mkfs.erofs) where the backend can: option convert_layers=true (the
+    default) and a compression the converter writes (-o compression=none).
 
     \b
     Example:
