@@ -24,6 +24,12 @@ CASES = {
 }
 
 
+# What a converted layer (erofs) holds harmlessly: the converter makes names relative
+# (as containerd's applier does) and writes an image of its own, where a lower
+# layer's symlink is shadowed, never followed. Entry by entry, these are refused.
+CONVERTED_HARMLESSLY = ("absolute", "lower-symlink-parent")
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_second_layer(
@@ -39,11 +45,15 @@ def test_hostile_second_layer(
         store = ImageStore(root, sn)
         (imp,) = import_archive(archive, store.content)
         img = store.load(store.add(imp.name, imp.manifest.digest, imp.manifest.media_type, "", ""))
-        with pytest.raises(InvalidArgument):
+        if getattr(sn, "converts_layers", False) and case in CONVERTED_HARMLESSLY:
             store.unpack(img)
-        sn.cleanup()
-        assert [i.name for i in sn.walk()] == [info.chain_ids[0]]
-        assert len(os.listdir(root / "snapshots")) == 1
+            assert sorted(i.name for i in sn.walk()) == sorted(info.chain_ids[:2])
+        else:
+            with pytest.raises(InvalidArgument):
+                store.unpack(img)
+            sn.cleanup()
+            assert [i.name for i in sn.walk()] == [info.chain_ids[0]]
+            assert len(os.listdir(root / "snapshots")) == 1
         store.close()
     assert os.listdir(scratch / "outside") == []
     assert not (scratch / "escaped").exists()

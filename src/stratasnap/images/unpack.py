@@ -36,6 +36,7 @@ from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, from_os_error
 from ..snapshotter import Snapshotter
+from ..tarstream import TarFormatError
 from ..types import Kind, Mount
 from .apply import ApplyStats, Target, apply_tar
 from .content import ContentStore, DigestMismatch
@@ -276,24 +277,22 @@ def _apply_layer(
     converter = sn if isinstance(sn, LayerConverter) and sn.converts_layers else None
     t0 = time.perf_counter()
     try:
-        with open(blob.path, "rb") as src:
-            stream = LayerStream(
-                src,
-                blob.compression,
-                blob.digest,
-                blob.diff_id,
-                progress,
-                # The converter hashes what it reads (its answer is checked below):
-                # one sha256 pass over the uncompressed layer instead of two.
-                hash_diff_id=converter is None,
-            )
+        if converter is not None:
+            conv = converter
             try:
-                if converter is not None:
-                    applied = _convert(converter, key, stream, blob)
-                else:
-                    applied = _apply(stream, mounts)
-            finally:
-                stream.close()
+                applied, decompress = _read_blob(
+                    blob, progress, lambda s: _convert(conv, key, s, blob), converted=True
+                )
+            except TarFormatError:
+                # A layer only its parents make whole (a hard link to a file of a
+                # lower layer) cannot be an image of its own: the converter refused
+                # it and wrote nothing, so it is applied entry by entry instead (a
+                # really bad tar is refused there too).
+                converter = None
+        if converter is None:
+            applied, decompress = _read_blob(
+                blob, progress, lambda s: _apply(s, mounts), converted=False
+            )
     except FileNotFoundError as exc:
         if exc.filename == str(blob.path):
             raise NotFound(f"layer blob {blob.digest} is not in the content store") from None
@@ -304,8 +303,33 @@ def _apply_layer(
     if converter is not None:
         stats.converted += 1
     stats.add_time("convert" if converter is not None else "apply", total)
-    stats.add_time("decompress+hash (overlapped)", stream.decompress_seconds)
+    stats.add_time("decompress+hash (overlapped)", decompress)
     return applied
+
+
+def _read_blob(
+    blob: LayerBlob,
+    progress: Callable[[int], None] | None,
+    take: Callable[[LayerStream], ApplyStats],
+    *,
+    converted: bool,
+) -> tuple[ApplyStats, float]:
+    """``take`` the layer's uncompressed tar; also the seconds spent decompressing."""
+    with open(blob.path, "rb") as src:
+        stream = LayerStream(
+            src,
+            blob.compression,
+            blob.digest,
+            blob.diff_id,
+            progress,
+            # The converter hashes what it reads (its answer is checked): one sha256
+            # pass over the uncompressed layer instead of two.
+            hash_diff_id=not converted,
+        )
+        try:
+            return take(stream), stream.decompress_seconds
+        finally:
+            stream.close()
 
 
 def _apply(stream: LayerStream, mounts: Sequence[Mount]) -> ApplyStats:
