@@ -851,7 +851,7 @@ class MetaStore:
 
 
 def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
-    """Every snapshot row, and what SQLite's own checks say, without writing anything.
+    """Every snapshot row (with its details), and what SQLite's checks say, writing nothing.
 
     Opened read-only (``stratasnap check`` runs next to a live server): no
     migration, no recovery. Problems are SQLite's integrity check and the
@@ -870,6 +870,12 @@ def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
                 problems.extend(result)
             for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check"):
                 problems.append(f"{table} row {rowid} refers to a missing row of {parent}")
+            details: dict[int, dict[str, str]] = {}
+            with suppress(sqlite3.OperationalError):  # no details table before schema 3
+                for sid, name, value in conn.execute(
+                    "SELECT snapshot_id, name, value FROM details"
+                ):
+                    details.setdefault(int(sid), {})[str(name)] = str(value)
             rows: dict[int, Row] = {}
             kinds = {k.value: k for k in Kind}
             for sid, key, kind, parent_id in conn.execute(
@@ -880,6 +886,7 @@ def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
                     str(key),
                     kinds.get(str(kind)),
                     None if parent_id is None else int(parent_id),
+                    details.get(int(sid), {}),
                 )
         except sqlite3.DatabaseError as exc:
             # Corrupt beyond reading its rows: that is the finding.

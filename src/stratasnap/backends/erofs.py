@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -51,9 +52,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import FailedPrecondition, InvalidArgument, from_os_error
+from ..findings import Finding, Repair, Row, Survey
 from ..fs.erofs_image import (
     ZTAILPACKING,
     build_image,
+    file_sha256,
     find_mkfs,
     kernel_supports_erofs,
     mkfs_compressors,
@@ -271,6 +274,61 @@ class ErofsSnapshotter(OverlaySnapshotter):
         with suppress(FileNotFoundError):
             _unlink_image(path / IMAGE)
 
+    # -- check -------------------------------------------------------------------------
+
+    @classmethod
+    def _keeps_upper(cls, row: Row) -> bool:
+        return row.kind is not Kind.COMMITTED  # a committed layer's files are its image
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """Overlay's checks, then each committed layer's image: there, settled, and with
+        ``survey.deep`` (``check --deep``) the sha256 recorded at commit.
+
+        A layer whose image is not mounted is not a finding: images are
+        mounted on first use (see the module docstring). Nothing here is
+        deleted by a repair: a layer that is missing or corrupt may be the
+        parent of other snapshots, so those findings need a person.
+        """
+        yield from super()._check(survey)
+        for sid, row in survey.stored():
+            storage = survey.snapshots_dir / str(sid)
+            where = f"snapshots/{sid}/{IMAGE}"
+            layer = f"layer {json.dumps(row.key)}"
+            if row.kind is not Kind.COMMITTED:
+                if os.path.lexists(storage / IMAGE):
+                    yield Finding(
+                        "spare-image",
+                        where,
+                        f"{row.kind and row.kind.value} snapshot {json.dumps(row.key)} has an"
+                        " image that a commit killed before it committed left behind",
+                        Repair.FINISH,
+                    )
+                continue
+            if not os.path.lexists(storage / IMAGE):
+                yield Finding(
+                    "missing-image",
+                    where,
+                    f"{layer} has no image (its files are lost; remove it with `stratasnap rm`"
+                    " once nothing uses it, and pull its image again)",
+                )
+                continue
+            if _unsettled(str(storage)):
+                yield Finding(
+                    "unsettled-layer",
+                    f"snapshots/{sid}",
+                    f"{layer}: a commit was killed after it committed, before the image was"
+                    " mounted and the old upper deleted",
+                    Repair.FINISH,
+                )
+            recorded = row.details.get(DIGEST_DETAIL)
+            if recorded is None:
+                yield Finding(
+                    "missing-digest", where, f"{layer}: no image digest recorded at commit"
+                )
+            elif survey.deep:
+                yield from _verify_digest(storage / IMAGE, where, layer, recorded)
+
     # -- layers ------------------------------------------------------------------------
 
     def mount_layers(self) -> int:
@@ -371,6 +429,23 @@ def _erofs_module_available() -> bool:
             return any("/erofs.ko" in line.split(":", 1)[0] for line in f)
     except OSError:
         return False
+
+
+def _verify_digest(image: Path, where: str, layer: str, recorded: str) -> Iterator[Finding]:
+    """A finding if the image's sha256 is not the one recorded at its commit."""
+    try:
+        actual = "sha256:" + file_sha256(image)
+    except OSError as exc:
+        yield Finding("unreadable-image", where, f"{layer}: cannot read its image: {exc}")
+        return
+    if actual != recorded:
+        yield Finding(
+            "digest-mismatch",
+            where,
+            f"{layer}: the image's digest is {actual}, but {recorded} was recorded at commit"
+            " (the image changed or is corrupt: remove the layer once nothing uses it, and"
+            " pull its image again)",
+        )
 
 
 def _unsettled(storage: str) -> bool:

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ..errors import FailedPrecondition
-from ..findings import Finding, Survey
+from ..findings import Finding, Row, Survey
 from ..fs import loop
 from ..fs.overlay_probe import (
     escape_layer_path,
@@ -159,6 +159,8 @@ class OverlaySnapshotter(BaseSnapshotter):
         """The layout's checks, then: every snapshot has its upper (or its limited image)."""
         yield from super()._check(survey)
         for sid, row in survey.stored():
+            if not cls._keeps_upper(row):
+                continue
             storage = survey.snapshots_dir / str(sid)
             # A size-limited layer that is not mounted now shows only its image.
             if not (storage / "fs").is_dir() and not (storage / LIMITED_IMAGE).exists():
@@ -167,6 +169,12 @@ class OverlaySnapshotter(BaseSnapshotter):
                     f"snapshots/{sid}/fs",
                     f"snapshot {row.key!r} has no fs directory (its files are lost)",
                 )
+
+    @classmethod
+    def _keeps_upper(cls, row: Row) -> bool:
+        """Whether ``row``'s files are in its ``fs`` directory (a subclass may keep them
+        elsewhere, as erofs does for committed layers)."""
+        return True
 
     def _mounts(self, rec: Record) -> list[Mount]:
         kind = rec.info.kind
