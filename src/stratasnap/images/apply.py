@@ -14,10 +14,10 @@ by asking which backend it is):
   read the lowerdirs.
 
 Safety: every name is checked before anything is written, by the reader's one
-rule for names (:func:`stratasnap.tarstream.split_name`: ``..`` components,
-NUL bytes and over-long components are refused); absolute names are refused
-too (the applier's stricter policy; the EROFS converter scopes them to the
-root as containerd does); parent directories are resolved component by
+rule for names, which the EROFS converter applies too
+(:func:`stratasnap.tarstream.split_name`: an absolute name is scoped to the
+layer root as containerd and docker do; ``..`` components, NUL bytes and
+over-long components are refused); parent directories are resolved component by
 component without following a symlink out of the tree (a symlink whose
 target is absolute or climbs above the root refuses the layer; one that
 stays inside is followed, like containerd's scoped resolution); the file
@@ -98,9 +98,7 @@ class ApplyStats:
 
 
 def _clean(name: bytes, offset: int) -> str:
-    """A member name (or link target) as a relative path; refuses absolute names too."""
-    if name.startswith(b"/"):
-        raise UnsafeLayer(f"layer entry {os.fsdecode(name)!r} has an absolute name")
+    """A member name (or hard-link target) as a path relative to the layer root."""
     return os.fsdecode(b"/".join(split_name(name, offset)))
 
 
