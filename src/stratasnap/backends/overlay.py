@@ -129,7 +129,11 @@ class OverlaySnapshotter(BaseSnapshotter):
         if size is None:
             size = self.config.default_size
         mapping = parse_mapping_labels(labels)
-        if mapping is not None and not idmapped_layers_supported() and not self.config.slow_chown:
+        if (
+            mapping is not None
+            and not idmapped_layers_supported(self.root)
+            and not self.config.slow_chown
+        ):
             raise FailedPrecondition(
                 "uid/gid mapping labels need idmapped overlay layers (Linux 5.19+); "
                 "set slow_chown=true to let containerd chown the layers instead"
@@ -182,7 +186,7 @@ class OverlaySnapshotter(BaseSnapshotter):
             self._limits.ensure_mounted(self.storage_dir(rec.id))
         # Without idmapped layers (slow_chown) containerd chowns the layers
         # itself; only the upper's owner is ours to set, at create.
-        options = _idmap_options(rec.info.labels) if idmapped_layers_supported() else []
+        options = _idmap_options(rec.info.labels) if idmapped_layers_supported(self.root) else []
         if not rec.parent_ids:
             mode = "ro" if kind is Kind.VIEW else "rw"
             source = str(self._fs_dir(rec.id))
