@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from conftest import need_root
 
 from stratasnap.fs import idmapped, overlay_probe
-from stratasnap.fs.mount import mounts_under
+from stratasnap.fs.mount import bind, mounts_under
 from stratasnap.fs.overlay_probe import idmapped_layers_supported
 
 pytestmark = pytest.mark.privileged
@@ -65,3 +66,22 @@ def test_without_privileges_the_kernel_version_decides(
     monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", "6.1.0-21", "", "")))
     assert idmapped_layers_supported(scratch) is True  # not cached: no probe was made
     assert overlay_probe._IDMAP_PROBED == {}
+
+
+def test_leftovers_of_a_killed_probe_are_swept_and_a_live_one_kept(scratch: Path) -> None:
+    need_root()
+    src = scratch / "src"
+    src.mkdir()
+    stale = scratch / ".idmap-probe-killed"
+    (stale / "mnt").mkdir(parents=True)
+    bind(src, stale / "mnt")  # killed while its overlay was mounted
+    live = scratch / ".idmap-probe-live"
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a probe running in another process holds it
+        idmapped_layers_supported(scratch)
+        assert sorted(os.listdir(scratch)) == [".idmap-probe-live", "src"]
+        assert mounts_under(scratch) == []
+    finally:
+        os.close(fd)

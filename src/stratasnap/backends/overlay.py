@@ -186,7 +186,9 @@ class OverlaySnapshotter(BaseSnapshotter):
             self._limits.ensure_mounted(self.storage_dir(rec.id))
         # Without idmapped layers (slow_chown) containerd chowns the layers
         # itself; only the upper's owner is ours to set, at create.
-        options = _idmap_options(rec.info.labels) if idmapped_layers_supported(self.root) else []
+        options = _idmap_options(rec.info.labels)
+        if options and not idmapped_layers_supported(self.root):  # probed only when asked
+            options = []
         if not rec.parent_ids:
             mode = "ro" if kind is Kind.VIEW else "rw"
             source = str(self._fs_dir(rec.id))

@@ -7,6 +7,7 @@ starts (``overlayutils``), done here from Python without subprocesses.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 import tempfile
@@ -131,6 +132,7 @@ _IDMAP_PROBED: dict[int, bool] = {}
 _IDMAP_LOCK = threading.Lock()
 #: The probe's mapping: container root is host uid/gid 1000 (any shift would do).
 _PROBE_SHIFT = 1000
+_PROBE_PREFIX = ".idmap-probe-"
 
 
 def idmapped_layers_supported(directory: StrPath | None = None) -> bool:
@@ -167,10 +169,13 @@ def _probe_idmapped_overlay(directory: str) -> bool | None:
 
     if os.geteuid() != 0:
         return None  # mounting needs CAP_SYS_ADMIN in the initial namespace
+    _sweep_probes(directory)
     try:
-        scratch = tempfile.mkdtemp(prefix=".idmap-probe-", dir=directory)
+        scratch = tempfile.mkdtemp(prefix=_PROBE_PREFIX, dir=directory)
+        lock = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None  # a full or read-only filesystem: nothing to learn here
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held while probing: _sweep_probes skips it
     lower1, lower2, target = (os.path.join(scratch, n) for n in ("l1", "l2", "mnt"))
     try:
         for d in (lower1, lower2, target):
@@ -192,6 +197,31 @@ def _probe_idmapped_overlay(directory: str) -> bool | None:
         return None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        os.close(lock)
+
+
+def _sweep_probes(directory: str) -> None:
+    """Remove what probes killed midway left in ``directory`` (a mount, directories).
+
+    A probe holds a flock on its directory: one that can be locked is a leftover.
+    """
+    from .mount import unmount_all_under
+
+    with os.scandir(directory) as entries:
+        stale = [e.path for e in entries if e.name.startswith(_PROBE_PREFIX) and e.is_dir()]
+    for path in stale:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live probe (another thread or process)
+        finally:
+            os.close(fd)
+        unmount_all_under(path, lazy=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def escape_layer_path(path: StrPath) -> str:
