@@ -1,8 +1,9 @@
 """erofs crash safety: a process killed (SIGKILL) before any step of commit or remove.
 
 crashkit's kill-at-step loop (tests/crashkit.py) with erofs's scenario: the
-child counts every storage step (image build, rename, mkdir, unlink,
-rmtree, mount, unmount, fsync, immutable flag, store commit) and kills
+child counts every storage step (image build or tar conversion, rename,
+mkdir, unlink, rmtree, mount, unmount, fsync, immutable flag, store commit;
+the converter's own renames and unlinks too) and kills
 itself just before step N. For every N until the operation finishes, the
 test reopens the store (a restart), runs cleanup(), and checks every
 snapshot: the operation happened entirely or not at all, active snapshots
@@ -13,7 +14,9 @@ that no snapshot owns: no directory, no mount, no loop device.
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,12 +47,20 @@ STEPS = (
         for name in ("build_image", "mount_image", "unmount", "fsync_path", "set_immutable")
     ),
     "stratasnap.fs.mount:unmount",
+    "stratasnap.backends.erofs:convert_tar",
+    "stratasnap.backends.erofs:describe",
 )
 #: How the child runs each operation (``sn``: the open snapshotter; ``argv``: child_args).
 OP_CODE = {
     "commit": 'sn.commit("child-committed", "active")',
     "remove": 'sn.remove("leaf")',
     "cleanup": "sn.cleanup()",
+    # The same changes as "active" holds, as a layer tar (argv[0]), into the empty "fresh".
+    "convert": (
+        'with open(argv[0], "rb") as tar:\n'
+        '    sn.convert_layer("fresh", tar)\n'
+        'sn.commit("child-committed", "fresh")'
+    ),
 }
 
 
@@ -78,12 +89,25 @@ def _setup(root: Path, mnt: Path, options: dict[str, object]) -> dict[str, dict[
             (r / "written").write_text("in the active snapshot")
             (r / "b").unlink()  # a whiteout in the upper, to carry into the image
             digests["active"] = _content(r)
+        with mounted(sn.prepare("fresh", "base"), mnt) as r:
+            digests["fresh"] = _content(r)
         for name in ("base", "leaf"):
             with mounted(sn.view(f"v-{name}", name), mnt) as r:
                 digests[name] = _content(r)
             sn.remove(f"v-{name}")
         sn.cleanup()
     return digests
+
+
+def _layer_tar(path: Path) -> Path:
+    """The changes _setup makes in "active", as a layer tar: a new file, a whiteout."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        data = b"in the active snapshot"
+        info = tarfile.TarInfo("written")
+        info.size, info.mode = len(data), 0o644
+        tf.addfile(info, io.BytesIO(data))
+        tf.addfile(tarfile.TarInfo(".wh.b"))
+    return path
 
 
 def _loops_under(root: Path) -> list[str]:
@@ -147,6 +171,10 @@ def _committed(kinds: dict[str, Kind]) -> bool:
     return kinds.get("child-committed") is Kind.COMMITTED and "active" not in kinds
 
 
+def _converted(kinds: dict[str, Kind]) -> bool:
+    return kinds.get("child-committed") is Kind.COMMITTED and "fresh" not in kinds
+
+
 @pytest.mark.parametrize(
     ("op", "options", "done"),
     [
@@ -156,8 +184,19 @@ def _committed(kinds: dict[str, Kind]) -> bool:
         ("remove", {"immutable": True}, lambda k: "leaf" not in k),
         ("remove", {"sync_remove": True}, lambda k: "leaf" not in k),
         ("cleanup", {}, lambda k: True),
+        ("convert", {"compression": "none", "immutable": True}, _converted),
+        ("convert", {"compression": "none", "default_size": "32MiB"}, _converted),
     ],
-    ids=["commit", "commit-immutable", "commit-limited", "remove", "remove-sync", "cleanup"],
+    ids=[
+        "commit",
+        "commit-immutable",
+        "commit-limited",
+        "remove",
+        "remove-sync",
+        "cleanup",
+        "convert-immutable",
+        "convert-limited",
+    ],
 )
 def test_kill_at_every_step(
     loopfs: Callable[..., Path],
@@ -187,6 +226,9 @@ class ErofsCrash(CrashRun):
 
     def check_consistent(self, root: Path, digests: dict[str, Any]) -> dict[str, Kind]:
         return _check(root, self.mnt, digests, self.options)
+
+    def child_args(self, root: Path) -> list[str]:
+        return [str(_layer_tar(root.parent / "layer.tar"))]
 
     def release(self, root: Path) -> None:
         unmount_all_under(root)
