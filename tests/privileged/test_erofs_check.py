@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from stratasnap.check import check, repair
 from stratasnap.cli import cli
 from stratasnap.findings import Finding, Repair
 from stratasnap.fs.erofs_image import file_sha256, is_immutable, set_immutable
-from stratasnap.fs.mount import is_mountpoint, unmount, unmount_all_under
+from stratasnap.fs.mount import bind, is_mountpoint, unmount, unmount_all_under
 from stratasnap.testing import mounted
 
 pytestmark = pytest.mark.privileged
@@ -143,3 +143,33 @@ def test_a_half_finished_commit_is_found_and_finished_by_repair(root: Path) -> N
         with mounted(view, root.parent) as r:
             assert (r / "top").read_text() == "top layer"
         sn.remove("look")
+
+
+def test_something_else_mounted_on_a_layer_is_found(root: Path, scratch: Path) -> None:
+    top = _storage(root, "top")
+    with open_snapshotter(root, "erofs") as sn:
+        assert isinstance(sn, ErofsSnapshotter)
+        sn.mount_layers()  # every image mounted: none of those is a finding
+    assert check(root, "erofs").healthy
+    unmount(top / "fs")
+    other = scratch / "other"
+    other.mkdir()
+    bind(other, top / "fs")
+    report = check(root, "erofs")
+    assert _codes(report.findings) == {("wrong-mount", f"snapshots/{top.name}/fs", Repair.PERSON)}
+    what = report.findings[0].what
+    assert '"top"' in what and "tmpfs from tmpfs" in what and f"/{other.parent.name}/other" in what
+
+
+def test_file_backed_layers_on_ext4_are_healthy(loopfs: Callable[..., Path]) -> None:
+    """On ext4 the images are mounted from the file itself (Linux 6.12+), else by loop."""
+    need_root()
+    root = loopfs("ext4", size="256M") / "root"
+    with open_snapshotter(root, "erofs") as sn:
+        assert isinstance(sn, ErofsSnapshotter)
+        sn.prepare("a")
+        sn.commit("base", "a")
+        sn.prepare("ctr", "base")
+        assert sn.mount_layers() == 0  # the commit mounted it
+    assert check(root, "erofs", deep=True).healthy
+    unmount_all_under(root)

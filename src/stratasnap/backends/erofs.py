@@ -85,6 +85,7 @@ from ..fs.erofs_image import (
 )
 from ..fs.image import MissingTool
 from ..fs.mount import is_mountpoint, unmount
+from ..fs.mountinfo import MountInfo, read_mountinfo
 from ..fs.usage import fsync_path
 from ..metastore import Record
 from ..snapshotter import StagedCommit
@@ -445,6 +446,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
         parent of other snapshots, so those findings need a person.
         """
         yield from super()._check(survey)
+        mounted = _mounts_by_point(survey.snapshots_dir)
+        loops = {str(dev): str(backing) for dev, backing in survey.loops}
         for sid, row in survey.stored():
             storage = survey.snapshots_dir / str(sid)
             where = f"snapshots/{sid}/{IMAGE}"
@@ -474,6 +477,14 @@ class ErofsSnapshotter(OverlaySnapshotter):
                     f"{layer}: a commit was killed after it committed, before the image was"
                     " mounted and the old upper deleted",
                     Repair.FINISH,
+                )
+            on_fs = mounted.get(os.path.realpath(storage / "fs"))
+            if on_fs is not None and not _mounts_image(on_fs, storage / IMAGE, loops):
+                yield Finding(
+                    "wrong-mount",
+                    f"snapshots/{sid}/fs",
+                    f"{layer}: {_describe_mount(on_fs)} is mounted where its image belongs"
+                    " (children would see other files)",
                 )
             recorded = row.details.get(DIGEST_DETAIL)
             if recorded is None:
@@ -640,6 +651,23 @@ def _erofs_module_available() -> bool:
             return any("/erofs.ko" in line.split(":", 1)[0] for line in f)
     except OSError:
         return False
+
+
+def _mounts_by_point(directory: Path) -> dict[str, MountInfo]:
+    """The top mount on each mount point below ``directory`` (real paths)."""
+    prefix = os.path.realpath(directory) + "/"
+    return {str(m.mountpoint): m for m in read_mountinfo() if str(m.mountpoint).startswith(prefix)}
+
+
+def _describe_mount(m: MountInfo) -> str:
+    within = "" if m.root == "/" else f" (its {m.root})"  # a bind mount of a subtree
+    return f"{m.fstype} from {m.source}{within}"
+
+
+def _mounts_image(m: MountInfo, image: Path, loops: Mapping[str, str]) -> bool:
+    """Whether ``m`` is ``image`` mounted: from the file itself, or a loop device on it."""
+    real = os.path.realpath(image)
+    return m.fstype == "erofs" and real in (os.path.realpath(m.source), loops.get(m.source))
 
 
 def _verify_digest(image: Path, where: str, layer: str, recorded: str) -> Iterator[Finding]:

@@ -42,9 +42,9 @@ def check(session: Session, do_repair: bool, deep: bool, as_json: bool) -> None:
     committed, at leftovers of interrupted creates, commits and removes, at
     mounts and loop devices on storage no snapshot owns, and at what the
     backend keeps (blockfile: every image holds a filesystem; erofs: every
-    committed layer has its image, and with --deep the image's digest is the
-    one recorded at commit). Without --repair it changes nothing and is safe
-    next to a running server.
+    committed layer has its image, nothing else mounted on it, and with
+    --deep the image's digest is the one recorded at commit). Without
+    --repair it changes nothing and is safe next to a running server.
 
     Each finding says what --repair would do, or that it needs a person.
     Exit status: 0 healthy, 1 problems remain, 7 when --repair is refused
