@@ -37,7 +37,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -389,7 +389,6 @@ class ReadTx:
             counts[Kind(kind)] = int(n)
         return counts
 
-
     # -- images ------------------------------------------------------------------
 
     def find_image(self, name: str) -> ImageRecord | None:
@@ -424,6 +423,23 @@ def _image_from_row(row: tuple[object, ...]) -> ImageRecord:
 
 class WriteTx(ReadTx):
     """Changes, applied atomically when the transaction commits."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        before_commit: Callable[[Hashable, Callable[[], None]], None],
+    ) -> None:
+        super().__init__(conn)
+        self._before_commit = before_commit
+
+    def before_commit(self, key: Hashable, work: Callable[[], None]) -> None:
+        """Have ``work`` done (once per ``key`` in a shared commit) before this change is durable.
+
+        For what the change relies on outside the store, e.g. an fsync of
+        the directory a snapshot was renamed into. When ``work`` raises,
+        the change does not commit and the write raises that error.
+        """
+        self._before_commit(key, work)
 
     def create(
         self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
@@ -760,7 +776,7 @@ class MetaStore:
         block's own changes are all or nothing either way.
         """
         with self._immediate() as conn:
-            yield WriteTx(conn)
+            yield WriteTx(conn, self._group.before_commit)
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:

@@ -20,7 +20,9 @@ import os
 import shutil
 import sys
 from collections.abc import Container, Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
@@ -34,7 +36,7 @@ from .errors import (
 from .filters import parse as parse_filters
 from .findings import Finding, Repair, Survey
 from .fs.mount import mounts_under, unmount_all_under
-from .fs.usage import disk_usage, flush_tree
+from .fs.usage import disk_usage, flush_tree, fsync_path
 from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
@@ -382,12 +384,25 @@ class BaseSnapshotter:
                 rec = wtx.create(sid, kind, key, parent, clean)
                 os.rename(work, final)
                 renamed = True
+                # The store must never hold a snapshot whose storage a power
+                # loss can take back: its directory's entries (fs/, work/…) and
+                # its name in snapshots/ are made durable before the row is.
+                # Run by the committer, once per batch for snapshots/.
+                wtx.before_commit(final, partial(_sync_new_storage, final))
+                wtx.before_commit(self.snapshots_dir, self._sync_snapshots_dir)
+        except OSError as exc:  # an fsync before the commit failed: nothing committed
+            self._delete(final if renamed else work)
+            raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
         except BaseException:
             self._delete(final if renamed else work)
             raise
         finally:
             os.close(lock)
         return self._mounts(rec)
+
+    def _sync_snapshots_dir(self) -> None:
+        """fsync ``snapshots/``: the renames into it so far are durable."""
+        fsync_path(self.snapshots_dir)
 
     def mounts(self, key: str) -> list[Mount]:
         with self._store.read() as tx:
@@ -685,6 +700,13 @@ def create_in_progress(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _sync_new_storage(path: Path) -> None:
+    """fsync a new snapshot's directory (its entries); gone means removed in the same batch."""
+    # Renamed to rm-<id> by a remove sharing the commit: nothing of it must last.
+    with suppress(FileNotFoundError):
+        fsync_path(path)
 
 
 def _size_or_zero(path: Path) -> int:
