@@ -71,9 +71,8 @@ class GroupCommit:
         commit: Callable[[sqlite3.Connection], None],
         max_batch: int = MAX_BATCH,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        self.max_batch = max_batch
+        self.max_batch = MAX_BATCH
+        self.set_max_batch(max_batch)
         self._connect = connect
         self._commit = commit
         self._conn: sqlite3.Connection | None = None
@@ -83,6 +82,12 @@ class GroupCommit:
         self._batch: _Batch | None = None  # the open transaction, touched under _turn
         self._sizes: Counter[int] = Counter()
         self._local = threading.local()
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """Bound the operations one commit may carry from now on; 1 turns batching off."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.max_batch = max_batch
 
     @property
     def queued(self) -> int:

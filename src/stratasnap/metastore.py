@@ -805,6 +805,10 @@ class MetaStore:
         """How many commits made how many write transactions durable: ``{size: commits}``."""
         return self._group.batch_sizes()
 
+    def set_max_batch(self, max_batch: int) -> None:
+        """At most ``max_batch`` write transactions per commit (1: each commits alone)."""
+        self._group.set_max_batch(max_batch)
+
     def reserve_id(self) -> int:
         """An id no snapshot has had or will have, made durable before it is returned."""
         with self._ids_lock:

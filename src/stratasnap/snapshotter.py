@@ -530,6 +530,14 @@ class BaseSnapshotter:
         """How many metadata commits made how many write calls durable (for metrics)."""
         return self._store.batch_sizes()
 
+    def set_max_batch(self, max_batch: int) -> None:
+        """Let at most ``max_batch`` concurrent write calls share one metadata commit.
+
+        1 turns group commit off (every write commits, and fsyncs, alone);
+        the default is :data:`stratasnap.group_commit.MAX_BATCH`.
+        """
+        self._store.set_max_batch(max_batch)
+
     def cleanup(self) -> Reclaimed:
         doomed: list[Path] = []
         with self._store.write() as tx:
