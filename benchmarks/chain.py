@@ -20,7 +20,7 @@ calls a snapshotter), so both pay the same client. Needs ``golang-go`` and
    which both snapshotters do before recording it). ``--rounds`` chains per
    side, alternated, which side goes first alternating too.
 2. **prepare**: ``--prepares`` single Prepares of an empty snapshot, one at a
-   time (each removed, untimed, before the next): p50 and p99.
+   time (then all removed, untimed): p50 and p99.
 
 Prints each round, then medians over rounds of the per-round medians, and
 the ratios this / ref next to issue 12's targets (chain prepare + commit

@@ -20,9 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Container, Iterable, Iterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
@@ -35,6 +33,7 @@ from .errors import (
 )
 from .filters import parse as parse_filters
 from .findings import Finding, Repair, Survey
+from .fs.durable import parent_sync_covers_new_entries
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree, fsync_path
 from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
@@ -159,6 +158,8 @@ class BaseSnapshotter:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
+        # Whether a new snapshot's own directory needs an fsync of its own (see .fs.durable).
+        self._sync_children = not parent_sync_covers_new_entries(self.snapshots_dir)
         self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
@@ -380,17 +381,20 @@ class BaseSnapshotter:
                 with self._store.read() as tx:
                     tx.check_create(kind, key, parent)
                 raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
+            # The store must never hold a snapshot whose storage a power loss
+            # can take back: its name in snapshots/ is made durable by one
+            # fsync of snapshots/ per shared commit, right before it, which on
+            # journaling filesystems also covers the entries made in it
+            # (fs/, work/…); elsewhere those are synced here, outside the
+            # writer's turn (concurrent creates sync side by side).
+            if self._sync_children:
+                self._sync_new_storage(work)
             with self._store.write() as wtx:
                 rec = wtx.create(sid, kind, key, parent, clean)
                 os.rename(work, final)
                 renamed = True
-                # The store must never hold a snapshot whose storage a power
-                # loss can take back: its directory's entries (fs/, work/…) and
-                # its name in snapshots/ are made durable before the row is.
-                # Run by the committer, once per batch for snapshots/.
-                wtx.before_commit(final, partial(_sync_new_storage, final))
                 wtx.before_commit(self.snapshots_dir, self._sync_snapshots_dir)
-        except OSError as exc:  # an fsync before the commit failed: nothing committed
+        except OSError as exc:  # an fsync failed: nothing of the create is committed
             self._delete(final if renamed else work)
             raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
         except BaseException:
@@ -399,6 +403,10 @@ class BaseSnapshotter:
         finally:
             os.close(lock)
         return self._mounts(rec)
+
+    def _sync_new_storage(self, work: Path) -> None:
+        """fsync a new snapshot's directory: its entries are durable."""
+        fsync_path(work)
 
     def _sync_snapshots_dir(self) -> None:
         """fsync ``snapshots/``: the renames into it so far are durable."""
@@ -708,13 +716,6 @@ def create_in_progress(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _sync_new_storage(path: Path) -> None:
-    """fsync a new snapshot's directory (its entries); gone means removed in the same batch."""
-    # Renamed to rm-<id> by a remove sharing the commit: nothing of it must last.
-    with suppress(FileNotFoundError):
-        fsync_path(path)
 
 
 def _size_or_zero(path: Path) -> int:
