@@ -1,9 +1,10 @@
 """Prepare and commit through the socket: containerd's benchsuite chain and a single prepare.
 
 Run: ``.venv/bin/python benchmarks/chain.py`` as root (mounts, a loop
-filesystem). Two snapshots servers run side by side, each on its own root on
-one fresh loop filesystem (``--fs``, ext4 by default): this checkout's
-``stratasnap serve --backend overlay`` (``this``) and a reference (``ref``):
+filesystem). Two snapshots servers run side by side (``--fs``, ext4 by default): this checkout's
+``stratasnap serve --backend overlay`` (``this``) and a reference (``ref``),
+each on a fresh loop filesystem of its own (so that one side's flush never
+writes back the other's dirty layers):
 by default containerd 1.6's own overlay snapshotter behind ``goproxy/`` (Go,
 containerd's snapshot service, no containerd daemon), or, with ``--ref SRC``,
 another checkout's ``src`` directory (e.g. ``git archive <rev> src | tar -x -C
@@ -91,16 +92,19 @@ def main() -> None:
         sys.exit(f"{SCRIPT} needs root (mounts, a loop filesystem)")
     parts = args.only or ["chain", "prepare"]
     here = Path(__file__).resolve().parents[1] / "src"
-    with scratch_fs(args.fs, args.size) as (mnt, desc):
+    with (
+        scratch_fs(args.fs, args.size) as (mnt, desc),
+        scratch_fs(args.fs, args.size) as (ref_mnt, _),
+    ):
         client = built("goclient", mnt, SCRIPT)
         ref_src = built("goproxy", mnt, SCRIPT) if args.ref == "containerd" else Path(args.ref)
-        print(f"# overlay through the socket on {desc}, Go client; load average {load()}")
+        print(f"# overlay through the socket, each side on a {desc}, Go client; load {load()}")
         print(f"# this = {here} {' '.join(args.serve_arg)}")
         containerd = args.ref == "containerd"
         print(f"# ref  = {'containerd 1.6 overlayfs behind goproxy' if containerd else ref_src}")
         servers = {
             "this": Server(here, "overlay", mnt / "root-this", mnt / "this.log", args.serve_arg),
-            "ref": Server(ref_src, "overlay", mnt / "root-ref", mnt / "ref.log"),
+            "ref": Server(ref_src, "overlay", ref_mnt / "root-ref", ref_mnt / "ref.log"),
         }
         chains: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
         singles: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
@@ -110,7 +114,7 @@ def main() -> None:
                 for r in range(args.rounds):
                     order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
                     for name in order:
-                        target = mnt / f"mnt-{name}"
+                        target = (mnt if name == "this" else ref_mnt) / f"mnt-{name}"
                         target.mkdir(exist_ok=True)
                         out = goclient(
                             client,
