@@ -23,6 +23,11 @@ calls a snapshotter), so both pay the same client. Needs ``golang-go`` and
 2. **prepare**: ``--prepares`` single Prepares of an empty snapshot, one at a
    time (then all removed, untimed): p50 and p99.
 
+The loop images go under ``$TMPDIR``: on a busy host disk a device flush (an
+fsync of the image file) can take several milliseconds and swamp everything
+else; ``TMPDIR=/dev/shm`` keeps the images in memory, so flushes cost nothing
+and the figures show what the filesystems and the servers themselves do.
+
 Prints each round, then medians over rounds of the per-round medians, and
 the ratios this / ref next to issue 12's targets (chain prepare + commit
 <= 1.3x; one prepare p50 <= 1.0 ms). The machine may be shared (the load
@@ -98,7 +103,9 @@ def main() -> None:
     ):
         client = built("goclient", mnt, SCRIPT)
         ref_src = built("goproxy", mnt, SCRIPT) if args.ref == "containerd" else Path(args.ref)
-        print(f"# overlay through the socket, each side on a {desc}, Go client; load {load()}")
+        where = os.environ.get("TMPDIR", "/tmp")
+        print(f"# overlay through the socket, each side on a {desc} (image in {where}), Go client")
+        print(f"# load average {load()}")
         print(f"# this = {here} {' '.join(args.serve_arg)}")
         containerd = args.ref == "containerd"
         print(f"# ref  = {'containerd 1.6 overlayfs behind goproxy' if containerd else ref_src}")

@@ -13,15 +13,15 @@ operation, COMMIT): it is not made to wait for company.
 An operation may ask for work that must be durable before its commit is
 (:meth:`GroupCommit.before_commit`: e.g. an fsync of a directory it renamed
 into place). The committer runs that work for the whole batch right before
-COMMIT, each distinct piece once, outside any single operation's turn: N
-prepares renaming into one directory share one fsync of it, as they share
-the log's.
+COMMIT, each distinct piece once (callers arriving meanwhile queue for the
+next batch, as during the COMMIT's fsync): N prepares renaming into one
+directory share one fsync of it, as they share the log's.
 
 An operation that fails is rolled back to its savepoint and its caller gets
 its error at once (its pre-commit work is dropped); the others in the batch
-are not affected. A commit that
-fails (a full disk, an I/O error) fails every caller of the batch, each of
-which then undoes its own side effects, as it would have alone.
+are not affected. A commit that fails (a full disk, an I/O error, failed
+pre-commit work) fails every caller of the batch, each of which then undoes
+its own side effects, as it would have alone.
 
 This module knows SQL transactions, not snapshots: the metadata store
 (:mod:`.metastore`) uses it for every write.
