@@ -53,6 +53,7 @@ from .errors import (
     ResourceExhausted,
     SnapshotError,
     Unavailable,
+    from_os_error,
 )
 from .findings import Row
 from .group_commit import GroupCommit
@@ -437,9 +438,18 @@ class WriteTx(ReadTx):
 
         For what the change relies on outside the store, e.g. an fsync of
         the directory a snapshot was renamed into. When ``work`` raises,
-        the change does not commit and the write raises that error.
+        the change does not commit and the write raises that error (an
+        OSError as a typed SnapshotError: every write sharing the commit
+        gets it, whatever its own call was).
         """
-        self._before_commit(key, work)
+
+        def durable() -> None:
+            try:
+                work()
+            except OSError as exc:
+                raise from_os_error(exc, "making storage durable before the commit") from exc
+
+        self._before_commit(key, durable)
 
     def create(
         self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]

@@ -394,7 +394,7 @@ class BaseSnapshotter:
                 os.rename(work, final)
                 renamed = True
                 wtx.before_commit(self.snapshots_dir, self._sync_snapshots_dir)
-        except OSError as exc:  # an fsync failed: nothing of the create is committed
+        except OSError as exc:  # the rename or the fsync of new-<id> failed: nothing committed
             self._delete(final if renamed else work)
             raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
         except BaseException:
