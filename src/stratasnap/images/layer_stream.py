@@ -6,6 +6,11 @@ a bounded queue; the consumer (the tar applier) reads them as a file. zlib,
 ISA-L, zstd and hashlib release the GIL on large buffers, so decompression
 really overlaps with applying. :meth:`LayerStream.finish` drains what the
 applier did not read (tar padding), then checks both digests.
+
+A reader that hashes every byte it takes anyway (the erofs converter, which
+returns the diff ID of what it read) passes ``hash_diff_id=False``: the
+caller then compares that result with the config's, and the uncompressed
+layer is hashed once, not twice.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ class LayerStream(io.RawIOBase):
         digest: Digest,
         diff_id: Digest,
         progress: Callable[[int], None] | None = None,
+        *,
+        hash_diff_id: bool = True,
     ) -> None:
         super().__init__()
         self.digest = digest
@@ -77,7 +84,7 @@ class LayerStream(io.RawIOBase):
             compression,
             what=f"layer {digest}",
         )
-        self._diff_hash = diff_id.hasher()
+        self._diff_hash = diff_id.hasher() if hash_diff_id else None
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_DEPTH)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
@@ -95,7 +102,8 @@ class LayerStream(io.RawIOBase):
                 chunk = self._reader.read(_CHUNK)
                 if not chunk:
                     break
-                self._diff_hash.update(chunk)
+                if self._diff_hash is not None:
+                    self._diff_hash.update(chunk)
                 self.size += len(chunk)
                 self.decompress_seconds += time.perf_counter() - start
                 self._put(chunk)
@@ -134,7 +142,7 @@ class LayerStream(io.RawIOBase):
         return n
 
     def finish(self) -> None:
-        """Read what is left, then check the blob digest and the diff ID."""
+        """Read what is left, then check the blob digest and the diff ID (if hashed)."""
         if self._stop.is_set():
             raise RuntimeError("LayerStream.finish() after close()")
         while self.read(_CHUNK):
@@ -143,6 +151,8 @@ class LayerStream(io.RawIOBase):
         got = f"{self.digest.algorithm}:{self._compressed.hasher.hexdigest()}"
         if got != str(self.digest):
             raise DigestMismatch(f"layer blob {self.digest}: content has digest {got}")
+        if self._diff_hash is None:
+            return
         got = f"{self.diff_id.algorithm}:{self._diff_hash.hexdigest()}"
         if got != str(self.diff_id):
             raise DigestMismatch(
