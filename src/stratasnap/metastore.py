@@ -37,7 +37,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +53,7 @@ from .errors import (
     ResourceExhausted,
     SnapshotError,
     Unavailable,
+    from_os_error,
 )
 from .findings import Row
 from .group_commit import GroupCommit
@@ -389,7 +390,6 @@ class ReadTx:
             counts[Kind(kind)] = int(n)
         return counts
 
-
     # -- images ------------------------------------------------------------------
 
     def find_image(self, name: str) -> ImageRecord | None:
@@ -424,6 +424,32 @@ def _image_from_row(row: tuple[object, ...]) -> ImageRecord:
 
 class WriteTx(ReadTx):
     """Changes, applied atomically when the transaction commits."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        before_commit: Callable[[Hashable, Callable[[], None]], None],
+    ) -> None:
+        super().__init__(conn)
+        self._before_commit = before_commit
+
+    def before_commit(self, key: Hashable, work: Callable[[], None]) -> None:
+        """Have ``work`` done (once per ``key`` in a shared commit) before this change is durable.
+
+        For what the change relies on outside the store, e.g. an fsync of
+        the directory a snapshot was renamed into. When ``work`` raises,
+        the change does not commit and the write raises that error (an
+        OSError as a typed SnapshotError: every write sharing the commit
+        gets it, whatever its own call was).
+        """
+
+        def durable() -> None:
+            try:
+                work()
+            except OSError as exc:
+                raise from_os_error(exc, "making storage durable before the commit") from exc
+
+        self._before_commit(key, durable)
 
     def create(
         self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
@@ -760,7 +786,7 @@ class MetaStore:
         block's own changes are all or nothing either way.
         """
         with self._immediate() as conn:
-            yield WriteTx(conn)
+            yield WriteTx(conn, self._group.before_commit)
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
@@ -788,6 +814,10 @@ class MetaStore:
     def batch_sizes(self) -> dict[int, int]:
         """How many commits made how many write transactions durable: ``{size: commits}``."""
         return self._group.batch_sizes()
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """At most ``max_batch`` write transactions per commit (1: each commits alone)."""
+        self._group.set_max_batch(max_batch)
 
     def reserve_id(self) -> int:
         """An id no snapshot has had or will have, made durable before it is returned."""
