@@ -66,8 +66,20 @@ _IS_ROOT = os.geteuid() == 0
 
 
 def _umask() -> int:
-    # Read once: os.umask can only be read by setting it (restored at once).
-    mask = os.umask(0o022)
+    """The process umask, read without changing it.
+
+    os.umask can only read it by setting it, which would race with other
+    threads creating files meanwhile (a server start sets 0o177 around its
+    bind): Linux (4.7+) shows it in /proc/self/status instead.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the racy way, restored at once
     os.umask(mask)
     return mask
 
