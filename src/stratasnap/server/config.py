@@ -11,6 +11,10 @@ A minimal file is empty (every key has a default). A full one::
     socket_group = ""
     shutdown_timeout = 30.0
 
+    [group_commit]                       # concurrent writes share SQLite commits
+    enabled = true
+    max_batch = 64
+
     [snapshotters.stratasnap]            # one proxy plugin per table
     backend = "native"
     root = "/var/lib/stratasnap"
@@ -38,6 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..defaults import default_address, default_root
+from ..group_commit import MAX_BATCH
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -45,8 +50,10 @@ __all__ = [
     "DEFAULT_NAME",
     "DEFAULT_ROOT",
     "LOG_LEVELS",
+    "MAX_BATCH_LIMIT",
     "Config",
     "ConfigError",
+    "GroupCommitConfig",
     "SnapshotterConfig",
     "containerd_snippet",
     "default_config_text",
@@ -63,6 +70,9 @@ DEFAULT_BACKEND = "native"
 DEFAULT_NAME = "stratasnap"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: The largest ``group_commit.max_batch``: the first caller of a batch waits for
+#: every operation in it, so a bigger one only adds to that caller's latency.
+MAX_BATCH_LIMIT = 1024
 
 #: Names become TOML bare keys (``[proxy_plugins.NAME]``) and directory names.
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -78,9 +88,11 @@ _TOP_KEYS = (
     "metrics_address",
     "socket_group",
     "shutdown_timeout",
+    "group_commit",
     "snapshotters",
 )
 _SNAPSHOTTER_KEYS = ("backend", "root", "options")
+_GROUP_COMMIT_KEYS = ("enabled", "max_batch")
 
 _Fail = Callable[[str, str], "ConfigError"]
 
@@ -97,6 +109,19 @@ class SnapshotterConfig:
     backend: str = DEFAULT_BACKEND
     root: Path = DEFAULT_ROOT
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class GroupCommitConfig:
+    """Whether concurrent write calls share one metadata commit (fsync), and how many at most."""
+
+    enabled: bool = True
+    max_batch: int = MAX_BATCH
+
+    @property
+    def batch_limit(self) -> int:
+        """The batch bound the store gets: 1 (every write commits alone) when disabled."""
+        return self.max_batch if self.enabled else 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +143,8 @@ class Config:
     socket_group: str = ""
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: Group commit of every snapshotter's store (see :mod:`stratasnap.group_commit`).
+    group_commit: GroupCommitConfig = GroupCommitConfig()
     #: The file this was read from, if any (for messages).
     source: Path | None = None
 
@@ -256,6 +283,8 @@ def _build(data: Mapping[str, Any], source: Path | None) -> Config:
     ):
         raise fail("shutdown_timeout", f"expected a number of seconds >= 0, got {timeout!r}")
 
+    group_commit = _group_commit(data.get("group_commit", {}), fail)
+
     tables = data.get("snapshotters", {})
     if not isinstance(tables, dict):
         raise fail("snapshotters", "expected tables [snapshotters.NAME]")
@@ -299,8 +328,27 @@ def _build(data: Mapping[str, Any], source: Path | None) -> Config:
         metrics_address=metrics_address,
         socket_group=socket_group,
         shutdown_timeout=float(timeout),
+        group_commit=group_commit,
         source=source,
     )
+
+
+def _group_commit(table: object, fail: _Fail) -> GroupCommitConfig:
+    if not isinstance(table, dict):
+        raise fail("group_commit", "expected a table [group_commit]")
+    for k in table:
+        if k not in _GROUP_COMMIT_KEYS:
+            raise fail(f"group_commit.{k}", f"unknown key (known: {', '.join(_GROUP_COMMIT_KEYS)})")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise fail("group_commit.enabled", f"expected true or false, got {enabled!r}")
+    max_batch = table.get("max_batch", MAX_BATCH)
+    if type(max_batch) is not int or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise fail(
+            "group_commit.max_batch",
+            f"expected a number of write calls from 1 to {MAX_BATCH_LIMIT}, got {max_batch!r}",
+        )
+    return GroupCommitConfig(enabled, max_batch)
 
 
 def _string(data: Mapping[str, Any], key: str, default: str, fail: _Fail, prefix: str = "") -> str:
@@ -371,6 +419,17 @@ socket_group = ""
 
 # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
 shutdown_timeout = {DEFAULT_SHUTDOWN_TIMEOUT}
+
+# Group commit: write calls (prepare, view, commit, remove, update, cleanup)
+# that arrive while a metadata commit is being flushed share the next one, so
+# N concurrent writes cost one fsync instead of N. Every caller still hears
+# back only once its change is durable, and a lone call commits at once.
+# enabled = false makes every write commit alone; max_batch (1 to
+# {MAX_BATCH_LIMIT}) bounds how many share one commit, and so how long the first
+# caller of a batch can wait for the others.
+[group_commit]
+enabled = true
+max_batch = {MAX_BATCH}
 
 # Several snapshotters on one socket: one table each, one containerd proxy
 # plugin each (containerd sends the plugin name with every request). Without
