@@ -389,7 +389,6 @@ class ReadTx:
             counts[Kind(kind)] = int(n)
         return counts
 
-
     # -- images ------------------------------------------------------------------
 
     def find_image(self, name: str) -> ImageRecord | None:

@@ -5,7 +5,10 @@ decompresses it and hashes the result (the diff ID), and hands chunks over
 a bounded queue; the consumer (the tar applier) reads them as a file. zlib,
 ISA-L, zstd and hashlib release the GIL on large buffers, so decompression
 really overlaps with applying. :meth:`LayerStream.finish` drains what the
-applier did not read (tar padding), then checks both digests.
+applier did not read (tar padding), then checks both digests. When the diff
+ID is not known beforehand (containerd's fast path knows only the chain ID),
+``diff_id=None`` checks the blob digest alone and :attr:`LayerStream.seen_diff_id`
+says what the uncompressed bytes hash to.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class LayerStream(io.RawIOBase):
         src: BinaryIO,
         compression: str,
         digest: Digest,
-        diff_id: Digest,
+        diff_id: Digest | None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
@@ -77,7 +80,7 @@ class LayerStream(io.RawIOBase):
             compression,
             what=f"layer {digest}",
         )
-        self._diff_hash = diff_id.hasher()
+        self._diff_hash = (diff_id or Digest("sha256", "")).hasher()
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_DEPTH)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
@@ -143,12 +146,20 @@ class LayerStream(io.RawIOBase):
         got = f"{self.digest.algorithm}:{self._compressed.hasher.hexdigest()}"
         if got != str(self.digest):
             raise DigestMismatch(f"layer blob {self.digest}: content has digest {got}")
-        got = f"{self.diff_id.algorithm}:{self._diff_hash.hexdigest()}"
+        if self.diff_id is None:
+            return
+        got = self.seen_diff_id
         if got != str(self.diff_id):
             raise DigestMismatch(
                 f"layer {self.digest}: uncompressed content has diff ID {got}, "
                 f"the image config says {self.diff_id}"
             )
+
+    @property
+    def seen_diff_id(self) -> str:
+        """The digest of the uncompressed bytes read so far (all of them after finish)."""
+        algorithm = self.diff_id.algorithm if self.diff_id is not None else "sha256"
+        return f"{algorithm}:{self._diff_hash.hexdigest()}"
 
     def close(self) -> None:
         """Stop the producer (if still running) and release it."""

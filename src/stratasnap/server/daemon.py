@@ -44,8 +44,10 @@ from typing import IO, Any
 import grpc
 
 from ..defaults import LOCK_NAME
+from ..images.unpack import remove_abandoned
 from ..snapshotter import BaseSnapshotter, Snapshotter
 from .config import Config, SnapshotterConfig
+from .fastpath import FastPath, converts_layers
 from .metrics import Metrics, MetricsServer
 from .service import SEND_TIMEOUT, SnapshotsService, Snapshotters
 
@@ -298,6 +300,7 @@ class Server:
         self._locks: list[_RootLock] = []
         self._stores: dict[str, Snapshotter] = {}
         self._service: SnapshotsService | None = None
+        self._fastpath: FastPath | None = None
         self._grpc: grpc.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._metrics_server: MetricsServer | None = None
@@ -366,11 +369,13 @@ class Server:
             if isinstance(store, BaseSnapshotter):
                 store.start_reaper()
 
+        self._fastpath = self._start_fastpath()
         service = SnapshotsService(
             Snapshotters(self._stores),
             self.metrics,
             max_streams=max(1, self._workers // 2),
             send_timeout=self._send_timeout,
+            fastpath=self._fastpath,
         )
         self.metrics.watch(self._stores)
         self._service = service
@@ -435,6 +440,26 @@ class Server:
         )
         _notify_systemd("READY=1")
 
+    def _start_fastpath(self) -> FastPath | None:
+        """The fast path, if enabled and a snapshotter can take it; leftovers removed."""
+        fast = self.config.fast_path
+        able = [name for name, store in self._stores.items() if converts_layers(store)]
+        for name in able:
+            # Temporary snapshots of a server killed mid-layer.
+            for key in remove_abandoned(self._stores[name]):
+                log.info("removed abandoned fast-path snapshot", extra={"key": key})
+        if not fast.enabled or not able:
+            return None
+        log.info(
+            "layer fast path on",
+            extra={
+                "snapshotters": ",".join(able),
+                "containerd_address": str(fast.containerd_address),
+                "fetch_timeout_s": fast.fetch_timeout,
+            },
+        )
+        return FastPath(fast, self.metrics)
+
     # -- stop ----------------------------------------------------------------------------
 
     def stop(self, grace: float | None = None) -> None:
@@ -475,6 +500,8 @@ class Server:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._service is not None:
             self._service.close()
+        if self._fastpath is not None:
+            self._fastpath.close()
         for name, store in self._stores.items():
             try:
                 store.close()

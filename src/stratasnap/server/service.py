@@ -16,6 +16,12 @@ thread while it sends, so at most ``max_streams`` stream at once (one more is
 RESOURCE_EXHAUSTED, at once) and a stream whose client reads nothing for
 ``send_timeout`` seconds is cancelled (:mod:`.streams`): clients that stop
 reading cannot take the workers that other clients' calls need.
+
+A Prepare of an image layer (label ``containerd.io/snapshot.ref``) may be
+answered by the remote-snapshot fast path (:mod:`.fastpath`): the layer is
+committed from containerd's blob and the answer is AlreadyExists, which tells
+containerd to skip its unpack. Whatever goes wrong there, the Prepare goes on
+the normal way.
 """
 
 from __future__ import annotations
@@ -30,11 +36,19 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from ..errors import NotFound, ResourceExhausted, SnapshotError, Unavailable, Unimplemented
+from ..errors import (
+    AlreadyExists,
+    NotFound,
+    ResourceExhausted,
+    SnapshotError,
+    Unavailable,
+    Unimplemented,
+)
 from ..snapshotter import Snapshotter
 from ..types import EPOCH, Info, Kind, Mount, Timestamp
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.types import mount_pb2
+from .fastpath import FastPath
 from .metrics import Metrics
 from .streams import StreamWatch
 
@@ -206,11 +220,13 @@ class SnapshotsService:
         list_batch: int = LIST_BATCH,
         max_streams: int = MAX_STREAMS,
         send_timeout: float = SEND_TIMEOUT,
+        fastpath: FastPath | None = None,
     ) -> None:
         if not isinstance(snapshotters, Snapshotters):
             snapshotters = Snapshotters(snapshotters)
         self.snapshotters = snapshotters
         self.metrics = metrics
+        self.fastpath = fastpath
         self._batch = max(1, list_batch)
         self._lock = threading.Condition()
         self._running = 0
@@ -384,7 +400,13 @@ class SnapshotsService:
     def _prepare(
         self, req: pb.PrepareSnapshotRequest, name: str, sn: Snapshotter
     ) -> pb.PrepareSnapshotResponse:
-        mounts = sn.prepare(req.key, req.parent, labels=dict(req.labels))
+        labels = dict(req.labels)
+        if self.fastpath is not None:
+            target = self.fastpath.prepare(name, sn, req.key, req.parent, labels)
+            if target is not None:
+                # containerd's remote-snapshot protocol: it now Walks for the target.
+                raise AlreadyExists(f"target snapshot {target!r}")
+        mounts = sn.prepare(req.key, req.parent, labels=labels)
         return pb.PrepareSnapshotResponse(mounts=mounts_to_proto(mounts))
 
     def _view(
