@@ -367,3 +367,22 @@ def layers(draw: st.DrawFn) -> list[Member]:
             if kind == "file":
                 files.append(path)
     return members
+
+
+def counting_mkfs(directory: Path) -> Path:
+    """Put a ``mkfs.erofs`` in ``directory`` that logs each run, then runs the real one.
+
+    Put ``directory`` first on PATH before a store opens: the returned log then
+    has one line per image built with mkfs.erofs (none for converted layers).
+    """
+    real = subprocess.run(
+        ["sh", "-c", "command -v mkfs.erofs || ls /usr/sbin/mkfs.erofs /sbin/mkfs.erofs"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()[0]
+    log = directory / "mkfs-runs.log"
+    log.write_text("")
+    wrapper = directory / "mkfs.erofs"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    return log

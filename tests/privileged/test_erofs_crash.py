@@ -1,7 +1,8 @@
 """erofs crash safety: a process killed (SIGKILL) before any step of commit or remove.
 
-The child counts every storage step (image build, rename, mkdir, unlink,
-rmtree, mount, unmount, fsync, immutable flag, store commit) and kills
+The child counts every storage step (image build or tar conversion, rename,
+mkdir, unlink, rmtree, mount, unmount, fsync, immutable flag, store commit;
+the converter's own renames and unlinks too) and kills
 itself just before step N. For every N until the operation finishes, the
 test reopens the store (a restart), runs cleanup(), and checks every
 snapshot: the operation happened entirely or not at all, active snapshots
@@ -12,11 +13,13 @@ that no snapshot owns: no directory, no mount, no loop device.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -60,10 +63,16 @@ CHILD = textwrap.dedent(
         (os, "rename"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
         (eb, "build_image"), (eb, "mount_image"), (eb, "unmount"), (eb, "fsync_path"),
         (eb, "set_immutable"), (fm, "unmount"), (ms.MetaStore, "_commit"),
+        (eb, "convert_tar"), (eb, "describe"),
     ]:
         setattr(mod, name, step(getattr(mod, name)))
     if op == "commit":
         sn.commit("child-committed", "active")
+    elif op == "convert":
+        # The same changes as "active" holds, as a layer tar, into the empty "fresh".
+        with open(sys.argv[5], "rb") as tar:
+            sn.convert_layer("fresh", tar)
+        sn.commit("child-committed", "fresh")
     elif op == "remove":
         sn.remove("leaf")
     elif op == "cleanup":
@@ -98,6 +107,8 @@ def _setup(root: Path, mnt: Path, options: dict[str, object]) -> dict[str, dict[
             (r / "written").write_text("in the active snapshot")
             (r / "b").unlink()  # a whiteout in the upper, to carry into the image
             digests["active"] = _content(r)
+        with mounted(sn.prepare("fresh", "base"), mnt) as r:
+            digests["fresh"] = _content(r)
         for name in ("base", "leaf"):
             with mounted(sn.view(f"v-{name}", name), mnt) as r:
                 digests[name] = _content(r)
@@ -106,9 +117,21 @@ def _setup(root: Path, mnt: Path, options: dict[str, object]) -> dict[str, dict[
     return digests
 
 
+def _layer_tar(path: Path) -> Path:
+    """The changes _setup makes in "active", as a layer tar: a new file, a whiteout."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        data = b"in the active snapshot"
+        info = tarfile.TarInfo("written")
+        info.size, info.mode = len(data), 0o644
+        tf.addfile(info, io.BytesIO(data))
+        tf.addfile(tarfile.TarInfo(".wh.b"))
+    return path
+
+
 def _run_child(root: Path, op: str, kill_at: int, options: dict[str, object]) -> int | None:
+    tar = str(_layer_tar(root.parent / "layer.tar"))
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), op, str(kill_at), json.dumps(options)],
+        [sys.executable, "-c", CHILD, str(root), op, str(kill_at), json.dumps(options), tar],
         capture_output=True,
         text=True,
         timeout=120,
@@ -180,6 +203,10 @@ def _committed(kinds: dict[str, Kind]) -> bool:
     return kinds.get("child-committed") is Kind.COMMITTED and "active" not in kinds
 
 
+def _converted(kinds: dict[str, Kind]) -> bool:
+    return kinds.get("child-committed") is Kind.COMMITTED and "fresh" not in kinds
+
+
 @pytest.mark.parametrize(
     ("op", "options", "done"),
     [
@@ -189,8 +216,19 @@ def _committed(kinds: dict[str, Kind]) -> bool:
         ("remove", {"immutable": True}, lambda k: "leaf" not in k),
         ("remove", {"sync_remove": True}, lambda k: "leaf" not in k),
         ("cleanup", {}, lambda k: True),
+        ("convert", {"compression": "none", "immutable": True}, _converted),
+        ("convert", {"compression": "none", "default_size": "32MiB"}, _converted),
     ],
-    ids=["commit", "commit-immutable", "commit-limited", "remove", "remove-sync", "cleanup"],
+    ids=[
+        "commit",
+        "commit-immutable",
+        "commit-limited",
+        "remove",
+        "remove-sync",
+        "cleanup",
+        "convert-immutable",
+        "convert-limited",
+    ],
 )
 def test_kill_at_every_step(
     loopfs: Callable[..., Path],

@@ -16,9 +16,21 @@ from stratasnap.fs.erofs_image import kernel_supports_erofs, mkfs_compressors
 
 def test_options_from_toml_and_from_the_command_line() -> None:
     assert ErofsOptions.take({}) == ErofsOptions(compression=DEFAULT_COMPRESSION)
-    toml = {"compression": "lz4hc", "mkfs_options": ["-T0", "--all-root"], "immutable": True}
-    cli = {"compression": "lz4hc", "mkfs_options": "-T0,--all-root", "immutable": "yes"}
+    toml = {
+        "compression": "lz4hc",
+        "mkfs_options": ["-T0", "--all-root"],
+        "immutable": True,
+        "convert_layers": False,
+    }
+    cli = {
+        "compression": "lz4hc",
+        "mkfs_options": "-T0,--all-root",
+        "immutable": "yes",
+        "convert_layers": "off",
+    }
     assert ErofsOptions.take(dict(toml)) == ErofsOptions.take(dict(cli))
+    assert not ErofsOptions.take(dict(cli)).convert_layers
+    assert ErofsOptions.take({}).convert_layers
     rest: dict[str, object] = {"compression": "none", "default_size": "1GiB"}
     ErofsOptions.take(rest)
     assert rest == {"default_size": "1GiB"}  # the overlay backend's, left for it
@@ -29,6 +41,7 @@ def test_options_from_toml_and_from_the_command_line() -> None:
     [
         ({"compression": "zstd"}, "compression='zstd': expected one of none, lz4, lz4hc"),
         ({"immutable": "maybe"}, "erofs option immutable='maybe'"),
+        ({"convert_layers": "sometimes"}, "erofs option convert_layers='sometimes'"),
         ({"mkfs_options": 3}, "erofs option mkfs_options=3"),
         ({"default_size": "lots"}, "erofs option default_size='lots'"),
         ({"bogus": 1}, "unknown option"),

@@ -28,6 +28,20 @@ Crash safety, step by step (each leaves one of two states, both complete):
    mounted, and ``upper.old``/``work`` are deleted: a crash anywhere here
    is finished at open (or the first time the layer is needed).
 
+A layer can also arrive whole: :meth:`ErofsSnapshotter.convert_layer` turns
+an (uncompressed) layer tar straight into the image with stratasnap's own
+converter (:mod:`stratasnap.erofs`), and the next commit of that snapshot
+takes the image instead of running ``mkfs.erofs``: nothing is written file by
+file. The converted image waits, between the two calls, in a locked
+``new-convert-*`` directory, and the commit goes on from step 2 above with
+it, so the same rules hold:
+
+0. the tar is converted into a locked ``new-convert-*`` directory, where it
+   stays until the commit: a crash (before or during the commit) leaves the
+   active snapshot untouched, and the unlocked directory is deleted at the
+   next open or cleanup(), as step 1's;
+2.-4. as above; a failed store commit moves the image back, still pending.
+
 Committed images are mounted on first use (a prepare, view or mounts()
 that has them as parents), not at open: opening a store with 1,000 layers
 then costs a directory scan instead of 1,000 mounts (see README figures).
@@ -48,12 +62,17 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from ..erofs import convert_tar
 from ..errors import FailedPrecondition, InvalidArgument, from_os_error
 from ..fs.erofs_image import (
     ZTAILPACKING,
+    ErofsImage,
     build_image,
+    describe,
     find_mkfs,
     kernel_supports_erofs,
     mkfs_compressors,
@@ -94,6 +113,8 @@ class ErofsSnapshotter(OverlaySnapshotter):
     def __init__(self, root: str | Path, **options: object) -> None:
         rest = dict(options)
         self.erofs = ErofsOptions.take(rest)
+        # Converted layers waiting for their commit, by snapshot id (see convert_layer).
+        self._conversions: dict[int, _Conversion] = {}
         super().__init__(root, **rest)
 
     @classmethod
@@ -149,9 +170,24 @@ class ErofsSnapshotter(OverlaySnapshotter):
         return super()._mounts(rec)
 
     def _stage_commit(self, rec: Record) -> StagedCommit:
-        # Two commits of one key at once would each build an image, and the loser's
-        # undo would delete the winner's: one at a time, then re-check that the
-        # snapshot is still the active one (released by _committed/_commit_failed).
+        # Released by _committed/_commit_failed.
+        lock = self._hold(rec)
+        try:
+            conversion = self._conversions.get(rec.id)
+            if conversion is None:
+                return self._build_layer(rec)
+            return self._take_conversion(rec, conversion)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _hold(self, rec: Record) -> threading.Lock:
+        """The commit lock of active ``rec``, acquired, once it is still that active snapshot.
+
+        Two commits (or conversions) of one key at once would each make an
+        image, and the loser's undo would delete the winner's: one at a time,
+        then re-check, since the other may have committed it meanwhile.
+        """
         lock = self._commit_lock(rec.id)
         lock.acquire()
         try:
@@ -159,16 +195,20 @@ class ErofsSnapshotter(OverlaySnapshotter):
                 now = tx.get(rec.info.name)  # NotFound: committed by the other
             if now.id != rec.id or now.info.kind is not Kind.ACTIVE:
                 raise FailedPrecondition(f"snapshot {rec.info.name!r} is not active")
-            return self._build_layer(rec)
         except BaseException:
             lock.release()
             raise
+        return lock
 
     def _commit_lock(self, sid: int) -> threading.Lock:
         with self._commit_locks_guard:
             return self._commit_locks.setdefault(sid, threading.Lock())
 
     def _commit_done(self, sid: int) -> None:
+        # Dropped only once the snapshot is committed: a thread still waiting on
+        # this lock then finds it not active. After a failed commit the snapshot
+        # is active still, and a fresh lock beside the one waited on would let
+        # two threads in at once.
         with self._commit_locks_guard:
             lock = self._commit_locks.pop(sid)
         lock.release()
@@ -179,39 +219,137 @@ class ErofsSnapshotter(OverlaySnapshotter):
         limited = self._limits.ensure_mounted(storage)
         # No flush of the upper: the image is what becomes the layer, and it is
         # fsynced before the store commits; the upper is discarded after.
-        staging = Path(tempfile.mkdtemp(prefix=f"new-commit-{rec.id}-", dir=self.snapshots_dir))
-        lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        staging = _Staging.create(self.snapshots_dir, f"new-commit-{rec.id}-")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # cleanup() leaves a locked new-* alone
             built = build_image(
                 storage / "fs",
-                staging / IMAGE,
+                staging.image,
                 self.erofs.compression,
-                self._mkfs_arguments(staging),
+                self._mkfs_arguments(staging.path),
                 self._mkfs,
             )
-            if limited:
-                # The image goes beside the limited filesystem, not into it.
-                # Busy (EBUSY): the commit fails and the snapshot stays as it was.
-                unmount(storage)
-            final = storage / IMAGE
-            if os.path.lexists(final):
-                _unlink_image(final)
-            os.rename(staging / IMAGE, final)
-            try:
-                fsync_path(storage)
-            except BaseException:
-                _unlink_image(final)
-                raise
-            if self.erofs.immutable:
-                self._seal(final)
+            self._place(storage, staging.image, limited)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.close(lock)
-        return StagedCommit(
-            Usage(size=built.allocated, inodes=built.inodes),
-            {DIGEST_DETAIL: f"sha256:{built.sha256}"},
-        )
+            staging.release()
+        return _staged(built)
+
+    def _place(self, storage: Path, image: Path, limited: bool) -> None:
+        """Move a finished ``image`` beside the upper of ``storage``, durably (step 2)."""
+        if limited:
+            # The image goes beside the limited filesystem, not into it.
+            # Busy (EBUSY): the commit fails and the snapshot stays as it was.
+            unmount(storage)
+        final = storage / IMAGE
+        if os.path.lexists(final):
+            _unlink_image(final)
+        os.rename(image, final)
+        try:
+            fsync_path(storage)
+        except BaseException:
+            _take_back(final, image)
+            raise
+        if self.erofs.immutable:
+            self._seal(final)
+
+    # -- converted layers --------------------------------------------------------------
+
+    @property
+    def converts_layers(self) -> bool:
+        """Whether :meth:`convert_layer` takes layers: the option is on and the
+        converter writes the configured compression."""
+        # Read at call time: the compressions the converter writes grow over time.
+        from ..erofs import COMPRESSIONS
+
+        return self.erofs.convert_layers and self.erofs.compression in COMPRESSIONS
+
+    def convert_layer(self, key: str, tar: BinaryIO) -> str:
+        """Convert the uncompressed layer tar read from ``tar`` into the image of active ``key``.
+
+        The next commit of ``key`` makes that image the layer, instead of
+        building one from the upper (which must stay empty until then). Reads
+        ``tar`` once, to its end; returns its diff ID ("sha256:<hex>").
+
+        Errors: NotFound (no ``key``); FailedPrecondition (``key`` is not
+        active, already has a converted layer or files in its upper, or
+        :attr:`converts_layers` is False); InvalidArgument (not a valid layer
+        tar); on any error nothing of the conversion is left.
+        """
+        if not self.converts_layers:
+            from ..erofs import COMPRESSIONS
+
+            why = (
+                "convert_layers=false"
+                if not self.erofs.convert_layers
+                else f"compression={self.erofs.compression!r}, the converter writes "
+                + ", ".join(COMPRESSIONS)
+            )
+            raise FailedPrecondition(f"erofs backend does not convert layers here ({why})")
+        with self._store.read() as tx:
+            rec = tx.get(key)
+        if rec.info.kind is not Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is not active")
+        lock = self._hold(rec)
+        try:
+            if rec.id in self._conversions:
+                raise FailedPrecondition(
+                    f"snapshot {key!r} has a converted layer already, waiting for its commit"
+                )
+            storage = self.storage_dir(rec.id)
+            try:
+                self._limits.ensure_mounted(storage)
+                written = _has_entries(storage / "fs")
+            except OSError as exc:
+                raise from_os_error(exc, f"converting a layer into {key!r}") from exc
+            if written:
+                raise FailedPrecondition(
+                    f"snapshot {key!r} has files in its upper: a converted layer replaces "
+                    "the whole upper, so it only goes into an empty one"
+                )
+            staging = _Staging.create(self.snapshots_dir, f"new-convert-{rec.id}-")
+            try:
+                stats = convert_tar(
+                    tar, staging.image, digest=True, compression=self.erofs.compression
+                )
+                built = describe(staging.image)
+            except BaseException as exc:
+                staging.release()
+                if isinstance(exc, OSError):
+                    raise from_os_error(exc, f"converting a layer into {key!r}") from exc
+                raise
+            with self._commit_locks_guard:
+                self._conversions[rec.id] = _Conversion(staging, _staged(built))
+        finally:
+            lock.release()
+        return stats.tar_digest
+
+    def _take_conversion(self, rec: Record, conversion: _Conversion) -> StagedCommit:
+        """The commit of a converted layer: its image goes in place of one built from the upper."""
+        storage = self.storage_dir(rec.id)
+        limited = self._limits.ensure_mounted(storage)
+        # Files written into the upper after the conversion: refused, not merged
+        # and not dropped. The image alone would lose them, the upper alone would
+        # lose the layer whose diff ID the caller was given, and mixing both is
+        # an unpack's job, not a commit's. The conversion stays pending, so
+        # emptying the upper (or removing the snapshot) is the way on.
+        if _has_entries(storage / "fs"):
+            raise FailedPrecondition(
+                f"snapshot {rec.info.name!r} has files in its upper written after its layer "
+                "was converted: remove it and unpack the layer again"
+            )
+        self._place(storage, conversion.staging.image, limited)
+        return conversion.staged
+
+    def _drop_conversion(self, sid: int) -> None:
+        with self._commit_locks_guard:
+            conversion = self._conversions.pop(sid, None)
+        if conversion is not None:
+            conversion.staging.release()
+
+    def close(self) -> None:
+        # Conversions never committed go with the process, as a crash's would.
+        for sid in list(self._conversions):
+            self._drop_conversion(sid)
+        super().close()
 
     def _mkfs_arguments(self, scratch: Path) -> tuple[str, ...]:
         """Our mkfs.erofs arguments, then the configured ones (which may override ours)."""
@@ -234,13 +372,19 @@ class ErofsSnapshotter(OverlaySnapshotter):
 
     def _commit_failed(self, rec: Record) -> None:
         try:
-            with suppress(FileNotFoundError):
-                _unlink_image(self.storage_dir(rec.id) / IMAGE)
+            final = self.storage_dir(rec.id) / IMAGE
+            conversion = self._conversions.get(rec.id)
+            if conversion is not None:
+                _take_back(final, conversion.staging.image)  # pending again, as before
+            else:
+                with suppress(FileNotFoundError):
+                    _unlink_image(final)
         finally:
-            self._commit_done(rec.id)
+            self._commit_lock(rec.id).release()  # the snapshot is still active
 
     def _committed(self, rec: Record) -> None:
         try:
+            self._drop_conversion(rec.id)  # its staging directory is empty now
             with self._locked():
                 self._settle(self.storage_dir(rec.id))
         except OSError as exc:
@@ -267,6 +411,9 @@ class ErofsSnapshotter(OverlaySnapshotter):
         return super()._rename_aside(src, dst)
 
     def _release(self, path: Path) -> None:
+        if path.name.startswith("rm-") and path.name[3:].isdigit():
+            # Removed for good (the store committed): its pending conversion goes too.
+            self._drop_conversion(int(path.name[3:]))
         super()._release(path)  # unmounts first: the image must not be in use
         with suppress(FileNotFoundError):
             _unlink_image(path / IMAGE)
@@ -337,6 +484,63 @@ class ErofsSnapshotter(OverlaySnapshotter):
             yield
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """A locked ``new-*`` directory where an image is made (cleanup() leaves it alone)."""
+
+    path: Path
+    lock: int  # the open directory, flocked
+
+    @classmethod
+    def create(cls, directory: Path, prefix: str) -> _Staging:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+        lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return cls(path, lock)
+
+    @property
+    def image(self) -> Path:
+        return self.path / IMAGE
+
+    def release(self) -> None:
+        """Delete the directory (and an image still in it), then unlock."""
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            os.close(self.lock)
+
+
+@dataclass(frozen=True)
+class _Conversion:
+    """A converted layer waiting for the commit of its snapshot."""
+
+    staging: _Staging  # holds the image until the commit moves it
+    staged: StagedCommit  # what the store records for it
+
+
+def _staged(image: ErofsImage) -> StagedCommit:
+    return StagedCommit(
+        Usage(size=image.allocated, inodes=image.inodes),
+        {DIGEST_DETAIL: f"sha256:{image.sha256}"},
+    )
+
+
+def _take_back(final: Path, image: Path) -> None:
+    """Undo :meth:`ErofsSnapshotter._place`: ``final`` back to where it came from.
+
+    If it cannot go back it is deleted: never a spare image beside an upper.
+    """
+    with suppress(OSError):
+        set_immutable(final, False)  # an immutable file cannot be renamed either
+    try:
+        os.rename(final, image)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        _unlink_image(final)
+        raise
 
 
 def _preconditions(compression: str) -> str:

@@ -29,12 +29,17 @@ class ErofsOptions:
     ``mkfs.erofs`` arguments (``-T0``, ``--all-root``...), after ours.
     ``immutable``: set FS_IMMUTABLE_FL on each image where its filesystem
     supports it, so not even root can change or delete it by mistake
-    (remove and cleanup clear it first).
+    (remove and cleanup clear it first). ``convert_layers``: let a whole
+    layer tar become the layer's image directly, through stratasnap's own
+    tar -> EROFS converter (``image pull``/``import``, containerd's fast
+    path), where it writes the configured compression; false: every layer
+    goes file by file into the upper and through ``mkfs.erofs`` at commit.
     """
 
     compression: str = DEFAULT_COMPRESSION
     mkfs_options: tuple[str, ...] = ()
     immutable: bool = False
+    convert_layers: bool = True
 
     @classmethod
     def take(cls, options: dict[str, object]) -> ErofsOptions:
@@ -49,4 +54,7 @@ class ErofsOptions:
             compression=compression,
             mkfs_options=parse_words("mkfs_options", options.pop("mkfs_options", ()), "erofs"),
             immutable=parse_bool("immutable", options.pop("immutable", False), "erofs"),
+            convert_layers=parse_bool(
+                "convert_layers", options.pop("convert_layers", True), "erofs"
+            ),
         )
