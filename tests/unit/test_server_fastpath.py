@@ -1,6 +1,6 @@
 """The remote-snapshot fast path through the real gRPC server, against a content service double.
 
-containerd's side is played by :mod:`content_server` (its content API on a
+containerd's side is played by :mod:`fastpath_kit` (its content API on a
 unix socket, serving real gzip blobs) and by the snapshots client sending the
 Prepare containerd's unpacker sends: key ``<ns>/<seq>/extract-… <chain>``, the
 backend key of the parent, labels ``containerd.io/snapshot.ref`` and
@@ -13,96 +13,33 @@ backend's own seam is exercised in tests/privileged and tests/e2e.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
 import os
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import pytest
-from content_server import ContentServer, digest_of
+from fastpath_kit import (
+    NS,
+    ConvertingNative,
+    Image,
+    Stack,
+    fast_stacks,
+    key,
+    layer_tar,
+    no_temporaries,
+    sample,
+    walk_like_containerd,
+)
 
 from stratasnap.backends.native import NativeSnapshotter
 from stratasnap.errors import AlreadyExists, NotFound
-from stratasnap.images.apply import Target, apply_tar
 from stratasnap.server.client import Client
-from stratasnap.server.config import FastPathConfig, load_config
+from stratasnap.server.config import load_config
 from stratasnap.server.daemon import Server
-from stratasnap.server.fastpath import LAYER_DIGEST_LABEL, REF_LABEL, TEMP_PREFIX, chain_id
-from stratasnap.snapshotter import Snapshotter
+from stratasnap.server.fastpath import LAYER_DIGEST_LABEL, REF_LABEL, TEMP_PREFIX
 from stratasnap.types import Kind
-
-NS = "k8s.io"
-
-
-class ConvertingNative(NativeSnapshotter):
-    """native plus the backend seam the fast path calls (what erofs offers)."""
-
-    converts_layers = True
-
-    def convert_layer(self, key: str, tar: BinaryIO) -> str:
-        root = self.mounts(key)[0].source
-        hasher = hashlib.sha256()
-
-        class Hashing(io.RawIOBase):
-            def readable(self) -> bool:
-                return True
-
-            def readinto(self, b: Any) -> int:
-                n: int = tar.readinto(b)  # type: ignore[attr-defined]
-                hasher.update(memoryview(b)[:n])
-                return n
-
-        stream = Hashing()
-        apply_tar(stream, Target(root))  # type: ignore[arg-type]
-        while stream.read(1 << 16):
-            pass
-        return "sha256:" + hasher.hexdigest()
-
-
-def layer_tar(files: dict[str, bytes], whiteouts: tuple[str, ...] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
-            ti.uid, ti.gid = os.getuid(), os.getgid()
-            tar.addfile(ti, io.BytesIO(data))
-        for name in whiteouts:
-            head, _, base = name.rpartition("/")
-            ti = tarfile.TarInfo(f"{head}/.wh.{base}" if head else f".wh.{base}")
-            ti.uid, ti.gid = os.getuid(), os.getgid()
-            tar.addfile(ti, io.BytesIO(b""))
-    return buf.getvalue()
-
-
-class Image:
-    """Two layers (the second deletes a file of the first), their blobs and chain IDs."""
-
-    def __init__(self) -> None:
-        self.tars = [
-            layer_tar(
-                {"etc/hello": b"hello\n", "etc/gone": b"old\n", "bin/big": os.urandom(3 << 20)}
-            ),
-            layer_tar({"etc/hello": b"hello again\n"}, whiteouts=("etc/gone",)),
-        ]
-        self.blobs = [gzip.compress(t, compresslevel=1) for t in self.tars]
-        self.digests = [digest_of(b) for b in self.blobs]
-        self.diff_ids = [digest_of(t) for t in self.tars]
-        self.chains = [self.diff_ids[0], chain_id(self.diff_ids[0], self.diff_ids[1])]
-
-    def labels(self, i: int, **extra: str) -> dict[str, str]:
-        return {
-            REF_LABEL: self.chains[i],
-            LAYER_DIGEST_LABEL: self.digests[i],
-            "containerd.io/snapshot/cri.image-ref": "example.test/app:1",
-            **extra,
-        }
 
 
 @pytest.fixture
@@ -110,64 +47,10 @@ def image() -> Image:
     return Image()
 
 
-Stack = tuple[Client, ContentServer, Server]
-
-
 @pytest.fixture
 def stack(scratch: Path) -> Iterator[Callable[..., Stack]]:
-    """A stratasnap server with the fast path towards a content server double."""
-    started: list[Any] = []
-
-    def make(
-        backend: type[Snapshotter] = ConvertingNative,
-        content: bool = True,
-        **fast: Any,
-    ) -> Stack:
-        csock = scratch / "containerd.sock"
-        settings: dict[str, Any] = {
-            "containerd_address": csock,
-            "fetch_timeout": 5.0,
-            "fetch_start_timeout": 0.3,
-        }
-        settings.update(fast)
-        config = load_config(root=scratch / "root", address=scratch / "ss.sock")
-        config = replace(config, fast_path=FastPathConfig(**settings))
-        cs = ContentServer(csock, scratch / "blobs")
-        if content:
-            cs.__enter__()
-            started.append(cs)
-        server = Server(config, opener=lambda sc: backend(sc.root))  # type: ignore[call-arg]
-        server.start()
-        started.append(server)
-        client = Client(server.address, namespace=NS, timeout=30)
-        started.append(client)
-        return client, cs, server
-
-    yield make
-    for thing in reversed(started):
-        if isinstance(thing, Server):
-            thing.stop()
-        elif isinstance(thing, ContentServer):
-            thing.__exit__()
-        else:
-            thing.close()
-
-
-def key(seq: int, chain: str) -> str:
-    """The backend key containerd's unpacker sends for a layer."""
-    return f"{NS}/{seq}/extract-{seq:09d}-abcd {chain}"
-
-
-def sample(server: Server, metric: str, **labels: str) -> float:
-    value = server.metrics.registry.get_sample_value(
-        metric, {"snapshotter": "stratasnap", **labels}
-    )
-    return value or 0.0
-
-
-def walk_like_containerd(client: Client, target: str, parent: str) -> list[Any]:
-    # The exact filter of containerd's metadata createSnapshot after AlreadyExists.
-    return list(client.walk(f'labels."containerd.io/snapshot.ref"=={target},parent=="{parent}"'))
+    with fast_stacks(scratch) as make:
+        yield make
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -177,10 +60,6 @@ def tree(root: Path) -> dict[str, bytes]:
             p = Path(dirpath, f)
             out[str(p.relative_to(root))] = p.read_bytes()
     return out
-
-
-def no_temporaries(client: Client) -> None:
-    assert not [i.name for i in client.walk() if i.name.startswith(TEMP_PREFIX)]
 
 
 # -- the fast path taken -------------------------------------------------------------------
