@@ -131,8 +131,10 @@ class FastPathConfig:
     containerd_address: Path = DEFAULT_CONTAINERD_ADDRESS
     #: Seconds to wait for a blob containerd is still fetching, then fall back.
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
-    #: Seconds to wait for a blob that is neither stored nor being fetched, then fall
-    #: back (containerd 1.6/1.7 fetch the first layer they unpack only after its Prepare).
+    #: Seconds to wait for a blob that is neither stored nor being fetched while other
+    #: blobs of the namespace are, then fall back. With nothing being fetched at all
+    #: (containerd 1.6/1.7 fetch the first layer they unpack only after its Prepare
+    #: returns) the fallback comes after 0.1 s.
     fetch_start_timeout: float = DEFAULT_FETCH_START_TIMEOUT
 
 
@@ -456,8 +458,10 @@ enabled = true
 containerd_address = "{DEFAULT_CONTAINERD_ADDRESS}"
 # Seconds to wait for a blob containerd is still fetching.
 fetch_timeout = {DEFAULT_FETCH_TIMEOUT}
-# Seconds to wait for a blob nobody is fetching yet (containerd 1.6/1.7 fetch
-# the first layer they unpack only after preparing it: that layer falls back).
+# Seconds to wait for a blob nobody is fetching yet while other blobs are
+# being fetched. With nothing being fetched at all, the layer falls back after
+# 0.1 s (containerd 1.6/1.7 begin fetching only once the first layer of a pull
+# is prepared: that layer goes the normal way).
 fetch_start_timeout = {DEFAULT_FETCH_START_TIMEOUT}
 
 # Several snapshotters on one socket: one table each, one containerd proxy

@@ -10,7 +10,10 @@ fetching: containerd calls Prepare for a layer before its blob is complete,
 and (1.6's unpacker) before it even starts fetching the first layer it
 unpacks. A blob that is neither committed nor being written (no ingest whose
 ref names its digest) within ``start_timeout`` is not coming: waiting longer
-would only delay the fallback.
+would only delay the fallback. When nothing at all is being written in the
+namespace (the first layer of a pull on containerd 1.6/1.7: the layers'
+fetches begin after its Prepare returns), that is known after
+:data:`IDLE_SETTLE` seconds already.
 
 :meth:`ContentClient.open` streams a blob as a file-like reader: one Read
 stream, messages taken one at a time (gRPC's flow control bounds what is
@@ -37,6 +40,8 @@ __all__ = ["BlobInfo", "BlobReader", "ContentClient", "ContentError"]
 NAMESPACE_HEADER = "containerd-namespace"
 #: Seconds a unary call (Info, Status) may take before containerd counts as unreachable.
 CALL_TIMEOUT = 10.0
+#: Seconds without any ingest in the namespace after which a missing blob is not coming.
+IDLE_SETTLE = 0.1
 #: containerd sends Read data in 1 MiB messages; leave room.
 MAX_MESSAGE = 16 << 20
 
@@ -105,8 +110,8 @@ class ContentClient:
             raise self._unavailable("Info", e) from None
         return BlobInfo(resp.info.digest, resp.info.size)
 
-    def ingesting(self, namespace: str, digest: str) -> bool:
-        """Whether containerd is writing ``digest`` now (an ingest whose ref names it).
+    def ingesting(self, namespace: str, digest: str) -> tuple[bool, bool]:
+        """(whether containerd is writing ``digest`` now, whether it is writing anything).
 
         containerd's fetch names its ingests ``layer-<digest>`` (remotes.MakeRefKey),
         and its store leaves ``expected`` empty: the ref is what names the blob.
@@ -119,7 +124,8 @@ class ContentClient:
             )
         except grpc.RpcError as e:
             raise self._unavailable("ListStatuses", e) from None
-        return any(s.expected == digest or s.ref.endswith(digest) for s in resp.statuses)
+        mine = any(s.expected == digest or s.ref.endswith(digest) for s in resp.statuses)
+        return mine, bool(resp.statuses)
 
     def wait(
         self,
@@ -135,7 +141,8 @@ class ContentClient:
         """The blob once committed, waiting while containerd writes it.
 
         Raises :class:`ContentError`: ``blob-not-fetched`` when for
-        ``start_timeout`` s the blob was neither committed nor being written,
+        ``start_timeout`` s the blob was neither committed nor being written
+        (:data:`IDLE_SETTLE` s when nothing at all was being written),
         ``blob-wait-timeout`` after ``timeout`` s in all, ``content-unavailable``
         when containerd does not answer.
         """
@@ -147,9 +154,12 @@ class ContentClient:
             if info is not None:
                 return info
             now = clock()
-            if self.ingesting(namespace, digest):
+            mine, anything = self.ingesting(namespace, digest)
+            if mine:
                 last_seen = now
-            elif now - last_seen >= start_timeout:
+            elif now - last_seen >= (
+                start_timeout if anything else min(start_timeout, IDLE_SETTLE)
+            ):
                 raise ContentError(
                     "blob-not-fetched",
                     f"blob {digest} is neither in containerd's content store nor being "
