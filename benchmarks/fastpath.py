@@ -19,6 +19,10 @@ the image annotations CRI adds), alternating in every round between:
 
 Each pull goes into a fresh namespace and is followed by ``ctr images rm
 --sync`` (GC removes its snapshots and blobs), so every pull downloads again.
+A second part (``--no-fetched`` skips it) puts the blobs in containerd's
+store first (``ctr content fetch``, untimed): only the unpack is left, and on
+``ss-erofs`` every layer takes the fast path (as on a node where the image's
+blobs are already present, e.g. unpacked for another snapshotter).
 The time is gopull's (client.Pull: resolve, fetch, unpack). stratasnap's
 metrics say how many layers took the fast path in each pull (containerd 1.6
 starts fetching only after the first Prepare of a pull returns, so its first
@@ -119,6 +123,46 @@ def fast_layers(metrics: str) -> float:
     )
 
 
+def pulls(
+    stack: Stack,
+    gopull: Path,
+    ref: str,
+    metrics: str,
+    contenders: Sequence[str],
+    args: argparse.Namespace,
+    fetched: bool,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Timed gopull runs, alternated: (seconds per snapshotter, fast-path layers per FAST pull).
+
+    With ``fetched`` the blobs are put in containerd's store first (``ctr content
+    fetch``, untimed), so that only the unpack is left to each snapshotter.
+    """
+    times: dict[str, list[float]] = {c: [] for c in contenders}
+    fast: list[float] = []
+    for rep in range(args.reps):
+        order = list(contenders) if rep % 2 == 0 else list(contenders)[::-1]
+        for snap in order:
+            ns = f"pull-{snap}-{rep}-{'f' if fetched else 'p'}"
+            ctr = ["ctr", "--address", str(stack.cd_socket), "-n", ns]
+            if fetched:
+                stack.run([*ctr, "content", "fetch", "--plain-http", ref], timeout=1800)
+            before = fast_layers(metrics)
+            argv = [str(gopull), "-address", str(stack.cd_socket), "-namespace", ns]
+            argv += ["-snapshotter", snap, "-ref", ref]
+            out = stack.run(argv, timeout=1800).stdout
+            seconds = float(json.loads(out)["seconds"])
+            converted = fast_layers(metrics) - before
+            times[snap].append(seconds)
+            note = ""
+            if snap == FAST:
+                fast.append(converted)
+                note = f", {converted:.0f} of {args.layers} layers on the fast path"
+            print(f"  rep {rep + 1}: {snap:<16} pull+unpack {seconds:6.2f} s{note}", flush=True)
+            stack.run([*ctr, "images", "rm", "--sync", ref], timeout=600)
+            os.sync()
+    return times, fast
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,6 +182,17 @@ def main(argv: list[str] | None = None) -> None:
         "--no-unpack-reference",
         action="store_true",
         help=f"leave out {UNPACK} (erofs with containerd unpacking every layer)",
+    )
+    ap.add_argument(
+        "--no-fetched",
+        action="store_true",
+        help="skip the second part (blobs put in containerd's store before each pull)",
+    )
+    ap.add_argument(
+        "--logs",
+        type=Path,
+        help="copy the daemons' logs here at the end (stratasnap logs each layer's path "
+        "and, on the fast path, where its time went: wait_ms, convert_ms, commit_ms)",
     )
     args = ap.parse_args(argv)
 
@@ -172,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             log_level="info",
             metrics_address=metrics,
         )
+        results: list[tuple[str, tuple[dict[str, list[float]], list[float]]]] = []
         with LocalRegistry(mnt / "registry") as registry:
             ref = f"{registry.address}/bench/big:1"
             info = write_oci_archive(layout, ref, layers, compresslevel=1, layout_dir=True)
@@ -190,38 +246,26 @@ def main(argv: list[str] | None = None) -> None:
                     f"{args.fetch_start_timeout:g} s; ratios against overlayfs"
                 )
                 contenders = ["overlayfs", *names]
-                times: dict[str, list[float]] = {c: [] for c in contenders}
-                fast: list[float] = []
-                for rep in range(args.reps):
-                    order = contenders if rep % 2 == 0 else contenders[::-1]
-                    for snap in order:
-                        ns = f"pull-{snap}-{rep}"
-                        before = fast_layers(metrics)
-                        argv = [str(gopull), "-address", str(stack.cd_socket), "-namespace", ns]
-                        argv += ["-snapshotter", snap, "-ref", ref]
-                        out = stack.run(argv, timeout=1800).stdout
-                        seconds = float(json.loads(out)["seconds"])
-                        converted = fast_layers(metrics) - before
-                        times[snap].append(seconds)
-                        if snap == FAST:
-                            fast.append(converted)
-                        note = f", {converted:.0f} of {args.layers} layers on the fast path"
-                        print(
-                            f"  rep {rep + 1}: {snap:<16} pull+unpack {seconds:6.2f} s"
-                            + (note if snap == FAST else ""),
-                            flush=True,
-                        )
-                        ctr = ["ctr", "--address", str(stack.cd_socket), "-n", ns]
-                        stack.run([*ctr, "images", "rm", "--sync", ref], timeout=600)
-                        os.sync()
+                for fetched in (False, True):
+                    if fetched and args.no_fetched:
+                        continue
+                    what = "blobs fetched first" if fetched else "fresh pull"
+                    print(f"\n## {what} ({args.reps} runs each)", flush=True)
+                    results.append(
+                        (what, pulls(stack, gopull, ref, metrics, contenders, args, fetched))
+                    )
             finally:
                 stack.close()
-        ref_t = med(times["overlayfs"])
-        print(f"\n{'':<18}{'pull+unpack, s':>24}{'ratio':>8}")
-        for snap, xs in times.items():
-            print(f"{snap:<18}{spread(xs):>24}{med(xs) / ref_t:>7.2f}x")
-        print(f"  fast-path layers per ss-erofs pull: {', '.join(f'{f:.0f}' for f in fast)}")
-        print("  target: ss-erofs (fast path) <= 0.7x overlayfs")
+                if args.logs is not None:
+                    shutil.copytree(stack.logs, args.logs, dirs_exist_ok=True)
+        for what, (times, fast) in results:
+            ref_t = med(times["overlayfs"])
+            print(f"\n{what:<18}{'pull+unpack, s':>24}{'ratio':>8}")
+            for snap, xs in times.items():
+                print(f"{snap:<18}{spread(xs):>24}{med(xs) / ref_t:>7.2f}x")
+            layers = ", ".join(f"{f:.0f}" for f in fast)
+            print(f"  fast-path layers per {FAST} pull: {layers} (of {args.layers})")
+        print(f"  target: {FAST} (fast path) <= 0.7x overlayfs")
 
 
 if __name__ == "__main__":

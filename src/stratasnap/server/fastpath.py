@@ -150,7 +150,7 @@ class FastPath:
         start = time.perf_counter()
         try:
             req = self._request(key, parent, target, labels)
-            how = self._satisfy(sn, req, labels)
+            how, steps = self._satisfy(sn, req, labels)
         except Fallback as fb:
             self._fell_back(name, key, target, fb, start)
             return None
@@ -165,6 +165,7 @@ class FastPath:
                 "how": how,
                 "digest": labels.get(LAYER_DIGEST_LABEL, ""),
                 "duration_ms": round((time.perf_counter() - start) * 1000, 1),
+                **steps,
             },
         )
         return target
@@ -214,9 +215,13 @@ class FastPath:
                 ) from None
         return Request(key, parent, target, digest, namespace, parent_chain)
 
-    def _satisfy(self, sn: Snapshotter, req: Request, labels: Mapping[str, str]) -> str:
+    def _satisfy(
+        self, sn: Snapshotter, req: Request, labels: Mapping[str, str]
+    ) -> tuple[str, dict[str, float]]:
+        """How the layer came to be committed, and where the time went (for the log)."""
         if self._have(sn, req):
-            return "reused"
+            return "reused", {}
+        t0 = time.perf_counter()
         try:
             blob = self.content.wait(
                 req.namespace,
@@ -226,6 +231,7 @@ class FastPath:
             )
         except ContentError as e:
             raise Fallback(e.reason, str(e)) from None
+        t1 = time.perf_counter()
         temp = f"{TEMP_PREFIX}{uuid.uuid4().hex} {req.target}"
         try:
             sn.prepare(temp, req.parent, in_progress_labels())
@@ -233,12 +239,14 @@ class FastPath:
             raise Fallback("prepare-failed", f"temporary snapshot on {req.parent!r}: {e}") from None
         try:
             self._convert(sn, req, temp, blob.size)
+            t2 = time.perf_counter()
             try:
                 sn.commit(req.target, temp, labels=labels)
             except AlreadyExists:
                 # Another Prepare of the same layer won the race: use its layer.
                 if self._have(sn, req):
-                    return "reused"
+                    self._discard(sn, temp)
+                    return "reused", {}
                 raise
         except Fallback:
             self._discard(sn, temp)
@@ -246,7 +254,13 @@ class FastPath:
         except Exception as e:  # anything at all: containerd must get its normal prepare
             self._discard(sn, temp)
             raise Fallback("convert-failed", f"{type(e).__name__}: {e}") from e
-        return "converted"
+        t3 = time.perf_counter()
+        return "converted", {
+            "blob_bytes": blob.size,
+            "wait_ms": round((t1 - t0) * 1000, 1),
+            "convert_ms": round((t2 - t1) * 1000, 1),
+            "commit_ms": round((t3 - t2) * 1000, 1),
+        }
 
     def _have(self, sn: Snapshotter, req: Request) -> bool:
         """Whether the layer is committed already, where containerd's Walk will find it."""
