@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from fastpath_kit import (
@@ -257,3 +258,26 @@ def test_an_abandoned_temporary_snapshot_is_removed_at_start(scratch: Path) -> N
     config = load_config(root=scratch / "root", address=scratch / "ss.sock")
     with Server(config, opener=lambda sc: ConvertingNative(sc.root)) as server:
         assert [i.name for i in server.snapshotters["stratasnap"].walk()] == []
+
+
+class RacedNative(ConvertingNative):
+    """Another Prepare of the same layer commits it while this one converts."""
+
+    def convert_layer(self, key: str, tar: BinaryIO) -> str:
+        target = key.rsplit(" ", 1)[1]
+        other = f"other-{target}"
+        self.prepare(other, "")
+        self.commit(target, other, labels={REF_LABEL: target})
+        return super().convert_layer(key, tar)
+
+
+def test_a_layer_committed_meanwhile_by_another_prepare_is_used(
+    stack: Callable[..., Stack], image: Image
+) -> None:
+    client, cs, server = stack(backend=RacedNative)
+    cs.add(NS, image.blobs[0])
+    with pytest.raises(AlreadyExists):
+        client.prepare(key(1, image.chains[0]), "", image.labels(0))
+    assert sample(server, "stratasnap_fastpath_layers_total", how="reused") == 1
+    assert [i.name for i in client.walk()] == [image.chains[0]]
+    no_temporaries(client)
