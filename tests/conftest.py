@@ -80,20 +80,35 @@ def _scratch_base() -> Iterator[Path]:
         yield base
     finally:
         if mounted:
-            # Tests may leave mounts (bind, overlay) below; lazily detach them.
-            for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-                mnt = line.split()[1].encode().decode("unicode_escape")
-                if mnt.startswith(str(base) + "/"):
-                    _umount(Path(mnt))
+            _detach_below(base)
             _umount(base)
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _detach_below(directory: Path) -> int:
+    """Lazily detach every mount below ``directory`` (deepest first); how many."""
+    count = 0
+    for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+        mnt = line.split()[1].encode().decode("unicode_escape")
+        if mnt.startswith(str(directory) + "/"):
+            _umount(Path(mnt))
+            count += 1
+    return count
+
+
 @pytest.fixture
-def scratch(_scratch_base: Path, request: pytest.FixtureRequest) -> Path:
-    """A fresh empty directory on tmpfs (as root) or under tmp (otherwise)."""
+def scratch(_scratch_base: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh empty directory on tmpfs (as root) or under tmp (otherwise).
+
+    Emptied after the test, with whatever it left mounted below detached: a
+    full run would otherwise keep every test's data in RAM (tmpfs) and every
+    committed erofs layer on a loop device until the session ends.
+    """
     d = Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=_scratch_base))
-    return d
+    yield d
+    if IS_ROOT:
+        _detach_below(d)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def make_loopfs(

@@ -150,18 +150,22 @@ class _Scans:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._rows: list[tuple[int, bytes, bytes]] | None = None
-        self._labels: dict[str, list[tuple[int, bytes]]] = {}
+        self._labels: dict[str, dict[bytes, list[int]]] = {}
 
-    def labels(self, key: str) -> list[tuple[int, bytes]]:
-        """(id, value as UTF-8) of every snapshot carrying label ``key``."""
+    def labels(self, key: str) -> dict[bytes, list[int]]:
+        """Label ``key``'s values (as UTF-8), each with the ids of the snapshots carrying it.
+
+        Grouped by value because label values repeat (containerd's GC and CRI
+        labels take a handful of values across thousands of snapshots): a
+        pattern is then tested once per distinct value, not once per snapshot.
+        """
         found = self._labels.get(key)
         if found is None:
-            found = self._labels[key] = [
-                (int(i), str(v).encode())
-                for i, v in self._conn.execute(
-                    "SELECT snapshot_id, value FROM labels WHERE key = ?", (key,)
-                )
-            ]
+            found = self._labels[key] = {}
+            for i, v in self._conn.execute(
+                "SELECT snapshot_id, value FROM labels WHERE key = ?", (key,)
+            ):
+                found.setdefault(str(v).encode(), []).append(int(i))
         return found
 
     def rows(self) -> list[tuple[int, bytes, bytes]]:
@@ -228,11 +232,11 @@ def _label_ids(conn: sqlite3.Connection, scans: _Scans, key: str, sel: _filters.
         ids = _ids(conn, "SELECT snapshot_id FROM labels WHERE key = ? AND value = ?", key, value)
         return ids if op is _Op.EQUAL else Ids(ids.ids, True)
     test = _filters.compile_pattern(value).search_bytes
-    rows = scans.labels(key)
-    if test(b""):
-        # Absent labels match too: everything but the labels that do not.
-        return Ids(frozenset(i for i, v in rows if not test(v)), True)
-    return Ids(frozenset(i for i, v in rows if test(v)))
+    values = scans.labels(key)
+    # Absent labels are compared as "": if "" matches, the answer is everything
+    # but the carriers of values that do not match.
+    negate = test(b"")
+    return Ids(frozenset(i for v, ids in values.items() if test(v) != negate for i in ids), negate)
 
 
 def _absent(sel: _filters.Selector) -> Ids:

@@ -125,9 +125,13 @@ class AuthProxy:
     many bytes. ``requests`` records (method, path, Range) of what came in.
     """
 
-    def __init__(self, upstream: str, users: dict[str, str]) -> None:
+    def __init__(
+        self, upstream: str, users: dict[str, str], refresh_tokens: tuple[str, ...] = ()
+    ) -> None:
         self.upstream = upstream
         self.users = users
+        #: Identity tokens the token endpoint trades by OAuth2 POST (grant_type=refresh_token).
+        self.refresh_tokens = set(refresh_tokens)
         self.tokens: set[str] = set()
         self.fail_next_5xx = 0
         self.drop_blob_after: int | None = None
@@ -147,6 +151,9 @@ class AuthProxy:
 
             def do_HEAD(self) -> None:
                 proxy._handle(self, "HEAD")
+
+            def do_POST(self) -> None:
+                proxy._token_by_post(self)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
@@ -170,6 +177,24 @@ class AuthProxy:
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
+    def _token_by_post(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        """The OAuth2 form of the token endpoint: a refresh token for an access token."""
+        length = int(h.headers.get("Content-Length", "0"))
+        form = urllib.parse.parse_qs(h.rfile.read(length).decode())
+        self.requests.append(("POST", h.path, ""))
+        grant = form.get("grant_type", [""])[0]
+        refresh = form.get("refresh_token", [""])[0]
+        if (
+            h.path.startswith("/token")
+            and grant == "refresh_token"
+            and refresh in self.refresh_tokens
+        ):
+            token = secrets.token_hex(16)
+            self.tokens.add(token)
+            self._reply(h, 200, json.dumps({"access_token": token}).encode())
+            return
+        self._reply(h, 401, b'{"error":"invalid_grant"}')
 
     def _handle(self, h: http.server.BaseHTTPRequestHandler, method: str) -> None:
         path = h.path

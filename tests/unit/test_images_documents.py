@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
 import pytest
 
 from stratasnap import InvalidArgument, Unimplemented
-from stratasnap.images.hosts import credentials_for, hosts_for
+from stratasnap.images.hosts import hosts_for
 from stratasnap.images.manifest import (
     Index,
     Manifest,
@@ -115,27 +114,3 @@ def test_hosts_toml(tmp_path: Path) -> None:
     (d / "hosts.toml").write_text("server = [")
     with pytest.raises(InvalidArgument, match=r"hosts\.toml"):
         hosts_for("r.example:5000", "r.example:5000", tmp_path)
-
-
-def test_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-    assert credentials_for("r.example") is None
-    auth = base64.b64encode(b"u:p:with:colons").decode()
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            {
-                "auths": {
-                    "https://index.docker.io/v1/": {"auth": auth},
-                    "r.example": {"username": "n", "password": "w"},
-                }
-            }
-        )
-    )
-    hub = credentials_for("docker.io")
-    assert hub is not None and (hub.username, hub.password) == ("u", "p:with:colons")
-    other = credentials_for("r.example")
-    assert other is not None and (other.username, other.password) == ("n", "w")
-    given = credentials_for("r.example", "x:y")
-    assert given is not None and given.username == "x"
-    with pytest.raises(InvalidArgument, match="USER:PASSWORD"):
-        credentials_for("r.example", "nocolon")

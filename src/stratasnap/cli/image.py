@@ -84,7 +84,10 @@ def image() -> None:
     "-u",
     default="",
     metavar="USER:PASSWORD",
-    help="Registry credentials [default: from ~/.docker/config.json].",
+    help=(
+        "Registry credentials [default: docker's config.json: credHelpers, "
+        "credsStore (docker-credential-* helpers), then auths]."
+    ),
 )
 @click.option("--plain-http", is_flag=True, help="Talk HTTP, not HTTPS, to the registry.")
 @click.option(

@@ -1,4 +1,4 @@
-"""Where to reach a registry: mirrors from containerd's ``hosts.toml``, and credentials.
+"""Where to reach a registry: mirrors from containerd's ``hosts.toml``.
 
 containerd's format (``<hosts-dir>/<registry>/hosts.toml``, ``_default/`` for any
 registry without its own directory)::
@@ -12,29 +12,18 @@ registry without its own directory)::
       [host."http://mirror.local:5000".header]
         X-Custom = "value"
 
-Credentials come from ``--user USER:PASSWORD`` or ``~/.docker/config.json``
-(``auths.<registry>.auth``, base64 ``user:password``, or ``username``/``password``).
+Credentials are :mod:`.credentials`' business.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .reference import DOCKER_HUB
 
-__all__ = ["Credentials", "RegistryHost", "credentials_for", "hosts_for"]
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
+__all__ = ["RegistryHost", "hosts_for"]
 
 
 @dataclass(frozen=True)
@@ -114,42 +103,3 @@ def _endpoint(
         ca=str(ca[0] if isinstance(ca, list) and ca else ca or ""),
         headers={str(k): str(v[0] if isinstance(v, list) else v) for k, v in headers.items()},
     )
-
-
-def _docker_config_path() -> Path:
-    env = os.environ.get("DOCKER_CONFIG")
-    return Path(env) / "config.json" if env else Path.home() / ".docker" / "config.json"
-
-
-def credentials_for(registry: str, user: str = "") -> Credentials | None:
-    """Credentials for ``registry``: ``user`` (``USER:PASSWORD``) or docker's config file."""
-    if user:
-        name, sep, password = user.partition(":")
-        if not sep:
-            raise InvalidArgument("--user takes USER:PASSWORD")
-        return Credentials(name, password)
-    path = _docker_config_path()
-    try:
-        auths = json.loads(path.read_text()).get("auths") or {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise InvalidArgument(f"{path}: {exc}") from None
-    keys = [registry, f"https://{registry}", f"http://{registry}"]
-    if registry == DOCKER_HUB:
-        keys += ["https://index.docker.io/v1/", "index.docker.io"]
-    for key in keys:
-        entry = auths.get(key) or auths.get(key + "/")
-        if not entry:
-            continue
-        if entry.get("auth"):
-            try:
-                name, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidArgument(
-                    f"{path}: auths.{key}.auth is not base64 USER:PASSWORD"
-                ) from None
-            return Credentials(name, password)
-        if entry.get("username"):
-            return Credentials(str(entry["username"]), str(entry.get("password", "")))
-    return None

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..metastore import ImageRecord
-from .hosts import credentials_for, hosts_for
+from .credentials import credentials_for
+from .hosts import hosts_for
 from .manifest import (
     Index,
     Manifest,

@@ -2,7 +2,8 @@
 
 Plain ``http.client`` (one kept-alive connection per endpoint). Auth follows
 the registry's ``WWW-Authenticate`` challenge: ``Bearer`` (a token from the
-realm it names, asked with the credentials when there are any) or
+realm it names, asked with the credentials when there are any; an identity
+token from a credential helper is traded for one by an OAuth2 POST) or
 ``Basic``. Redirects (blob downloads are often sent to object storage) are
 followed without the registry's Authorization header. Connection failures,
 429 and 5xx answers are retried with back-off; a blob download that breaks
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, SnapshotError, Unavailable
 from .content import ContentStore, DigestMismatch
-from .hosts import Credentials, RegistryHost
+from .credentials import Credentials
+from .hosts import RegistryHost
 from .manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from .reference import Digest, Reference
 
@@ -124,7 +126,12 @@ class Registry:
             conn.close()
 
     def _send(
-        self, method: str, url: _Url, headers: dict[str, str], host: RegistryHost | None
+        self,
+        method: str,
+        url: _Url,
+        headers: dict[str, str],
+        host: RegistryHost | None,
+        body: bytes | None = None,
     ) -> http.client.HTTPResponse:
         """One request with retries on dropped connections, 429 and 5xx."""
         last: str = ""
@@ -133,7 +140,9 @@ class Registry:
                 time.sleep(min(0.25 * 2**attempt, 4.0))
             conn = self._conn(url, host)
             try:
-                conn.request(method, url.path, headers={"User-Agent": _USER_AGENT, **headers})
+                conn.request(
+                    method, url.path, body=body, headers={"User-Agent": _USER_AGENT, **headers}
+                )
                 resp = conn.getresponse()
             except ssl.SSLError as exc:
                 self._drop(url)
@@ -194,7 +203,7 @@ class Registry:
         params = dict(_CHALLENGE_PARAM.findall(params_text))
         creds = self.credentials
         if scheme.lower() == "basic":
-            if creds is None:
+            if creds is None or (creds.identity_token and not creds.username):
                 raise self._login_hint(host)
             self._auth[host.host] = f"Basic {_basic(creds)}"
             return
@@ -205,11 +214,24 @@ class Registry:
         query = {"service": params.get("service", "")}
         scope = params.get("scope") or f"repository:{self.ref.repository}:pull"
         query["scope"] = scope
-        url = _Url.parse(params["realm"] + "?" + urllib.parse.urlencode(query))
-        headers = {}
-        if creds is not None:
-            headers["Authorization"] = f"Basic {_basic(creds)}"
-        resp = self._send("GET", url, headers, host)
+        if creds is not None and creds.identity_token:
+            # An identity token is an OAuth2 refresh token: it is traded at the
+            # realm by POST (docker's token spec), never sent as a password.
+            form = {**query, "grant_type": "refresh_token", "client_id": "stratasnap"}
+            form["refresh_token"] = creds.identity_token
+            resp = self._send(
+                "POST",
+                _Url.parse(params["realm"]),
+                {"Content-Type": "application/x-www-form-urlencoded"},
+                host,
+                body=urllib.parse.urlencode(form).encode(),
+            )
+        else:
+            url = _Url.parse(params["realm"] + "?" + urllib.parse.urlencode(query))
+            headers = {}
+            if creds is not None:
+                headers["Authorization"] = f"Basic {_basic(creds)}"
+            resp = self._send("GET", url, headers, host)
         body = resp.read()
         if resp.status == 401:
             raise self._login_hint(host, rejected=creds is not None)
