@@ -93,10 +93,18 @@ class Env:
         rows = json.loads(self.stack.stratasnap("ls", "--json").stdout)
         return {str(r["name"]): str(r["parent"]) for r in rows}
 
-    def committed_by_containerd(self) -> list[str]:
-        """Names containerd gave in Commit calls (stratasnap logs every call at debug)."""
+    def log_mark(self) -> int:
+        """Where stratasnap's log ends now (for :meth:`committed_by_containerd`)."""
+        return self.stack.stratasnapd.log.stat().st_size
+
+    def committed_by_containerd(self, since: int) -> list[str]:
+        """Names containerd gave in Commit calls logged after ``since`` (every call is
+        logged at debug; other tests in this module commit the same chain IDs)."""
         names = []
-        for line in self.stack.stratasnapd.log.read_text(errors="replace").splitlines():
+        with self.stack.stratasnapd.log.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
             if "method=Commit" in line and "commit_name=" in line:
                 names.append(line.split("commit_name=", 1)[1].split()[0].strip('"'))
         return names
@@ -184,7 +192,7 @@ def _container_sees_the_image(env: Env, cid: str) -> None:
 
 def test_a_cri_pull_converts_the_layers_being_fetched(env: Env) -> None:
     env.reset()
-    before = _counts(env)
+    before, mark = _counts(env), env.log_mark()
     env.pull()
     chain = env.info.chain_ids
     # Layer 1 was prepared before containerd began fetching anything: normal path.
@@ -196,7 +204,7 @@ def test_a_cri_pull_converts_the_layers_being_fetched(env: Env) -> None:
     assert names[chain[1]] == first[0], "layer 2 sits on containerd's layer 1"
     assert names[chain[2]] == chain[1]
     assert len(names) == 3, f"nothing else left (no temporary snapshot): {names}"
-    committed = env.committed_by_containerd()
+    committed = env.committed_by_containerd(mark)
     assert first[0] in committed, "containerd committed the layer it unpacked"
     assert not [n for n in committed if n.endswith((chain[1], chain[2]))], committed
     # containerd's own view: three committed layers under their chain IDs.
