@@ -241,7 +241,8 @@ def fast_stacks(scratch: Path) -> Iterator[Callable[..., Stack]]:
             options=options,
         )
         config = replace(config, fast_path=FastPathConfig(**settings))
-        cs = ContentServer(csock, scratch / "blobs")
+        # Down: not even a socket at containerd_address (the double binds elsewhere).
+        cs = ContentServer(csock if content else scratch / "down.sock", scratch / "blobs")
         if content:
             cs.__enter__()
             started.append(cs)

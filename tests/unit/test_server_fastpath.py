@@ -13,6 +13,7 @@ backend's own seam is exercised in tests/privileged and tests/e2e.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import threading
 import time
@@ -207,9 +208,16 @@ def test_a_layer_whose_chain_differs_falls_back(stack: Callable[..., Stack], ima
     normal_prepare(client, server, image, "chain-mismatch", **labels)
 
 
-def test_containerd_unreachable_falls_back(stack: Callable[..., Stack], image: Image) -> None:
-    client, _cs, server = stack(content=False)
-    normal_prepare(client, server, image, "content-unavailable")
+def test_containerd_unreachable_falls_back(
+    stack: Callable[..., Stack], image: Image, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="stratasnap"):
+        client, _cs, server = stack(content=False)
+        normal_prepare(client, server, image, "content-unavailable")
+    # Said once at start, then for the layer with its reason.
+    assert "no containerd socket yet" in caplog.text
+    fallback = [r for r in caplog.records if getattr(r, "reason", "") == "content-unavailable"]
+    assert fallback and fallback[0].levelno == logging.WARNING
 
 
 def test_without_the_layer_digest_label_it_falls_back(

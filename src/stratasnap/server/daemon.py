@@ -450,6 +450,12 @@ class Server:
                 log.info("removed abandoned fast-path snapshot", extra={"key": key})
         if not fast.enabled or not able:
             return None
+        if not fast.containerd_address.is_socket():
+            # Not fatal (containerd may start after us), but every layer falls back until then.
+            log.warning(
+                "layer fast path: no containerd socket yet; layers fall back until there is one",
+                extra={"containerd_address": str(fast.containerd_address)},
+            )
         log.info(
             "layer fast path on",
             extra={
