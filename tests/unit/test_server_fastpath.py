@@ -36,7 +36,7 @@ from fastpath_kit import (
 )
 
 from stratasnap.backends.native import NativeSnapshotter
-from stratasnap.errors import AlreadyExists, NotFound
+from stratasnap.errors import AlreadyExists, NotFound, SnapshotError
 from stratasnap.server.client import Client
 from stratasnap.server.config import load_config
 from stratasnap.server.daemon import Server
@@ -289,3 +289,22 @@ def test_a_layer_committed_meanwhile_by_another_prepare_is_used(
     assert sample(server, "stratasnap_fastpath_layers_total", how="reused") == 1
     assert [i.name for i in client.walk()] == [image.chains[0]]
     no_temporaries(client)
+
+
+def test_a_cancelled_prepare_stops_waiting_and_prepares_nothing(
+    stack: Callable[..., Stack], image: Image
+) -> None:
+    client, cs, server = stack(fetch_timeout=60)
+    cs.fetching(NS, image.digests[0])  # on its way, and never arriving
+    hasty = Client(server.address, namespace=NS, timeout=1.0)
+    try:
+        with pytest.raises(SnapshotError):  # DEADLINE_EXCEEDED on the client's side
+            hasty.prepare(key(1, image.chains[0]), "", image.labels(0))
+    finally:
+        hasty.close()
+    deadline = time.monotonic() + 10  # the server notices at its next poll
+    while not sample(server, "stratasnap_fastpath_fallbacks_total", reason="cancelled"):
+        assert time.monotonic() < deadline, "still waiting for the blob of a gone client"
+        time.sleep(0.1)
+    with pytest.raises(NotFound):
+        client.stat(key(1, image.chains[0]))

@@ -135,6 +135,7 @@ class ContentClient:
         timeout: float,
         start_timeout: float,
         poll: float = 0.05,
+        cancelled: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> BlobInfo:
@@ -144,12 +145,16 @@ class ContentClient:
         ``start_timeout`` s the blob was neither committed nor being written
         (:data:`IDLE_SETTLE` s when nothing at all was being written),
         ``blob-wait-timeout`` after ``timeout`` s in all, ``content-unavailable``
-        when containerd does not answer.
+        when containerd does not answer, ``cancelled`` as soon as ``cancelled()``.
         """
         start = clock()
         last_seen = start  # when the blob was last seen being written (or we began)
         delay = poll
         while True:
+            if cancelled():
+                raise ContentError(
+                    "cancelled", f"the Prepare waiting for blob {digest} was cancelled"
+                )
             info = self.info(namespace, digest)
             if info is not None:
                 return info

@@ -34,11 +34,11 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from ..errors import AlreadyExists, NotFound, SnapshotError
+from ..errors import AlreadyExists, NotFound, SnapshotError, Unavailable
 from ..images.compression import sniff_compression
 from ..images.content import DigestMismatch
 from ..images.layer_stream import LayerStream
@@ -73,7 +73,7 @@ TEMP_PREFIX = "stratasnap-fastpath/"
 _READ_BUFFER = 1 << 20
 
 #: Fallbacks that are the protocol's normal course, logged at info (others warn).
-_EXPECTED = frozenset({"missing-layer-digest", "blob-not-fetched", "backend-refused"})
+_EXPECTED = frozenset({"missing-layer-digest", "blob-not-fetched", "backend-refused", "cancelled"})
 
 
 @runtime_checkable
@@ -137,12 +137,20 @@ class FastPath:
         self.content.close()
 
     def prepare(
-        self, name: str, sn: Snapshotter, key: str, parent: str, labels: Mapping[str, str]
+        self,
+        name: str,
+        sn: Snapshotter,
+        key: str,
+        parent: str,
+        labels: Mapping[str, str],
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> str | None:
         """The chain ID committed for this Prepare (answer AlreadyExists), or None.
 
         None: do the normal Prepare (not a layer with the fast path's labels,
         a backend without the seam, or a fallback, already logged and counted).
+        ``cancelled`` says whether the caller has gone: waiting for its blob
+        stops, and the Prepare ends Unavailable.
         """
         target = labels.get(REF_LABEL, "")
         if not target or not self.config.enabled or not converts_layers(sn):
@@ -150,9 +158,12 @@ class FastPath:
         start = time.perf_counter()
         try:
             req = self._request(key, parent, target, labels)
-            how, steps = self._satisfy(sn, req, labels)
+            how, steps = self._satisfy(sn, req, labels, cancelled)
         except Fallback as fb:
             self._fell_back(name, key, target, fb, start)
+            if fb.reason == "cancelled":
+                # The caller is gone: nobody would learn of a snapshot prepared now.
+                raise Unavailable(f"Prepare of {key!r} cancelled by the client") from None
             return None
         if self.metrics is not None:
             self.metrics.fast_layer(name, how)
@@ -216,7 +227,11 @@ class FastPath:
         return Request(key, parent, target, digest, namespace, parent_chain)
 
     def _satisfy(
-        self, sn: Snapshotter, req: Request, labels: Mapping[str, str]
+        self,
+        sn: Snapshotter,
+        req: Request,
+        labels: Mapping[str, str],
+        cancelled: Callable[[], bool],
     ) -> tuple[str, dict[str, float]]:
         """How the layer came to be committed, and where the time went (for the log)."""
         if self._have(sn, req):
@@ -228,6 +243,7 @@ class FastPath:
                 req.digest,
                 timeout=self.config.fetch_timeout,
                 start_timeout=self.config.fetch_start_timeout,
+                cancelled=cancelled,
             )
         except ContentError as e:
             raise Fallback(e.reason, str(e)) from None

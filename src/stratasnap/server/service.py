@@ -252,7 +252,8 @@ class SnapshotsService:
         ]
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
-                self._unary(name, fn),
+                # Prepare watches its call: the fast path may wait long for a blob.
+                self._unary(name, fn, pass_context=name == "Prepare"),
                 request_deserializer=req.FromString,
                 response_serializer=(resp or empty_pb2.Empty).SerializeToString,
             )
@@ -316,8 +317,10 @@ class SnapshotsService:
     # -- the call wrapper ------------------------------------------------------------
 
     def _unary(
-        self, method: str, body: Callable[[Req, str, Snapshotter], Resp]
+        self, method: str, body: Callable[..., Resp], *, pass_context: bool = False
     ) -> Callable[[Req, grpc.ServicerContext], Resp]:
+        """``body(request, name, snapshotter)`` as a gRPC handler (``pass_context``: the
+        call's context as a fourth argument)."""
         # Everything a call needs is bound here, once per method: the hot path is
         # one closure, with no attribute or dict lookups it can do without.
         resolve = self.snapshotters.resolve
@@ -331,7 +334,10 @@ class SnapshotsService:
                 enter()
                 try:
                     name, sn = resolve(request.snapshotter)
-                    response = body(request, name, sn)
+                    if pass_context:
+                        response = body(request, name, sn, context)
+                    else:
+                        response = body(request, name, sn)
                 finally:
                     leave()
             except SnapshotError as e:
@@ -398,11 +404,19 @@ class SnapshotsService:
     # -- the RPCs --------------------------------------------------------------------
 
     def _prepare(
-        self, req: pb.PrepareSnapshotRequest, name: str, sn: Snapshotter
+        self,
+        req: pb.PrepareSnapshotRequest,
+        name: str,
+        sn: Snapshotter,
+        context: grpc.ServicerContext,
     ) -> pb.PrepareSnapshotResponse:
         labels = dict(req.labels)
         if self.fastpath is not None:
-            target = self.fastpath.prepare(name, sn, req.key, req.parent, labels)
+
+            def gone() -> bool:
+                return not context.is_active()
+
+            target = self.fastpath.prepare(name, sn, req.key, req.parent, labels, gone)
             if target is not None:
                 # containerd's remote-snapshot protocol: it now Walks for the target.
                 raise AlreadyExists(f"target snapshot {target!r}")
