@@ -7,9 +7,14 @@ serves it from a private ``docker-registry`` on 127.0.0.1, and measures,
 alternating the tools in every round:
 
 1. **pull + unpack** of the image from the registry:
-   ``stratasnap --backend overlay image pull``, ``ctr images pull`` with
+   ``stratasnap --backend overlay image pull``; ``stratasnap --backend erofs
+   image pull`` twice: layers converted straight to EROFS images (the
+   converter, ``convert_layers=true``) and applied file by file into an upper
+   then built by ``mkfs.erofs`` (``convert_layers=false``), both with
+   ``compression`` = ``--erofs-compression``; ``ctr images pull`` with
    containerd's built-in ``overlayfs`` (then ``ctr images rm --sync``, so every
-   pull downloads again), and ``skopeo copy`` + ``umoci unpack``;
+   pull downloads again); and ``skopeo copy`` + ``umoci unpack``. Every
+   stratasnap pull starts from an empty root (``--pull-tools`` picks some);
 2. **import** of the same image from an OCI archive: ``stratasnap image import``
    against ``ctr images import`` (overlayfs);
 3. **layer apply** throughput (MB/s of uncompressed tar) of stratasnap's
@@ -33,6 +38,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import argparse  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -46,6 +52,7 @@ from e2e.harness import Stack  # noqa: E402
 from e2e.oci import generated_layers, write_oci_archive  # noqa: E402
 from e2e.registry import LocalRegistry, push  # noqa: E402
 
+from stratasnap.fs.mount import unmount_all_under  # noqa: E402
 from stratasnap.images.apply import Target, apply_tar  # noqa: E402
 from stratasnap.images.compression import DecompressingReader, gzip_backend  # noqa: E402
 from stratasnap.images.layer_stream import LayerStream  # noqa: E402
@@ -57,11 +64,16 @@ TOOLS = ("docker-registry", "skopeo", "umoci", "containerd", "ctr")
 
 
 def run(argv: list[str], **kw: object) -> float:
+    return run_output(argv, **kw)[0]
+
+
+def run_output(argv: list[str], **kw: object) -> tuple[float, str]:
+    """(wall seconds, stdout) of a command that must succeed."""
     t0 = time.perf_counter()
     r = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
     if r.returncode:
         raise SystemExit(f"{' '.join(argv)} failed:\n{r.stdout}\n{r.stderr}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, r.stdout
 
 
 def fresh(path: Path) -> Path:
@@ -77,23 +89,49 @@ def med(xs: list[float]) -> float:
 def show(label: str, xs: list[float], ref: list[float] | None = None) -> None:
     ratio = f"  {med(xs) / med(ref):.2f}x" if ref else ""
     spread = ", ".join(f"{x:.2f}" for x in xs)
-    print(f"  {label:<44} {med(xs):7.2f} s  ({spread}){ratio}")
+    print(f"  {label:<56} {med(xs):7.2f} s  ({spread}){ratio}")
 
 
-def stratasnap_cli(root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "stratasnap", "--root", str(root), "--backend", "overlay", *args]
+def stratasnap_cli(root: Path, *args: str, backend: str = "overlay") -> list[str]:
+    return [sys.executable, "-m", "stratasnap", "--root", str(root), "--backend", backend, *args]
 
 
-def bench_pull(work: Path, stack: Stack, ref: str, reps: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"stratasnap": [], "ctr": [], "skopeo+umoci": []}
+#: The stratasnap pulls measured: name -> (backend, its -o options).
+def stratasnap_pulls(erofs_compression: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    erofs = ("erofs", ("-o", f"compression={erofs_compression}"))
+    return {
+        "stratasnap": ("overlay", ()),
+        "erofs-convert": (erofs[0], (*erofs[1], "-o", "convert_layers=true")),
+        "erofs-mkfs": (erofs[0], (*erofs[1], "-o", "convert_layers=false")),
+    }
+
+
+PULL_TOOLS = ("stratasnap", "erofs-convert", "erofs-mkfs", "ctr", "skopeo+umoci")
+
+
+def bench_pull(
+    work: Path, stack: Stack, ref: str, reps: int, tools: list[str], erofs_compression: str
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {t: [] for t in tools}
     ctr = ["ctr", "--address", str(stack.cd_socket), "-n", "bench"]
+    ours = stratasnap_pulls(erofs_compression)
     for rep in range(reps):
         order = list(out) if rep % 2 == 0 else list(reversed(out))
         for tool in order:
             os.sync()
-            if tool == "stratasnap":
+            if tool in ours:
+                backend, options = ours[tool]
                 root = fresh(work / "ss-pull")
-                out[tool].append(run(stratasnap_cli(root, "image", "pull", "--plain-http", ref)))
+                argv = stratasnap_cli(root, *options, "image", "pull", "--plain-http", "--json",
+                                      ref, backend=backend)  # fmt: skip
+                seconds, stdout = run_output(argv)
+                out[tool].append(seconds)
+                got = json.loads(stdout)
+                # The path measured must be the one named: converted or not, every layer.
+                want = got["layers"] if tool == "erofs-convert" else 0
+                if got["converted"] != want:
+                    raise SystemExit(f"{tool}: {got['converted']} layers converted, not {want}")
+                unmount_all_under(root)  # erofs: the layers' images are mounted in the root
                 shutil.rmtree(root)
             elif tool == "ctr":
                 out[tool].append(
@@ -131,6 +169,31 @@ def bench_import(work: Path, stack: Stack, archive: Path, reps: int) -> dict[str
                 ).stdout.split():
                     run([*ctr, "images", "rm", "--sync", name])
     return out
+
+
+def show_pulls(res: dict[str, list[float]], erofs_compression: str) -> None:
+    """Each pull, then its ratio against each reference that was measured."""
+    labels = {
+        "ctr": "ctr images pull (containerd overlayfs)",
+        "skopeo+umoci": "skopeo copy + umoci unpack",
+        "stratasnap": "stratasnap image pull (overlay)",
+        "erofs-convert": f"stratasnap image pull (erofs {erofs_compression}, converted)",
+        "erofs-mkfs": f"stratasnap image pull (erofs {erofs_compression}, apply+mkfs)",
+    }
+    for tool, xs in res.items():
+        show(labels[tool], xs)
+    pairs = [
+        ("stratasnap", "ctr"),
+        ("stratasnap", "skopeo+umoci"),
+        ("erofs-convert", "ctr"),
+        ("erofs-mkfs", "ctr"),
+        ("erofs-convert", "erofs-mkfs"),
+        ("erofs-convert", "stratasnap"),
+    ]
+    print("  ratios (medians):")
+    for a, b in pairs:
+        if a in res and b in res:
+            print(f"    {a} / {b}: {med(res[a]) / med(res[b]):.2f}x")
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -205,6 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mean-size", type=int, default=10_000, help="mean file size, bytes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", choices=("pull", "import", "apply"), action="append")
+    ap.add_argument(
+        "--pull-tools",
+        default=",".join(PULL_TOOLS),
+        help=f"comma-separated, of {', '.join(PULL_TOOLS)} [default: all]",
+    )
+    ap.add_argument(
+        "--erofs-compression",
+        default="none",
+        help="erofs pulls' compression option [default: none, what the converter writes]",
+    )
     ap.add_argument("--fs", default="ext4")
     ap.add_argument("--size", default="20G")
     args = ap.parse_args(argv)
@@ -214,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"not installed: {', '.join(missing)}")
     parts = set(args.only or ("pull", "import", "apply"))
+    tools = [t for t in args.pull_tools.split(",") if t]
+    if unknown := set(tools) - set(PULL_TOOLS):
+        raise SystemExit(f"--pull-tools: unknown {', '.join(sorted(unknown))}")
     with scratch_fs(args.fs, args.size) as (mnt, desc):
         print(f"# images benchmark on {desc}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
         t0 = time.perf_counter()
@@ -240,13 +316,11 @@ def main(argv: list[str] | None = None) -> None:
                 ref = f"{reg.address}/{REPO}"
                 push(layout, ref)
                 if "pull" in parts:
-                    res = bench_pull(mnt / "work", stack, ref, args.reps)
+                    res = bench_pull(
+                        mnt / "work", stack, ref, args.reps, tools, args.erofs_compression
+                    )
                     print(f"\n## 1. pull + unpack from the local registry ({args.reps} runs)")
-                    show("ctr images pull (containerd overlayfs)", res["ctr"])
-                    show("skopeo copy + umoci unpack", res["skopeo+umoci"])
-                    show("stratasnap image pull (overlay) vs ctr", res["stratasnap"], res["ctr"])
-                    show("stratasnap image pull vs skopeo+umoci", res["stratasnap"],
-                         res["skopeo+umoci"])  # fmt: skip
+                    show_pulls(res, args.erofs_compression)
                 if "import" in parts:
                     res = bench_import(mnt / "work", stack, archive, args.reps)
                     print(f"\n## 2. import of the OCI archive ({args.reps} runs)")

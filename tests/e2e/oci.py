@@ -278,12 +278,14 @@ def write_oci_archive(
     compresslevel: int = 6,
     arch: str = "",
     layout_dir: bool = False,
+    claimed_diff_ids: Sequence[str] | None = None,
 ) -> ImageInfo:
     """Write an OCI image layout holding one image, as a tar at ``path``.
 
     ``compress`` is True/"gzip", "zstd", or False/"none"; ``arch`` overrides the
     config's architecture; ``layout_dir`` writes a directory instead of a tar
-    (what ``umoci`` and ``skopeo`` read as ``oci:DIR``).
+    (what ``umoci`` and ``skopeo`` read as ``oci:DIR``); ``claimed_diff_ids``
+    replaces the true diff IDs in the config (an image that lies about its layers).
 
     ``name`` (``registry/repo:tag``) goes into the manifest's
     ``io.containerd.image.name`` annotation, which ``ctr images import`` uses
@@ -318,7 +320,10 @@ def write_oci_archive(
         "os": "linux",
         "created": "2023-11-14T22:13:20Z",
         "config": {"Env": list(env), "Cmd": list(cmd), "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": list(claimed_diff_ids) if claimed_diff_ids else diff_ids,
+        },
         "history": [
             {"created": "2023-11-14T22:13:20Z", "created_by": f"stratasnap e2e layer {i}"}
             for i in range(len(diff_ids))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from click.testing import CliRunner
@@ -18,9 +20,7 @@ from stratasnap.backends.native import NativeSnapshotter
 from stratasnap.cli import cli
 from stratasnap.images.archive import import_archive
 from stratasnap.images.content import DigestMismatch
-from stratasnap.images.reference import Digest
-from stratasnap.images.store import ImageStore
-from stratasnap.images.unpack import LayerBlob
+from stratasnap.images.store import Image, ImageStore
 
 
 def _run(root: Path, *args: str, code: int = 0) -> str:
@@ -38,7 +38,16 @@ def test_import_ls_inspect_diff_rm(scratch: Path) -> None:
     )
     root = scratch / "root"
     out = json.loads(_run(root, "image", "import", "--json", str(archive)))
-    assert out == [{"name": "example.com/app:1", "digest": info.manifest_digest}]
+    assert out == [
+        {
+            "name": "example.com/app:1",
+            "digest": info.manifest_digest,
+            # native: applied file by file
+            "layers": 2,
+            "unpacked": 2,
+            "converted": 0,
+        }
+    ]
     (row,) = json.loads(_run(root, "image", "ls", "--json"))
     assert row["name"] == "example.com/app:1" and row["platform"].startswith("linux/")
     assert "example.com/app:1" in _run(root, "image", "ls")
@@ -109,39 +118,95 @@ def test_docker_save_archive(scratch: Path) -> None:
         store.close()
 
 
-class _Hooked(NativeSnapshotter):
-    """A backend that takes whole layers itself (as an erofs converter would)."""
+class _Converting(NativeSnapshotter):
+    """A backend that takes whole layer tars itself (as the erofs backend's converter does).
+
+    It records what it was handed and writes one marker file instead of the
+    layer's entries, so the tests see which path each layer took.
+    """
 
     backend_name = "native"
-    seen: list[LayerBlob]
-    answer: str = ""
+    on = True
+    lie = ""  # a diff ID to answer instead of the real one
+    seen: list[bytes]
 
-    def apply_layer(self, key: str, blob: LayerBlob) -> Digest | None:
-        self.seen.append(blob)
+    @property
+    def converts_layers(self) -> bool:
+        return self.on
+
+    def convert_layer(self, key: str, tar: BinaryIO) -> str:
+        data = tar.read()
+        self.seen.append(data)
         target = Path(self.mounts(key)[0].source)
-        (target / "by-hook").write_text(str(blob.digest))
-        return Digest("sha256", self.answer) if self.answer else blob.diff_id
+        (target / "converted").write_bytes(data)
+        return self.lie or "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def test_backend_hook_takes_whole_layers(scratch: Path) -> None:
-    archive = scratch / "img.tar"
-    info = write_oci_archive(archive, "example.com/h:1", [Layer().file("a", "a")])
+def _converting_store(scratch: Path, **archive: object) -> tuple[_Converting, ImageStore, Image]:
+    layers = [Layer().file("a", "a"), Layer().file("b", "b")]
+    path = scratch / "img.tar"
+    write_oci_archive(path, "example.com/h:1", layers, **archive)  # type: ignore[arg-type]
     root = scratch / "root"
-    sn = _Hooked(root)
+    sn = _Converting(root)
     sn.seen = []
     store = ImageStore(root, sn)
-    (imp,) = import_archive(archive, store.content)
+    (imp,) = import_archive(path, store.content)
     img = store.load(store.add(imp.name, imp.manifest.digest, imp.manifest.media_type, "", ""))
-    sn.answer = "0" * 64  # a hook that writes the wrong content is caught
+    return sn, store, img
+
+
+def _names(tar: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        return tf.getnames()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
+def test_a_converting_backend_gets_the_verified_uncompressed_tars(
+    scratch: Path, compression: str
+) -> None:
+    sn, store, img = _converting_store(scratch, compress=compression)
+    stats = store.unpack(img)
+    assert (stats.applied, stats.converted) == (2, 2)
+    # Each layer handed over whole and uncompressed: a tar whose digest is the diff ID.
+    assert ["sha256:" + hashlib.sha256(t).hexdigest() for t in sn.seen] == [
+        str(d) for d in img.config.diff_ids
+    ]
+    assert [_names(t) for t in sn.seen] == [["a"], ["b"]]
+    view = Path(sn.view("v", img.top_layer)[0].source)
+    assert (view / "converted").read_bytes() == sn.seen[1]
+    assert not (view / "a").exists()  # not applied file by file as well
+    store.close()
+    sn.close()
+
+
+def test_a_converting_backend_that_says_no_gets_the_generic_applier(scratch: Path) -> None:
+    sn, store, img = _converting_store(scratch)
+    sn.on = False
+    stats = store.unpack(img)
+    assert (stats.applied, stats.converted) == (2, 0)
+    assert sn.seen == []
+    view = Path(sn.view("v", img.top_layer)[0].source)
+    assert sorted(os.listdir(view)) == ["a", "b"]
+    store.close()
+    sn.close()
+
+
+def test_converted_layers_are_checked_against_the_config(scratch: Path) -> None:
+    sn, store, img = _converting_store(scratch, compress="none")
+    sn.lie = "sha256:" + "0" * 64  # a backend that converted something else is caught
+    with pytest.raises(DigestMismatch, match=r"diff ID sha256:0+ \(as converted by the backend\)"):
+        store.unpack(img)
+    assert list(sn.walk()) == []  # nothing committed, the snapshot removed
+    sn.lie = ""
+    # A tampered blob (a valid tar still): its digest is checked on what the backend read.
+    blob = store.content.path(img.manifest.layers[1].digest)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # in the end-of-archive padding
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
     with pytest.raises(DigestMismatch):
         store.unpack(img)
-    assert list(sn.walk()) == []
-    sn.answer = ""
-    store.unpack(img)
-    assert [str(b.digest) for b in sn.seen] == [info.layer_digests[0]] * 2
-    assert sn.seen[0].path.is_file() and sn.seen[0].compression == "gzip"
-    view = Path(sn.view("v", img.top_layer)[0].source)
-    assert (view / "by-hook").exists() and not (view / "a").exists()
+    assert [i.name for i in sn.walk()] == [str(img.config.diff_ids[0])]  # layer 1 only
     store.close()
     sn.close()
 

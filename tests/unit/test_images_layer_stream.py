@@ -36,3 +36,24 @@ def test_padding_after_the_tar_is_hashed_not_lost(scratch: Path, tamper: bool) -
     finally:
         stream.close()
     assert (scratch / "a").read_text() == "a"
+
+
+def test_without_the_diff_id_hash_the_blob_digest_is_still_checked() -> None:
+    """hash_diff_id=False (the reader hashes what it reads itself): finish() checks the
+    blob's digest only, and the bytes read are the layer's, whole."""
+    raw = Layer().file("a", "a").tar()
+    blob = gzip.compress(raw, 1)
+    wrong = Digest.of(b"not the layer")
+    stream = LayerStream(io.BytesIO(blob), "gzip", Digest.of(blob), wrong, hash_diff_id=False)
+    try:
+        assert stream.read() == raw
+        stream.finish()  # the diff ID is the reader's to check
+    finally:
+        stream.close()
+    stream = LayerStream(io.BytesIO(blob), "gzip", wrong, Digest.of(raw), hash_diff_id=False)
+    try:
+        stream.read()
+        with pytest.raises(DigestMismatch, match="layer blob"):
+            stream.finish()
+    finally:
+        stream.close()

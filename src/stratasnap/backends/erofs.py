@@ -336,6 +336,13 @@ class ErofsSnapshotter(OverlaySnapshotter):
                 f"snapshot {rec.info.name!r} has files in its upper written after its layer "
                 "was converted: remove it and unpack the layer again"
             )
+        if not os.path.exists(conversion.staging.image):
+            # A failed commit could not move it back (see _take_back): never an
+            # empty layer in its place.
+            raise FailedPrecondition(
+                f"snapshot {rec.info.name!r}: its converted layer image "
+                f"{conversion.staging.image} is gone: remove it and unpack the layer again"
+            )
         self._place(storage, conversion.staging.image, limited)
         return conversion.staged
 

@@ -5,10 +5,13 @@ decompresses it and hashes the result (the diff ID), and hands chunks over
 a bounded queue; the consumer (the tar applier) reads them as a file. zlib,
 ISA-L, zstd and hashlib release the GIL on large buffers, so decompression
 really overlaps with applying. :meth:`LayerStream.finish` drains what the
-applier did not read (tar padding), then checks both digests. When the diff
-ID is not known beforehand (containerd's fast path knows only the chain ID),
-``diff_id=None`` checks the blob digest alone and :attr:`LayerStream.seen_diff_id`
-says what the uncompressed bytes hash to.
+applier did not read (tar padding), then checks both digests.
+
+A reader that hashes every byte it takes anyway (the erofs converter, which
+returns the diff ID of what it read) passes ``hash_diff_id=False``: the
+caller then compares that result with the config's (or, on containerd's
+fast path, which knows no diff ID beforehand, ``diff_id=None``, with the
+chain ID), and the uncompressed layer is hashed once, not twice.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class LayerStream(io.RawIOBase):
         digest: Digest,
         diff_id: Digest | None,
         progress: Callable[[int], None] | None = None,
+        *,
+        hash_diff_id: bool = True,
     ) -> None:
         super().__init__()
         self.digest = digest
@@ -80,7 +85,7 @@ class LayerStream(io.RawIOBase):
             compression,
             what=f"layer {digest}",
         )
-        self._diff_hash = (diff_id or Digest("sha256", "")).hasher()
+        self._diff_hash = diff_id.hasher() if hash_diff_id and diff_id is not None else None
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_DEPTH)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
@@ -98,7 +103,8 @@ class LayerStream(io.RawIOBase):
                 chunk = self._reader.read(_CHUNK)
                 if not chunk:
                     break
-                self._diff_hash.update(chunk)
+                if self._diff_hash is not None:
+                    self._diff_hash.update(chunk)
                 self.size += len(chunk)
                 self.decompress_seconds += time.perf_counter() - start
                 self._put(chunk)
@@ -137,7 +143,7 @@ class LayerStream(io.RawIOBase):
         return n
 
     def finish(self) -> None:
-        """Read what is left, then check the blob digest and the diff ID."""
+        """Read what is left, then check the blob digest and the diff ID (if hashed)."""
         if self._stop.is_set():
             raise RuntimeError("LayerStream.finish() after close()")
         while self.read(_CHUNK):
@@ -146,20 +152,14 @@ class LayerStream(io.RawIOBase):
         got = f"{self.digest.algorithm}:{self._compressed.hasher.hexdigest()}"
         if got != str(self.digest):
             raise DigestMismatch(f"layer blob {self.digest}: content has digest {got}")
-        if self.diff_id is None:
+        if self._diff_hash is None or self.diff_id is None:
             return
-        got = self.seen_diff_id
+        got = f"{self.diff_id.algorithm}:{self._diff_hash.hexdigest()}"
         if got != str(self.diff_id):
             raise DigestMismatch(
                 f"layer {self.digest}: uncompressed content has diff ID {got}, "
                 f"the image config says {self.diff_id}"
             )
-
-    @property
-    def seen_diff_id(self) -> str:
-        """The digest of the uncompressed bytes read so far (all of them after finish)."""
-        algorithm = self.diff_id.algorithm if self.diff_id is not None else "sha256"
-        return f"{algorithm}:{self._diff_hash.hexdigest()}"
 
     def close(self) -> None:
         """Stop the producer (if still running) and release it."""

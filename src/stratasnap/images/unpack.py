@@ -10,9 +10,15 @@ committed.
 Only the public Snapshotter API is used. Where a layer lands is read from
 the mounts ``prepare`` returns: a bind mount is written in place, an overlay
 mount's upperdir is written with overlay whiteouts, anything else is mounted
-on a temporary directory (root only). A backend with a faster whole-layer
-path (a tar → EROFS converter) offers it through :class:`LayerHook`; unpack
-never asks which backend it has.
+on a temporary directory (root only).
+
+A backend with a faster whole-layer path (the erofs backend's tar → EROFS
+converter) offers it through :class:`LayerConverter`: unpack then still reads
+the blob itself (decompression and the blob digest, in
+:class:`~.layer_stream.LayerStream`) and hands the backend the uncompressed
+tar; the diff ID the backend computed of what it read is checked against the
+config's here, so no backend needs to know about blobs, compression or image
+configs. Unpack never asks which backend it has.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from ..errors import AlreadyExists, FailedPrecondition, NotFound, from_os_error
 from ..snapshotter import Snapshotter
@@ -40,7 +46,7 @@ from .reference import Digest
 __all__ = [
     "LAYER_LABEL",
     "LayerBlob",
-    "LayerHook",
+    "LayerConverter",
     "UnpackStats",
     "in_progress_labels",
     "landing",
@@ -58,7 +64,7 @@ UNPACK_PID_LABEL = "stratasnap.io/unpack.pid"
 
 @dataclass(frozen=True)
 class LayerBlob:
-    """A layer as a backend hook sees it: the verified blob file and what it must hold."""
+    """A layer to unpack: its blob file, and what that must hold."""
 
     path: Path
     digest: Digest
@@ -67,14 +73,20 @@ class LayerBlob:
 
 
 @runtime_checkable
-class LayerHook(Protocol):
-    """Optional backend method: take a whole layer into the active snapshot ``key``.
+class LayerConverter(Protocol):
+    """Optional backend side: take a whole uncompressed layer tar into an active snapshot.
 
-    Return the diff ID of what was written (the caller compares it with the
-    config's), or None to decline and let the generic applier do it.
+    ``converts_layers`` says whether this instance does it now (else the
+    generic applier writes the layer into the snapshot's mounts).
+    ``convert_layer(key, tar)`` reads the tar once, to its end, and makes it
+    the content the next commit of active ``key`` records; it returns the
+    tar's diff ID ("sha256:<hex>"), which unpack compares with the config's.
     """
 
-    def apply_layer(self, key: str, blob: LayerBlob) -> Digest | None: ...
+    @property
+    def converts_layers(self) -> bool: ...
+
+    def convert_layer(self, key: str, tar: BinaryIO) -> str: ...
 
 
 @dataclass
@@ -83,6 +95,7 @@ class UnpackStats:
 
     layers: int = 0
     applied: int = 0
+    converted: int = 0  # of the applied: taken whole by the backend (LayerConverter)
     skipped: int = 0
     bytes: int = 0
     files: int = 0
@@ -265,29 +278,25 @@ def _apply_layer(
     progress: Callable[[int], None] | None,
     stats: UnpackStats,
 ) -> ApplyStats:
-    if isinstance(sn, LayerHook):
-        got = sn.apply_layer(key, blob)
-        if got is not None:
-            if str(got) != str(blob.diff_id):
-                raise DigestMismatch(
-                    f"layer {blob.digest}: uncompressed content has diff ID {got}, "
-                    f"the image config says {blob.diff_id}"
-                )
-            if progress:
-                progress(os.path.getsize(blob.path))
-            return ApplyStats()
+    converter = sn if isinstance(sn, LayerConverter) and sn.converts_layers else None
     t0 = time.perf_counter()
     try:
-        with open(blob.path, "rb") as src, landing(mounts) as target:
-            stream = LayerStream(src, blob.compression, blob.digest, blob.diff_id, progress)
+        with open(blob.path, "rb") as src:
+            stream = LayerStream(
+                src,
+                blob.compression,
+                blob.digest,
+                blob.diff_id,
+                progress,
+                # The converter hashes what it reads (its answer is checked below):
+                # one sha256 pass over the uncompressed layer instead of two.
+                hash_diff_id=converter is None,
+            )
             try:
-                applied = apply_tar(stream, target)  # type: ignore[arg-type]
-                stream.finish()
-            except BaseException:
-                # The snapshot is thrown away next; empty it first, so that a full disk
-                # has room again for the store to record the removal.
-                _empty(target.root)
-                raise
+                if converter is not None:
+                    applied = _convert(converter, key, stream, blob)
+                else:
+                    applied = _apply(stream, mounts)
             finally:
                 stream.close()
     except FileNotFoundError as exc:
@@ -297,6 +306,36 @@ def _apply_layer(
     except OSError as exc:
         raise from_os_error(exc, f"applying layer {blob.digest}") from exc
     total = time.perf_counter() - t0
-    stats.add_time("apply", total)
+    if converter is not None:
+        stats.converted += 1
+    stats.add_time("convert" if converter is not None else "apply", total)
     stats.add_time("decompress+hash (overlapped)", stream.decompress_seconds)
     return applied
+
+
+def _apply(stream: LayerStream, mounts: Sequence[Mount]) -> ApplyStats:
+    """The generic way: the layer's entries written one by one where the mounts say."""
+    with landing(mounts) as target:
+        try:
+            applied = apply_tar(stream, target)  # type: ignore[arg-type]
+            stream.finish()
+        except BaseException:
+            # The snapshot is thrown away next; empty it first, so that a full disk
+            # has room again for the store to record the removal.
+            _empty(target.root)
+            raise
+    return applied
+
+
+def _convert(
+    converter: LayerConverter, key: str, stream: LayerStream, blob: LayerBlob
+) -> ApplyStats:
+    """The backend's way: the whole verified, uncompressed tar handed over at once."""
+    got = converter.convert_layer(key, cast(BinaryIO, stream))
+    stream.finish()  # the blob digest of what the backend read
+    if got != str(blob.diff_id):
+        raise DigestMismatch(
+            f"layer {blob.digest}: uncompressed content has diff ID {got} "
+            f"(as converted by the backend), the image config says {blob.diff_id}"
+        )
+    return ApplyStats()  # entries and files: the backend's business

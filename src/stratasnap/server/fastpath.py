@@ -16,10 +16,12 @@ a mount, no walking differ.
 containerd's content store (containerd may still be fetching it), streams
 it through decompression into ``convert_layer`` on a temporary active
 snapshot, checks the blob digest and that ``sha256(parent_chain + " " +
-diff_id)`` (or the diff ID alone without a parent) is the requested chain
-ID, and commits it under the chain ID with the Prepare's labels. Every
-problem is a :class:`Fallback`: the temporary snapshot is removed and the
-caller does the normal Prepare, so a pull never fails because of this path.
+diff_id)`` (or the diff ID alone without a parent; the diff ID is the
+digest of the uncompressed stream, which the converter hashes as it reads
+every byte) is the requested chain ID, and commits it under the chain ID
+with the Prepare's labels. Every problem is a :class:`Fallback`: the
+temporary snapshot is removed and the caller does the normal Prepare, so a
+pull never fails because of this path.
 
 The temporary snapshot carries :func:`~stratasnap.images.unpack.in_progress_labels`
 (this process' id): if the server is killed mid-layer, the next start removes
@@ -300,11 +302,14 @@ class FastPath:
         reader = io.BufferedReader(self.content.open(req.namespace, req.digest, size), _READ_BUFFER)
         try:
             compression = sniff_compression(reader.peek(4)[:4])
-            stream = LayerStream(reader, compression, parse_digest(req.digest), None)
+            # The converter hashes every byte it reads (its diff ID): the stream checks
+            # the blob digest only, so the uncompressed layer is hashed once.
+            stream = LayerStream(
+                reader, compression, parse_digest(req.digest), None, hash_diff_id=False
+            )
             try:
                 diff_id = sn.convert_layer(temp, stream)  # type: ignore[arg-type]
                 stream.finish()
-                seen = stream.seen_diff_id
             except DigestMismatch as e:
                 raise Fallback("digest-mismatch", str(e)) from None
             except ContentError as e:
@@ -315,12 +320,7 @@ class FastPath:
                 stream.close()
         finally:
             reader.close()
-        if diff_id != seen:
-            raise Fallback(
-                "diff-id-mismatch",
-                f"backend wrote diff ID {diff_id}, the uncompressed stream hashes to {seen}",
-            )
-        got = chain_id(req.parent_chain, seen)
+        got = chain_id(req.parent_chain, diff_id)
         if got != req.target:
             raise Fallback(
                 "chain-mismatch",
