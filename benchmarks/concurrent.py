@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -51,9 +50,8 @@ import grpc  # noqa: E402, F401
 
 sys.path.insert(0, str(HERE))
 
-from _gobuild import build_go  # noqa: E402
 from _scratch import scratch_fs  # noqa: E402
-from _server import ServerProcess  # noqa: E402
+from _server import Server, built  # noqa: E402
 
 from stratasnap import open_snapshotter  # noqa: E402
 from stratasnap.group_commit import MAX_BATCH  # noqa: E402
@@ -113,30 +111,6 @@ def round_ops(
     return sum(counts) / elapsed
 
 
-class Server(ServerProcess):
-    """A snapshots server on ``root``: ``python -m stratasnap.server serve`` from ``src``,
-    or, when ``src`` is a ``goproxy`` binary, containerd's overlay snapshotter."""
-
-    def __init__(self, src: Path, backend: str, root: Path, log: Path) -> None:
-        address = root.parent / f"{root.name}.sock"
-        if src.name == "goproxy":
-            argv = [str(src), "-root", str(root), "-address", str(address)]
-        else:
-            argv = [sys.executable, "-m", "stratasnap.server", "serve", "--root", str(root)]
-            argv += ["--backend", backend, "--address", str(address)]
-            argv += ["--log-level", "warning"]
-        env = {**os.environ, "PYTHONPATH": str(src)}
-        super().__init__(argv, address, log, env=env, timeout=60, poll=0.05)
-
-
-def built(program: str, out: Path) -> Path:
-    """``goclient`` or ``goproxy``, built offline; exits saying why when it cannot be."""
-    binary, note = build_go(program, out, f"benchmarks/concurrent.py with {program}")
-    if binary is None:
-        raise SystemExit(note)
-    return binary
-
-
 def go_round(binary: Path, address: Path, clients: int, seconds: float, tag: str) -> float:
     argv = [str(binary), "-address", f"unix://{address}", "-mode", "mixed-concurrent"]
     argv += ["-c", str(clients), "-conns", "1", "-seconds", str(seconds)]
@@ -151,7 +125,11 @@ def socket_main(args: argparse.Namespace) -> None:
     here = Path(__file__).resolve().parents[1] / "src"
     with scratch_fs(args.fs, "4G") as (mnt, desc):
         containerd = args.socket == "containerd"
-        ref = built("goproxy", mnt) if containerd else Path(args.socket).resolve()
+        ref = (
+            built("goproxy", mnt, "benchmarks/concurrent.py")
+            if containerd
+            else Path(args.socket).resolve()
+        )
         sides = {"this": here, "ref": ref}
         kind = "Go (one connection)" if args.go else "Python"
         print(f"# {args.backend} through the socket on {desc}; {args.clients} {kind} clients")
@@ -166,7 +144,7 @@ def socket_main(args: argparse.Namespace) -> None:
                     c.prepare("base-a")
                     c.commit("base", "base-a")
             results: dict[str, list[float]] = {name: [] for name in servers}
-            binary = built("goclient", mnt) if args.go else None
+            binary = built("goclient", mnt, "benchmarks/concurrent.py") if args.go else None
             for r in range(args.rounds):
                 order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
                 for name in order:
@@ -210,7 +188,6 @@ def main() -> None:
         sn = open_snapshotter(mnt / "root", args.backend)
         sn.prepare("base-a")
         sn.commit("base", "base-a")
-        group = sn._store._group  # the benchmark's switch; not an option users need
         results: dict[tuple[int, str], list[float]] = {}
         batches: Counter[int] = Counter()
         n = 0
@@ -218,7 +195,8 @@ def main() -> None:
             order = ["on", "off"] if r % 2 == 0 else ["off", "on"]
             for clients in (args.clients, 1):
                 for setting in order:
-                    group.max_batch = MAX_BATCH if setting == "on" else 1
+                    # What the server's [group_commit] enabled = true/false sets.
+                    sn.set_max_batch(MAX_BATCH if setting == "on" else 1)
                     before = Counter(sn.commit_batch_sizes())
                     seconds = args.seconds if clients > 1 else args.seconds / 2
                     rate = round_ops(lambda: sn, clients, seconds, f"r{n}")

@@ -27,7 +27,7 @@ them in one run:
    (process start included).
 
 Medians over the repetitions; ratios are against ``overlayfs`` (the
-comparison issue 3 sets targets for: unpack <= 1.3x, cycle <= 2x).
+comparison issue 3 sets targets for: unpack <= 1.3x; issue 12 for the cycle: <= 1.2x).
 Figures, never pass/fail.
 """
 
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                 results += ["", f"{'':<20}{'prepare+commit, ms':>22}{'ratio':>8}"]
                 for target, xs in cycle_results.items():
                     results.append(f"{target:<20}{spread(xs, 1e3):>22}{med(xs) / ref:>7.2f}x")
-                results.append("  target: stratasnap <= 2x overlayfs (through containerd)")
+                results.append("  target: stratasnap <= 1.2x overlayfs through containerd")
 
             if "tiny" in parts:
                 print(f"\n## 3. tiny image import + unpack with ctr ({args.tiny_reps} runs each)")

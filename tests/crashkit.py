@@ -21,21 +21,22 @@ import sys
 import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from stratasnap import Kind, open_snapshotter
 from stratasnap.snapshotter import BaseSnapshotter
 
 CHILD = textwrap.dedent(
     """
-    import os, shutil, signal, sys, json
-    import stratasnap.metastore as ms
+    import functools, importlib, json, os, signal, sys
     from stratasnap import open_snapshotter
 
-    root, op, kill_at, backend, options = sys.argv[1:6]
+    root, op_code, kill_at, backend, options, steps = sys.argv[1:7]
+    argv = sys.argv[7:]  # a scenario's own arguments, for its operations
     kill_at = int(kill_at)
     count = 0
 
-    def step(name, fn):
+    def step(fn):
         def wrapped(*a, **kw):
             global count
             count += 1
@@ -45,30 +46,42 @@ CHILD = textwrap.dedent(
         return wrapped
 
     sn = open_snapshotter(root, backend, **json.loads(options))
-    os.rename = step("rename", os.rename)
-    os.mkdir = step("mkdir", os.mkdir)
-    shutil.rmtree = step("rmtree", shutil.rmtree)
-    ms.MetaStore._commit = step("commit", ms.MetaStore._commit)
-    if backend == "native":
-        import stratasnap.backends.native as native
-        native.copy_tree = step("copy", native.copy_tree)
-    elif backend == "btrfs":
-        import stratasnap.fs.btrfs as fsb
-        for name in ("snapshot", "create_subvolume", "set_readonly", "sync", "destroy_subvolume"):
-            setattr(fsb, name, step(name, getattr(fsb, name)))
-    if op == "prepare":
-        sn.prepare("child", "base", labels={"l": "1"})
-    elif op == "view":
-        sn.view("v", "base")
-    elif op == "commit":
-        sn.commit("child-committed", "active")
-    elif op == "remove":
-        sn.remove("leaf")
-    elif op == "cleanup":
-        sn.cleanup()
+    for spec in json.loads(steps):
+        module, _, path = spec.partition(":")
+        *owner_path, name = path.split(".")
+        owner = functools.reduce(getattr, owner_path, importlib.import_module(module))
+        setattr(owner, name, step(getattr(owner, name)))
+    exec(op_code, {"sn": sn, "argv": argv})
     print(json.dumps({"steps": count}))
     """
 )
+
+#: Storage steps every backend takes, counted (and killed before) in the child:
+#: ``module:attribute``, the attribute may be dotted (a method of a class).
+COMMON_STEPS = (
+    "os:rename",
+    "os:mkdir",
+    "shutil:rmtree",
+    "stratasnap.metastore:MetaStore._commit",
+)
+#: Each backend's own steps besides.
+BACKEND_STEPS: dict[str, tuple[str, ...]] = {
+    "native": ("stratasnap.backends.native:copy_tree",),
+    "btrfs": tuple(
+        f"stratasnap.fs.btrfs:{name}"
+        for name in ("snapshot", "create_subvolume", "set_readonly", "sync", "destroy_subvolume")
+    ),
+}
+
+#: How the child runs each operation: Python with ``sn`` (the open snapshotter)
+#: and ``argv`` (the scenario's own arguments).
+OP_CODE: dict[str, str] = {
+    "prepare": 'sn.prepare("child", "base", labels={"l": "1"})',
+    "view": 'sn.view("v", "base")',
+    "commit": 'sn.commit("child-committed", "active")',
+    "remove": 'sn.remove("leaf")',
+    "cleanup": "sn.cleanup()",
+}
 
 #: Each operation and how to tell, from the kinds of the snapshots left, that it happened.
 OPS: dict[str, Callable[[dict[str, Kind]], bool]] = {
@@ -95,17 +108,31 @@ def source_of(sn: BaseSnapshotter, key: str) -> Path:
 
 
 class CrashRun:
-    """The crash scenario for one backend (with its options) under one base directory."""
+    """The crash scenario for one backend (with its options) under one base directory.
+
+    A backend whose snapshots need more than this scenario (real mounts to
+    write through, checks of its own storage) subclasses it: ``steps``,
+    ``op_code``, :meth:`setup_root`, :meth:`check_consistent`,
+    :meth:`child_args` and :meth:`release` are the hooks.
+    """
+
+    #: What the child's operations may run (see OP_CODE).
+    op_code: Mapping[str, str] = OP_CODE
 
     def __init__(self, base: Path, backend: str, options: Mapping[str, object] | None = None):
         self.base = base
         self.backend = backend
         self.options = dict(options or {})
 
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps counted in the child (``module:attribute``)."""
+        return (*COMMON_STEPS, *BACKEND_STEPS.get(self.backend, ()))
+
     def open(self, root: Path) -> BaseSnapshotter:
         return open_snapshotter(root, self.backend, **self.options)
 
-    def setup_root(self, root: Path) -> dict[str, str]:
+    def setup_root(self, root: Path) -> dict[str, Any]:
         """base (committed, 3 files) <- leaf (committed); active on base with data."""
         with self.open(root) as sn:
             src = Path(sn.prepare("base-a")[0].source)
@@ -127,21 +154,26 @@ class CrashRun:
             digests["active"] = tree_digest(act)
             return digests
 
+    def child_args(self, root: Path) -> list[str]:
+        """Arguments the child's operations get as ``argv`` (none here)."""
+        return []
+
     def run_child(self, root: Path, op: str, kill_at: int) -> int | None:
         """Run ``op`` killed at step ``kill_at``; the step count when it finished, else None."""
         r = subprocess.run(
-            [sys.executable, "-c", CHILD, str(root), op, str(kill_at), self.backend,
-             json.dumps(self.options)],
+            [sys.executable, "-c", CHILD, str(root), self.op_code[op], str(kill_at),
+             self.backend, json.dumps(self.options), json.dumps(self.steps),
+             *self.child_args(root)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )  # fmt: skip
         if r.returncode == -signal.SIGKILL:
             return None
         assert r.returncode == 0, r.stderr
         return int(json.loads(r.stdout)["steps"])
 
-    def check_consistent(self, root: Path, digests: dict[str, str]) -> dict[str, Kind]:
+    def check_consistent(self, root: Path, digests: dict[str, Any]) -> dict[str, Kind]:
         with self.open(root) as sn:
             sn.cleanup()
             infos = {i.name: i for i in sn.walk()}
@@ -169,9 +201,17 @@ class CrashRun:
             assert left == ids, f"unowned storage left: {sorted(left - ids)}"
             return {n: i.kind for n, i in infos.items()}
 
-    def kill_at_every_step(self, op: str) -> int:
-        """Run ``op`` killed before each of its steps in turn; return how many there were."""
-        done = OPS[op]
+    def release(self, root: Path) -> None:
+        """After each kill's checks: let go of what the root holds (mounts, devices)."""
+
+    def kill_at_every_step(
+        self, op: str, done: Callable[[dict[str, Kind]], bool] | None = None
+    ) -> int:
+        """Run ``op`` killed before each of its steps in turn; return how many there were.
+
+        ``done`` tells from the kinds left that ``op`` happened (default: OPS).
+        """
+        done = done or OPS[op]
         kill_at = 1
         finished = None
         while finished is None:
@@ -188,6 +228,7 @@ class CrashRun:
             else:
                 # Killed: what the operation did not touch is all still there.
                 assert kinds.get("base") is Kind.COMMITTED
+            self.release(root)
             kill_at += 1
             assert kill_at < 100, "operation never finished"
         steps = kill_at - 2

@@ -9,6 +9,8 @@
 //	goclient -address /run/ss.sock -mode list
 //	goclient -address /run/ss.sock -mode round -n 200 -stats 2000 -prefix r0 -key K
 //	goclient -address /run/ss.sock -mode mixed-concurrent -c 64 -conns 1 -seconds 3 -prefix r0 -key PARENT
+//	goclient -address /run/ss.sock -mode chain -n 16 -prefix r0 -mountdir /mnt/x
+//	goclient -address /run/ss.sock -mode prepares -n 200 -prefix r0
 //
 // round is one round of benchmarks/grpc.py: n prepare+commit pairs, then
 // -stats sequential Stats of the new layers, then n removes (after -warmup
@@ -17,6 +19,15 @@
 // mixed-concurrent is benchmarks/concurrent.py's load: -c goroutines, each
 // repeating prepare (on committed -key), stat, commit, stat, list of its own
 // snapshots (a label filter) and remove, for -seconds; it reports ops_per_s.
+//
+// chain is containerd's snapshotter benchsuite shape (benchmarks/chain.py): a
+// chain of -n layers, each prepared on the one below, mounted with containerd's
+// mount package at -mountdir, given ten 1 MiB files and a 4-byte rewrite in the
+// middle of a file of the layer below (a copy-up), unmounted and committed;
+// prepare and commit are timed per layer, then the chain is removed (untimed).
+//
+// prepares times -n single Prepares of empty snapshots (no parent), one at a
+// time, then removes them all (untimed): the p50 of one prepare.
 //
 // Build offline against Debian's packages (GOPATH mode):
 //
@@ -40,6 +51,8 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/mount"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 )
@@ -62,6 +75,7 @@ type options struct {
 	repeat      int
 	stats       int
 	serverPid   int
+	mountdir    string
 }
 
 func main() {
@@ -70,7 +84,7 @@ func main() {
 	flag.StringVar(&o.address, "address", "", "unix socket of the server (a path or unix://path)")
 	flag.StringVar(&o.snapshotter, "snapshotter", "stratasnap", "the request's snapshotter field")
 	flag.StringVar(&o.namespace, "namespace", "default", "containerd-namespace metadata (\"\": none)")
-	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs, list, round or mixed-concurrent")
+	flag.StringVar(&o.mode, "mode", "stat", "stat, stat-concurrent, pairs, list, round, mixed-concurrent, chain or prepares")
 	flag.IntVar(&o.n, "n", 3000, "calls (stat) or prepare+commit pairs (pairs)")
 	flag.IntVar(&o.warmup, "warmup", 200, "untimed calls first (stat, stat-concurrent: per client)")
 	flag.IntVar(&o.clients, "c", 32, "concurrent clients (stat-concurrent)")
@@ -83,6 +97,7 @@ func main() {
 	flag.IntVar(&o.repeat, "repeat", 5, "Lists (list: the median is reported)")
 	flag.IntVar(&o.stats, "stats", 2000, "round: Stats of PREFIX/layer-(i%n) between the pairs and the removes")
 	flag.IntVar(&o.serverPid, "server-pid", 0, "also report this process's CPU over the timed Stats")
+	flag.StringVar(&o.mountdir, "mountdir", "", "chain: an empty directory to mount each layer on")
 	flag.Parse()
 
 	if o.address == "" {
@@ -114,6 +129,10 @@ func main() {
 		out, err = runMixedConcurrent(o)
 	case "round":
 		out, err = runRound(o)
+	case "chain":
+		out, err = runChain(o)
+	case "prepares":
+		out, err = runPrepares(o)
 	default:
 		err = fmt.Errorf("unknown -mode %q", o.mode)
 	}
@@ -670,4 +689,145 @@ func runMixedConcurrent(o options) (map[string]interface{}, error) {
 		total += c
 	}
 	return map[string]interface{}{"ops_per_s": float64(total) / elapsed, "ops": total, "clients": o.clients, "conns": nconns}, nil
+}
+
+// durations reports ds (in µs) with their median under name_p50_us.
+func durations(out map[string]interface{}, name string, ds []time.Duration) {
+	us := make([]float64, len(ds))
+	for i, d := range ds {
+		us[i] = micros(d)
+	}
+	out[name+"_us"] = us
+	sorted := append([]time.Duration(nil), ds...)
+	sortDurations(sorted)
+	out[name+"_p50_us"] = pct(sorted, 0.5)
+	out[name+"_p99_us"] = pct(sorted, 0.99)
+}
+
+func runChain(o options) (map[string]interface{}, error) {
+	if o.mountdir == "" {
+		return nil, fmt.Errorf("-mode chain needs -mountdir")
+	}
+	client, closeConn, err := connect(o.address)
+	if err != nil {
+		return nil, err
+	}
+	defer closeConn()
+	ctx := o.ctx()
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	prep := make([]time.Duration, o.n)
+	commit := make([]time.Duration, o.n)
+	parent := ""
+	var names []string
+	for layer := 0; layer < o.n; layer++ {
+		key := fmt.Sprintf("%s/active-%d", o.prefix, layer)
+		name := fmt.Sprintf("%s/layer-%d", o.prefix, layer)
+		t0 := time.Now()
+		resp, err := client.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: key, Parent: parent,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("prepare %s: %w", key, err)
+		}
+		prep[layer] = time.Since(t0)
+		if err := fillLayer(resp.Mounts, o.mountdir, layer, data); err != nil {
+			return nil, fmt.Errorf("layer %d: %w", layer, err)
+		}
+		t1 := time.Now()
+		if _, err := client.Commit(ctx, &snapshotsapi.CommitSnapshotRequest{
+			Snapshotter: o.snapshotter, Name: name, Key: key,
+		}); err != nil {
+			return nil, fmt.Errorf("commit %s: %w", key, err)
+		}
+		commit[layer] = time.Since(t1)
+		names = append(names, name)
+		parent = name
+	}
+	for i := len(names) - 1; i >= 0; i-- {
+		if _, err := client.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: names[i],
+		}); err != nil {
+			return nil, fmt.Errorf("remove %s: %w", names[i], err)
+		}
+	}
+	out := map[string]interface{}{"n": o.n}
+	durations(out, "prepare", prep)
+	durations(out, "commit", commit)
+	return out, nil
+}
+
+// fillLayer mounts a prepared layer at dir, writes what the benchsuite
+// writes, and unmounts it again.
+func fillLayer(pm []*types.Mount, dir string, layer int, data []byte) error {
+	mounts := make([]mount.Mount, len(pm))
+	for i, m := range pm {
+		mounts[i] = mount.Mount{Type: m.Type, Source: m.Source, Options: m.Options}
+	}
+	if err := mount.All(mounts, dir); err != nil {
+		return err
+	}
+	werr := func() error {
+		for i := 0; i < 10; i++ {
+			if err := os.WriteFile(fmt.Sprintf("%s/l%d-f%d", dir, layer, i), data, 0o644); err != nil {
+				return err
+			}
+		}
+		if layer == 0 {
+			return nil
+		}
+		f, err := os.OpenFile(fmt.Sprintf("%s/l%d-f0", dir, layer-1), os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		if _, err := f.WriteAt([]byte("abcd"), int64(len(data)/2)); err != nil {
+			f.Close()
+			return err
+		}
+		return f.Close()
+	}()
+	if err := mount.UnmountAll(dir, 0); err != nil && werr == nil {
+		werr = err
+	}
+	return werr
+}
+
+func runPrepares(o options) (map[string]interface{}, error) {
+	client, closeConn, err := connect(o.address)
+	if err != nil {
+		return nil, err
+	}
+	defer closeConn()
+	ctx := o.ctx()
+	for i := 0; i < o.warmup; i++ {
+		if _, err := client.Stat(ctx, &snapshotsapi.StatSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: "warm-up",
+		}); err != nil && !strings.Contains(err.Error(), "not found") {
+			return nil, err
+		}
+	}
+	prep := make([]time.Duration, o.n)
+	for i := 0; i < o.n; i++ {
+		key := fmt.Sprintf("%s/single-%d", o.prefix, i)
+		t0 := time.Now()
+		if _, err := client.Prepare(ctx, &snapshotsapi.PrepareSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: key,
+		}); err != nil {
+			return nil, fmt.Errorf("prepare %s: %w", key, err)
+		}
+		prep[i] = time.Since(t0)
+	}
+	for i := 0; i < o.n; i++ {
+		key := fmt.Sprintf("%s/single-%d", o.prefix, i)
+		if _, err := client.Remove(ctx, &snapshotsapi.RemoveSnapshotRequest{
+			Snapshotter: o.snapshotter, Key: key,
+		}); err != nil {
+			return nil, fmt.Errorf("remove %s: %w", key, err)
+		}
+	}
+	out := map[string]interface{}{"n": o.n}
+	durations(out, "prepare", prep)
+	return out, nil
 }

@@ -9,9 +9,11 @@ and the storage's, which the backend's ``_check`` class hook gives (see
 :func:`repair` does only what is safe, holding the root's lock so that no
 server starts meanwhile (and refusing while one holds it): unmount mounts
 and detach loop devices on storage no snapshot owns, then open the
-snapshotter, whose opening puts back interrupted removes and whose
-cleanup() reclaims orphans and leftovers, each the backend's own way. It
-checks again and reports what was repaired and what still needs a person.
+snapshotter, whose opening puts back interrupted removes and finishes
+interrupted commits (erofs) and whose cleanup() reclaims orphans and
+leftovers, each the backend's own way. It never deletes a snapshot's data:
+a missing or corrupt layer may be the parent of others, so that needs a
+person. It checks again and reports what was repaired and what remains.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ class Report:
         }
 
 
-def survey(root: Path) -> Survey:
-    """Read everything the checks look at, changing nothing."""
+def survey(root: Path, deep: bool = False) -> Survey:
+    """Read everything the checks look at, changing nothing (``deep``: see :func:`check`)."""
     root = Path(root).absolute()
     db = root / "metadata.db"
     if not db.is_file():
@@ -94,26 +96,35 @@ def survey(root: Path) -> Survey:
         mounts=tuple(mounts_under(snapshots)),
         loops=loops,
         store_problems=problems,
+        deep=deep,
     )
 
 
-def check(root: Path, backend: str = "native") -> Report:
-    """The findings on ``root`` as ``backend`` lays it out; changes nothing."""
+def check(root: Path, backend: str = "native", deep: bool = False) -> Report:
+    """The findings on ``root`` as ``backend`` lays it out; changes nothing.
+
+    ``deep`` also reads all the data a backend can verify (erofs: hashes every
+    layer image against the digest recorded at commit), which costs a read of
+    every layer; without it the checks only look at the store and the layout.
+    """
     cls = backend_class(backend)
-    seen = survey(root)
+    seen = survey(root, deep)
     findings = (*_store_findings(seen), *cls._check(seen))
     return Report(seen.root, backend, len(seen.rows), findings, remaining=findings)
 
 
 def repair(
-    root: Path, backend: str = "native", options: Mapping[str, object] | None = None
+    root: Path,
+    backend: str = "native",
+    options: Mapping[str, object] | None = None,
+    deep: bool = False,
 ) -> Report:
     """Check, do what is safe, check again; FailedPrecondition while a server holds the root."""
     root = Path(root).absolute()
     if not (root / "metadata.db").is_file():
-        check(root, backend)  # NotFound, naming the root, before any lock file is made
+        check(root, backend, deep)  # NotFound, naming the root, before any lock file is made
     with _root_lock(root):
-        before = check(root, backend)
+        before = check(root, backend, deep)
         fixable = [f for f in before.findings if f.repair is not Repair.PERSON]
         # Mounts first (deepest first, as listed), then loop devices: a detach
         # fails while the device is still mounted.
@@ -129,12 +140,12 @@ def repair(
             if finding.repair is Repair.DETACH and backing.startswith(ours):
                 with suppress(OSError):
                     loop.detach(finding.where)
-        if any(f.repair in (Repair.RECLAIM, Repair.RESTORE) for f in fixable):
-            # Opening recovers interrupted removes; cleanup() reclaims the rest,
-            # releasing storage the backend's own way.
+        if any(f.repair in (Repair.RECLAIM, Repair.RESTORE, Repair.FINISH) for f in fixable):
+            # Opening recovers interrupted removes and finishes (or undoes) interrupted
+            # commits; cleanup() reclaims the rest, releasing storage the backend's own way.
             with open_snapshotter(root, backend, **dict(options or {})) as sn:
                 sn.cleanup()
-        after = check(root, backend)
+        after = check(root, backend, deep)
     remaining = set(after.findings)
     repaired = tuple(f for f in before.findings if f not in remaining)
     return Report(root, backend, after.snapshots, before.findings, repaired, after.findings)

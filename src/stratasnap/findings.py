@@ -14,7 +14,7 @@ right; :attr:`Repair.PERSON` means nothing safe can be done without a person.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,8 @@ class Repair(enum.Enum):
     UNMOUNT = "unmount it (it is on storage no snapshot owns)"
     #: A loop device backed by an image no snapshot owns: detached.
     DETACH = "detach the loop device (its image belongs to no snapshot)"
+    #: A step a killed commit left undone: finished (or undone) as opening the store does.
+    FINISH = "finish the interrupted commit, as opening the store does"
     #: Nothing automatic is safe: a person must decide.
     PERSON = "needs a person"
 
@@ -68,6 +70,8 @@ class Row:
     key: str
     kind: Kind | None  # None: a kind the store should never hold
     parent_id: int | None
+    #: What the backend recorded about the storage at commit (e.g. an image digest).
+    details: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class Survey:
     loops: tuple[tuple[Path, Path], ...]
     #: Problems SQLite itself reports (integrity and foreign keys).
     store_problems: tuple[str, ...] = field(default=())
+    #: Whether checks may read all the data (e.g. hash every image): ``check --deep``.
+    deep: bool = False
 
     @property
     def snapshots_dir(self) -> Path:

@@ -10,10 +10,18 @@ only after that. A lone caller finds nobody queued and commits at once, with
 exactly the statements it would have used alone (BEGIN IMMEDIATE, its
 operation, COMMIT): it is not made to wait for company.
 
+An operation may ask for work that must be durable before its commit is
+(:meth:`GroupCommit.before_commit`: e.g. an fsync of a directory it renamed
+into place). The committer runs that work for the whole batch right before
+COMMIT, each distinct piece once (callers arriving meanwhile queue for the
+next batch, as during the COMMIT's fsync): N prepares renaming into one
+directory share one fsync of it, as they share the log's.
+
 An operation that fails is rolled back to its savepoint and its caller gets
-its error at once; the others in the batch are not affected. A commit that
-fails (a full disk, an I/O error) fails every caller of the batch, each of
-which then undoes its own side effects, as it would have alone.
+its error at once (its pre-commit work is dropped); the others in the batch
+are not affected. A commit that fails (a full disk, an I/O error, failed
+pre-commit work) fails every caller of the batch, each of which then undoes
+its own side effects, as it would have alone.
 
 This module knows SQL transactions, not snapshots: the metadata store
 (:mod:`.metastore`) uses it for every write.
@@ -24,7 +32,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 
 __all__ = ["MAX_BATCH", "GroupCommit"]
@@ -37,7 +45,7 @@ MAX_BATCH = 64
 class _Batch:
     """One open transaction and the callers waiting for it to be durable."""
 
-    __slots__ = ("done", "error", "finished", "members")
+    __slots__ = ("done", "error", "finished", "members", "pre_commit")
 
     def __init__(self) -> None:
         # Made only when a caller is left waiting: a lone caller commits itself.
@@ -45,6 +53,8 @@ class _Batch:
         self.finished = False
         self.error: BaseException | None = None
         self.members = 0  # operations that succeeded inside it
+        # What must be durable before COMMIT, by key (one run per key), in order.
+        self.pre_commit: dict[Hashable, Callable[[], None]] = {}
 
 
 class GroupCommit:
@@ -61,9 +71,8 @@ class GroupCommit:
         commit: Callable[[sqlite3.Connection], None],
         max_batch: int = MAX_BATCH,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        self.max_batch = max_batch
+        self.max_batch = MAX_BATCH
+        self.set_max_batch(max_batch)
         self._connect = connect
         self._commit = commit
         self._conn: sqlite3.Connection | None = None
@@ -73,6 +82,12 @@ class GroupCommit:
         self._batch: _Batch | None = None  # the open transaction, touched under _turn
         self._sizes: Counter[int] = Counter()
         self._local = threading.local()
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """Bound the operations one commit may carry from now on; 1 turns batching off."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.max_batch = max_batch
 
     @property
     def queued(self) -> int:
@@ -88,6 +103,19 @@ class GroupCommit:
         """The writer's connection when this thread is inside an operation, else None."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         return conn
+
+    def before_commit(self, key: Hashable, work: Callable[[], None]) -> None:
+        """Run ``work`` before the COMMIT that makes this thread's operation durable.
+
+        Called inside an operation. Work under a key already queued in the
+        batch runs once. When ``work`` raises, the batch is rolled back and
+        every caller of it gets that error, as with a failed COMMIT. Dropped
+        when the operation itself fails.
+        """
+        pending: dict[Hashable, Callable[[], None]] | None = getattr(self._local, "pending", None)
+        if pending is None:
+            raise RuntimeError("before_commit outside a write transaction")
+        pending.setdefault(key, work)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -120,12 +148,14 @@ class GroupCommit:
         if batch is None:
             batch = self._batch = _Batch()
         self._local.conn = conn
+        pending: dict[Hashable, Callable[[], None]] = {}
+        self._local.pending = pending
         try:
             yield conn
             if not first:
                 conn.execute("RELEASE op")
         except BaseException:
-            self._local.conn = None
+            self._local.conn = self._local.pending = None
             try:
                 self._undo(conn, first)
             except BaseException:
@@ -134,7 +164,9 @@ class GroupCommit:
                 raise
             self._end_turn()
             raise
-        self._local.conn = None
+        self._local.conn = self._local.pending = None
+        for key, work in pending.items():
+            batch.pre_commit.setdefault(key, work)
         batch.members += 1
         self._end_turn()
         if not batch.finished:
@@ -187,11 +219,16 @@ class GroupCommit:
         self._batch = None
         try:
             if batch.members:
+                for work in batch.pre_commit.values():
+                    work()
                 self._commit(conn)
             else:
                 conn.execute("ROLLBACK")  # every operation in it failed: nothing to make durable
         except BaseException as exc:
             batch.error = exc
+            if conn.in_transaction:  # pre-commit work failed: nothing of the batch commits
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
         finally:
             if batch.members:
                 with self._queue_lock:

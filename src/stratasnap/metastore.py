@@ -37,7 +37,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +53,7 @@ from .errors import (
     ResourceExhausted,
     SnapshotError,
     Unavailable,
+    from_os_error,
 )
 from .findings import Row
 from .group_commit import GroupCommit
@@ -424,6 +425,32 @@ def _image_from_row(row: tuple[object, ...]) -> ImageRecord:
 class WriteTx(ReadTx):
     """Changes, applied atomically when the transaction commits."""
 
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        before_commit: Callable[[Hashable, Callable[[], None]], None],
+    ) -> None:
+        super().__init__(conn)
+        self._before_commit = before_commit
+
+    def before_commit(self, key: Hashable, work: Callable[[], None]) -> None:
+        """Have ``work`` done (once per ``key`` in a shared commit) before this change is durable.
+
+        For what the change relies on outside the store, e.g. an fsync of
+        the directory a snapshot was renamed into. When ``work`` raises,
+        the change does not commit and the write raises that error (an
+        OSError as a typed SnapshotError: every write sharing the commit
+        gets it, whatever its own call was).
+        """
+
+        def durable() -> None:
+            try:
+                work()
+            except OSError as exc:
+                raise from_os_error(exc, "making storage durable before the commit") from exc
+
+        self._before_commit(key, durable)
+
     def create(
         self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> Record:
@@ -759,7 +786,7 @@ class MetaStore:
         block's own changes are all or nothing either way.
         """
         with self._immediate() as conn:
-            yield WriteTx(conn)
+            yield WriteTx(conn, self._group.before_commit)
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
@@ -787,6 +814,10 @@ class MetaStore:
     def batch_sizes(self) -> dict[int, int]:
         """How many commits made how many write transactions durable: ``{size: commits}``."""
         return self._group.batch_sizes()
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """At most ``max_batch`` write transactions per commit (1: each commits alone)."""
+        self._group.set_max_batch(max_batch)
 
     def reserve_id(self) -> int:
         """An id no snapshot has had or will have, made durable before it is returned."""
@@ -850,7 +881,7 @@ class MetaStore:
 
 
 def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
-    """Every snapshot row, and what SQLite's own checks say, without writing anything.
+    """Every snapshot row (with its details), and what SQLite's checks say, writing nothing.
 
     Opened read-only (``stratasnap check`` runs next to a live server): no
     migration, no recovery. Problems are SQLite's integrity check and the
@@ -869,6 +900,12 @@ def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
                 problems.extend(result)
             for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check"):
                 problems.append(f"{table} row {rowid} refers to a missing row of {parent}")
+            details: dict[int, dict[str, str]] = {}
+            with suppress(sqlite3.OperationalError):  # no details table before schema 3
+                for sid, name, value in conn.execute(
+                    "SELECT snapshot_id, name, value FROM details"
+                ):
+                    details.setdefault(int(sid), {})[str(name)] = str(value)
             rows: dict[int, Row] = {}
             kinds = {k.value: k for k in Kind}
             for sid, key, kind, parent_id in conn.execute(
@@ -879,6 +916,7 @@ def read_only_survey(path: Path) -> tuple[dict[int, Row], tuple[str, ...]]:
                     str(key),
                     kinds.get(str(kind)),
                     None if parent_id is None else int(parent_id),
+                    details.get(int(sid), {}),
                 )
         except sqlite3.DatabaseError as exc:
             # Corrupt beyond reading its rows: that is the finding.

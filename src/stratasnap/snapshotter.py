@@ -33,8 +33,9 @@ from .errors import (
 )
 from .filters import parse as parse_filters
 from .findings import Finding, Repair, Survey
+from .fs.durable import parent_sync_covers_new_entries
 from .fs.mount import mounts_under, unmount_all_under
-from .fs.usage import disk_usage, flush_tree
+from .fs.usage import disk_usage, flush_tree, fsync_path
 from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
@@ -157,6 +158,8 @@ class BaseSnapshotter:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
+        # Whether a new snapshot's own directory needs an fsync of its own (see .fs.durable).
+        self._sync_children = not parent_sync_covers_new_entries(self.snapshots_dir)
         self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
@@ -378,16 +381,36 @@ class BaseSnapshotter:
                 with self._store.read() as tx:
                     tx.check_create(kind, key, parent)
                 raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
+            # The store must never hold a snapshot whose storage a power loss
+            # can take back: its name in snapshots/ is made durable by one
+            # fsync of snapshots/ per shared commit, right before it, which on
+            # journaling filesystems also covers the entries made in it
+            # (fs/, work/…); elsewhere those are synced here, outside the
+            # writer's turn (concurrent creates sync side by side).
+            if self._sync_children:
+                self._sync_new_storage(work)
             with self._store.write() as wtx:
                 rec = wtx.create(sid, kind, key, parent, clean)
                 os.rename(work, final)
                 renamed = True
+                wtx.before_commit(self.snapshots_dir, self._sync_snapshots_dir)
+        except OSError as exc:  # the rename or the fsync of new-<id> failed: nothing committed
+            self._delete(final if renamed else work)
+            raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
         except BaseException:
             self._delete(final if renamed else work)
             raise
         finally:
             os.close(lock)
         return self._mounts(rec)
+
+    def _sync_new_storage(self, work: Path) -> None:
+        """fsync a new snapshot's directory: its entries are durable."""
+        fsync_path(work)
+
+    def _sync_snapshots_dir(self) -> None:
+        """fsync ``snapshots/``: the renames into it so far are durable."""
+        fsync_path(self.snapshots_dir)
 
     def mounts(self, key: str) -> list[Mount]:
         with self._store.read() as tx:
@@ -514,6 +537,14 @@ class BaseSnapshotter:
     def commit_batch_sizes(self) -> dict[int, int]:
         """How many metadata commits made how many write calls durable (for metrics)."""
         return self._store.batch_sizes()
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """Let at most ``max_batch`` concurrent write calls share one metadata commit.
+
+        1 turns group commit off (every write commits, and fsyncs, alone);
+        the default is :data:`stratasnap.group_commit.MAX_BATCH`.
+        """
+        self._store.set_max_batch(max_batch)
 
     def cleanup(self) -> Reclaimed:
         doomed: list[Path] = []

@@ -1,6 +1,7 @@
 """erofs crash safety: a process killed (SIGKILL) before any step of commit or remove.
 
-The child counts every storage step (image build or tar conversion, rename,
+crashkit's kill-at-step loop (tests/crashkit.py) with erofs's scenario: the
+child counts every storage step (image build or tar conversion, rename,
 mkdir, unlink, rmtree, mount, unmount, fsync, immutable flag, store commit;
 the converter's own renames and unlinks too) and kills
 itself just before step N. For every N until the operation finishes, the
@@ -14,19 +15,16 @@ that no snapshot owns: no directory, no mount, no loop device.
 from __future__ import annotations
 
 import io
-import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import need_root
+from crashkit import COMMON_STEPS, CrashRun
 
 from stratasnap import Kind, open_snapshotter
 from stratasnap.backends.erofs import DIGEST_DETAIL, IMAGE, ErofsSnapshotter
@@ -38,48 +36,32 @@ from stratasnap.testing import mounted
 
 pytestmark = pytest.mark.privileged
 
-CHILD = textwrap.dedent(
-    """
-    import os, shutil, signal, sys, json
-    import stratasnap.metastore as ms
-    import stratasnap.backends.erofs as eb
-    import stratasnap.fs.mount as fm
-    from stratasnap import open_snapshotter
-
-    root, op, kill_at, options = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    count = 0
-
-    def step(fn):
-        def wrapped(*a, **kw):
-            global count
-            count += 1
-            if count == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return fn(*a, **kw)
-        return wrapped
-
-    sn = open_snapshotter(root, "erofs", **json.loads(options))
-    for mod, name in [
-        (os, "rename"), (os, "mkdir"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"),
-        (eb, "build_image"), (eb, "mount_image"), (eb, "unmount"), (eb, "fsync_path"),
-        (eb, "set_immutable"), (fm, "unmount"), (ms.MetaStore, "_commit"),
-        (eb, "convert_tar"), (eb, "describe"),
-    ]:
-        setattr(mod, name, step(getattr(mod, name)))
-    if op == "commit":
-        sn.commit("child-committed", "active")
-    elif op == "convert":
-        # The same changes as "active" holds, as a layer tar, into the empty "fresh".
-        with open(sys.argv[5], "rb") as tar:
-            sn.convert_layer("fresh", tar)
-        sn.commit("child-committed", "fresh")
-    elif op == "remove":
-        sn.remove("leaf")
-    elif op == "cleanup":
-        sn.cleanup()
-    print(json.dumps({"steps": count}))
-    """
+#: The steps counted in the child besides crashkit's: the image's own, and every
+#: unlink, rmdir and unmount (module:attribute, see crashkit.CHILD).
+STEPS = (
+    *COMMON_STEPS,
+    "os:unlink",
+    "os:rmdir",
+    *(
+        f"stratasnap.backends.erofs:{name}"
+        for name in ("build_image", "mount_image", "unmount", "fsync_path", "set_immutable")
+    ),
+    "stratasnap.fs.mount:unmount",
+    "stratasnap.backends.erofs:convert_tar",
+    "stratasnap.backends.erofs:describe",
 )
+#: How the child runs each operation (``sn``: the open snapshotter; ``argv``: child_args).
+OP_CODE = {
+    "commit": 'sn.commit("child-committed", "active")',
+    "remove": 'sn.remove("leaf")',
+    "cleanup": "sn.cleanup()",
+    # The same changes as "active" holds, as a layer tar (argv[0]), into the empty "fresh".
+    "convert": (
+        'with open(argv[0], "rb") as tar:\n'
+        '    sn.convert_layer("fresh", tar)\n'
+        'sn.commit("child-committed", "fresh")'
+    ),
+}
 
 
 def _content(root: Path) -> dict[str, object]:
@@ -126,20 +108,6 @@ def _layer_tar(path: Path) -> Path:
         tf.addfile(info, io.BytesIO(data))
         tf.addfile(tarfile.TarInfo(".wh.b"))
     return path
-
-
-def _run_child(root: Path, op: str, kill_at: int, options: dict[str, object]) -> int | None:
-    tar = str(_layer_tar(root.parent / "layer.tar"))
-    r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), op, str(kill_at), json.dumps(options), tar],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if r.returncode == -signal.SIGKILL:
-        return None
-    assert r.returncode == 0, r.stderr
-    return int(json.loads(r.stdout)["steps"])
 
 
 def _loops_under(root: Path) -> list[str]:
@@ -239,25 +207,29 @@ def test_kill_at_every_step(
     # ext4: images are file-backed where the kernel can, and immutable flags stick.
     need_root()
     base = loopfs("ext4", size="512M")
-    mnt = base / "mnt"
-    mnt.mkdir()
-    kill_at = 1
-    finished = None
-    while finished is None:
-        root = base / f"{op}-{kill_at}"
-        digests = _setup(root, mnt, options)
-        if op == "cleanup":
-            (root / "snapshots" / "new-424242" / "x").mkdir(parents=True)
-            (root / "snapshots" / "rm-434343").mkdir()
-        finished = _run_child(root, op, kill_at, options)
-        kinds = _check(root, mnt, digests, options)
-        if finished is not None:
-            assert done(kinds), f"{op} finished but its effect is missing: {kinds}"
-        else:
-            assert kinds.get("base") is Kind.COMMITTED
+    ErofsCrash(base, options).kill_at_every_step(op, done)
+
+
+class ErofsCrash(CrashRun):
+    """crashkit's loop with erofs's scenario: real mounts, images, loop devices."""
+
+    op_code = OP_CODE
+    steps = STEPS
+
+    def __init__(self, base: Path, options: dict[str, object]) -> None:
+        super().__init__(base, "erofs", options)
+        self.mnt = base / "mnt"
+        self.mnt.mkdir()
+
+    def setup_root(self, root: Path) -> dict[str, Any]:
+        return _setup(root, self.mnt, self.options)
+
+    def check_consistent(self, root: Path, digests: dict[str, Any]) -> dict[str, Kind]:
+        return _check(root, self.mnt, digests, self.options)
+
+    def child_args(self, root: Path) -> list[str]:
+        return [str(_layer_tar(root.parent / "layer.tar"))]
+
+    def release(self, root: Path) -> None:
         unmount_all_under(root)
         assert _wait_loops(root, lambda b: True) == []
-        kill_at += 1
-        assert kill_at < 100, "operation never finished"
-    print(f"{op}: killed before each of {kill_at - 2} steps")
-    assert kill_at > 3, f"{op}: no step was interrupted; the test checks nothing"

@@ -9,6 +9,7 @@ give space back, and writes must fail with ResourceExhausted.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -316,21 +317,38 @@ LAYER_BYTES = 1 * MiB
 KEEP = 6
 
 # Forks servers from one process that has imported everything already: a
-# restart then costs milliseconds instead of an interpreter start, so 200
-# kills take about a minute. The child runs the very serve() of `stratasnap
-# serve`; nothing of gRPC exists in the parent before a fork.
+# restart then costs milliseconds instead of an interpreter start (0.5-2 s
+# on a loaded 2-CPU machine), so 200 kills take about a minute. The child
+# runs the very serve() of `stratasnap serve`. A fork is safe here because
+# the zygote is single-threaded and has never started gRPC (grpc is
+# imported, nothing of it runs; its fork support is off): it checks both
+# before every fork instead of trusting it.
+#
+# The zygote reaps a child only when the test asks ("wait <pid>") and answers
+# with its wait status: until then a dead server stays a zombie, so its pid
+# cannot be reused by another process while the test still signals or
+# watches it, and a server that dies before listening fails the test naming
+# the signal or exit status it died of. (An earlier version ignored SIGCHLD:
+# children were reaped at once, statuses were lost, and deaths before
+# listening could only be guessed at.)
 ZYGOTE = """
-import os, signal, sys
+import os, sys, threading
+import grpc
 import stratasnap.backends.overlay  # noqa: F401 (imported once, before the forks)
 from stratasnap.server.config import load_config
 from stratasnap.server.daemon import serve
 
 root, address, log = sys.argv[1:4]
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
-for _line in sys.stdin:
+for line in sys.stdin:
+    command, _, arg = line.partition(" ")
+    if command == "wait":
+        print(os.waitpid(int(arg), 0)[1], flush=True)
+        continue
+    threads = len(os.listdir("/proc/self/task"))
+    assert threads == 1 == threading.active_count(), f"zygote has {threads} threads"
+    assert not grpc._cython.cygrpc.is_fork_support_enabled()
     pid = os.fork()
     if pid == 0:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
@@ -346,31 +364,80 @@ for _line in sys.stdin:
 """
 
 
-def _gone(pid: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.002)
-    raise AssertionError(f"server {pid} still alive after {timeout}s")
+class Zygote:
+    """The forking process: spawn() a server, reap() it once it is dead."""
+
+    def __init__(self, root: Path, address: Path, log: Path) -> None:
+        self.address, self.log = address, log
+        self.children: set[int] = set()  # spawned and not reaped: safe to signal
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE, str(root), str(address), str(log)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _ask(self, request: str) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer, f"the zygote died (status {self.proc.wait(30)})"
+        return int(answer)
+
+    def spawn(self) -> int:
+        pid = self._ask("spawn")
+        self.children.add(pid)
+        return pid
+
+    def reap(self, pid: int, timeout: float = 30.0) -> str:
+        """Wait until server ``pid`` is dead, reap it, and say how it ended."""
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server {pid} still alive after {timeout}s")
+            time.sleep(0.002)
+        status = self._ask(f"wait {pid}")
+        self.children.discard(pid)
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exited with status {os.WEXITSTATUS(status)}"
+
+    def kill(self, pid: int) -> str:
+        os.kill(pid, signal.SIGKILL)  # a zombie until reaped: never another process
+        return self.reap(pid)
+
+    def wait_listening(self, pid: int, timeout: float = 60.0) -> None:
+        """Until server ``pid`` accepts connections; fails, saying how, if it died first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                raise AssertionError(
+                    f"server {pid} died while starting ({self.reap(pid)});"
+                    f" server log: {self.log.read_text()[-2000:]}"
+                )
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(self.address))
+                    return
+                except OSError:
+                    time.sleep(0.005)
+        raise AssertionError(f"server {pid} not listening after {timeout}s")
+
+    def close(self) -> None:
+        """Kill the servers still there (a failed test must not leave one on its root)."""
+        for pid in list(self.children):
+            self.kill(pid)
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
-def _wait_listening_pid(address: Path, pid: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise AssertionError(f"server {pid} died while starting") from None
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(str(address))
-                return
-            except OSError:
-                time.sleep(0.005)
-    raise AssertionError(f"server {pid} not listening after {timeout}s")
+def _alive(pid: int) -> bool:
+    """Whether child ``pid`` still runs (not a zombie waiting to be reaped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        state = f.read().rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
 
 
 def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
@@ -393,60 +460,29 @@ def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
     root, address, log = fs / "root", tmp_path / "s.sock", tmp_path / "server.log"
     open_snapshotter(root, "overlay").close()  # the root exists before the disk fills
     filler = fill_filesystem(fs / "ballast", leave=(KEEP - 1) * LAYER_BYTES, inodes=False)
-    zygote = subprocess.Popen(
-        [sys.executable, "-c", ZYGOTE, str(root), str(address), str(log)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert zygote.stdin is not None and zygote.stdout is not None
+    zygote = Zygote(root, address, log)
     rng = random.Random(14)
     work = Churn(layer_bytes=LAYER_BYTES, keep=KEEP)
     kills = 0
-    silent_deaths = 0
-    pid = 0
-
-    def spawn() -> int:
-        assert zygote.stdin is not None and zygote.stdout is not None
-        zygote.stdin.write("spawn\n")
-        zygote.stdin.flush()
-        return int(zygote.stdout.readline())
-
     try:
         while kills < KILLS:
-            pid = spawn()
+            pid = zygote.spawn()
             if kills % 4 == 3:  # now and then during start-up (opening, reaping)
                 time.sleep(rng.uniform(0.0, 0.03))
             else:
-                try:
-                    _wait_listening_pid(address, pid)
-                except AssertionError:
-                    # In full, loaded runs (not alone: 0 in 200 there) forked children
-                    # of the zygote vanish before they log a line, 4 or more times in
-                    # a run (not "serve failed": the server itself never ran; cause not
-                    # found yet). A start that fails for a reason the server sees logs
-                    # "serve failed" and is not retried; a silent death is retried and
-                    # counted, and more of them than kills fails the test.
-                    if "serve failed" in log.read_text() or silent_deaths >= KILLS:
-                        raise
-                    silent_deaths += 1
-                    with suppress(ProcessLookupError):
-                        os.kill(pid, 9)
-                    _gone(pid)
-                    continue
+                # Every start must succeed: a server that dies first fails the test.
+                zygote.wait_listening(pid)
                 timer = threading.Timer(rng.uniform(0.02, 0.25), os.kill, (pid, 9))
                 timer.start()
                 with Client(address, timeout=10) as client, suppress(SnapshotError):
                     work.resync(client)
                     work.run(client)
                 timer.join()
-            with suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            _gone(pid)
+            zygote.kill(pid)
             kills += 1
         # The last start: it must come up, reap, and account for everything.
-        pid = spawn()
-        _wait_listening_pid(address, pid)
+        pid = zygote.spawn()
+        zygote.wait_listening(pid)
         with Client(address, timeout=30) as client:
             audit = work.audit(client)
             assert audit.bad == (), f"committed layers with wrong content: {audit.bad}"
@@ -459,19 +495,11 @@ def test_kill_loop_on_a_small_filesystem_keeps_restarting_and_leaks_nothing(
             )
             client.cleanup()
         assert set(os.listdir(root / "snapshots")) == audit.storage, "orphans after Cleanup"
-        os.kill(pid, 15)
-        _gone(pid)
-        print(
-            f"kill loop: {kills} kills, {work.n} steps, disk full {work.full} times, "
-            f"{silent_deaths} silent child deaths"
-        )
+        os.kill(pid, signal.SIGTERM)
+        assert zygote.reap(pid) == "exited with status 0", log.read_text()[-2000:]
+        print(f"kill loop: {kills} kills, {work.n} steps, disk full {work.full} times")
         assert work.full > 0, "the filesystem never filled: the loop tested too little"
         assert "serve failed" not in log.read_text(), log.read_text()[-2000:]
     finally:
-        if pid:  # a failed assertion must not leave a server holding the filesystem
-            with suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            _gone(pid)
-        zygote.stdin.close()
-        zygote.wait(30)
+        zygote.close()
         filler.release()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stratasnap.errors import AlreadyExists
+from stratasnap.errors import AlreadyExists, SnapshotError
 from stratasnap.group_commit import GroupCommit
 from stratasnap.metastore import MetaStore, WriteTx
 from stratasnap.types import Kind
@@ -270,3 +270,66 @@ def test_concurrent_snapshot_calls_leave_rows_and_storage_in_step(scratch: Path)
         assert sum(size * n for size, n in sizes.items()) >= 12 * 20 + 2
     finally:
         sn.close()
+
+
+def test_pre_commit_work_runs_once_per_key_before_the_shared_commit(
+    store: MetaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real = store._commit
+
+    def spy(conn: sqlite3.Connection) -> None:
+        events.append("COMMIT")
+        real(conn)
+
+    monkeypatch.setattr(store, "_commit", spy)
+
+    def with_work(key: str, shared: str) -> Body:
+        make = creator(store, key)
+
+        def body(tx: WriteTx) -> None:
+            make(tx)
+            tx.before_commit(key, lambda: events.append(key))
+            tx.before_commit(shared, lambda: events.append(shared))
+
+        return body
+
+    def failing(tx: WriteTx) -> None:
+        tx.before_commit("dropped", lambda: events.append("dropped"))
+        raise KeyError("this write fails")
+
+    others = {f"w{i}": with_work(f"w{i}", "dir") for i in range(3)}
+    others["bad"] = failing
+    first = with_work("first", "dir")
+    events.clear()  # the ids' reservations committed on their own
+    outcome = run_together(store, first, others)
+    assert isinstance(outcome.pop("bad"), KeyError)
+    assert outcome == {name: True for name in ["first", "w0", "w1", "w2"]}
+    # Each operation's own work and the shared one once, all before the one COMMIT;
+    # the failed operation's work never runs. (Queued callers take turns in any order.)
+    assert events[:2] == ["first", "dir"] and events[-1] == "COMMIT"
+    assert sorted(events[2:-1]) == ["w0", "w1", "w2"]
+
+
+def test_failing_pre_commit_work_fails_the_batch_and_commits_nothing(store: MetaStore) -> None:
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    first_create = creator(store, "first")
+
+    def first(tx: WriteTx) -> None:
+        first_create(tx)
+        tx.before_commit("sync", broken)
+
+    others = {f"w{i}": creator(store, f"w{i}") for i in range(2)}
+    outcome = run_together(store, first, others)
+    # Every write of the batch hears the typed error, whatever its own call was.
+    assert all(isinstance(e, SnapshotError) for e in outcome.values()), outcome
+    assert all("Input/output error" in str(e) for e in outcome.values())
+    assert committed_keys(store.path) == set()
+    after = creator(store, "after")
+    with store.write() as tx:  # the writer is usable again
+        after(tx)
+    assert committed_keys(store.path) == {"after"}
+    with pytest.raises(RuntimeError):
+        store._group.before_commit("outside", lambda: None)

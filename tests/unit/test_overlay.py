@@ -209,7 +209,7 @@ def test_mapping_labels_without_idmapped_layers(
     from stratasnap.backends.overlay_idmap import GIDMAP_LABEL, UIDMAP_LABEL
     from stratasnap.errors import FailedPrecondition
 
-    monkeypatch.setattr(overlay, "idmapped_layers_supported", lambda: False)
+    monkeypatch.setattr(overlay, "idmapped_layers_supported", lambda *_: False)
     # Root maps to our own ids: the upper's chown then works without root too.
     mapped = {UIDMAP_LABEL: f"0:{os.getuid()}:1", GIDMAP_LABEL: f"0:{os.getgid()}:1"}
     with open_snapshotter(scratch / "r", "overlay") as s:

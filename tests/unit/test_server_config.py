@@ -19,6 +19,7 @@ from stratasnap.server.config import (
     Config,
     ConfigError,
     FastPathConfig,
+    GroupCommitConfig,
     SnapshotterConfig,
     containerd_snippet,
     default_config_text,
@@ -42,6 +43,8 @@ def test_defaults() -> None:
     assert c.snapshotters == (SnapshotterConfig("stratasnap", "native", DEFAULT_ROOT),)
     assert (c.log_level, c.metrics_address, c.socket_group) == ("info", "", "")
     assert c.shutdown_timeout == 30.0
+    assert c.group_commit == GroupCommitConfig(enabled=True, max_batch=64)
+    assert c.group_commit.batch_limit == 64
     assert Config() == Config(snapshotters=c.snapshotters)
 
 
@@ -51,6 +54,7 @@ def test_default_config_text_is_the_defaults() -> None:
     # Every key is explained, and the several-snapshotters example is valid once uncommented.
     for key in ("root", "address", "backend", "log_level", "metrics_address", "socket_group"):
         assert f"\n{key} = " in text
+    assert "\n[group_commit]\nenabled = true\nmax_batch = 64\n" in text
     start = text.index("# [snapshotters.stratasnap]")
     example = "\n".join(line.removeprefix("#").strip() for line in text[start:].splitlines())
     several = parse_config(example)
@@ -85,6 +89,10 @@ metrics_address = "[::1]:9411"
 socket_group = 1000
 shutdown_timeout = 5
 
+[group_commit]
+enabled = false
+max_batch = 8
+
 [snapshotters.fast]
 backend = "native"
 options = { }
@@ -98,6 +106,8 @@ options = { size = "10G", reflink = true }
     assert c.source == f
     assert (c.root, c.address, c.log_level) == (Path("/srv/snap"), Path("/run/x/s.sock"), "debug")
     assert (c.metrics_address, c.socket_group, c.shutdown_timeout) == ("[::1]:9411", "1000", 5.0)
+    assert c.group_commit == GroupCommitConfig(enabled=False, max_batch=8)
+    assert c.group_commit.batch_limit == 1  # disabled: every write commits alone
     fast, big = c.snapshotters
     assert fast == SnapshotterConfig("fast", "native", Path("/srv/snap/fast"))
     assert (big.name, big.root, dict(big.options)) == (
@@ -150,6 +160,13 @@ def test_flags_override_the_file(scratch: Path, monkeypatch: pytest.MonkeyPatch)
         ("shutdown_timeout = -1", "config: shutdown_timeout: expected a number of seconds >= 0"),
         ("shutdown_timeout = true", "config: shutdown_timeout: expected a number of seconds"),
         ('snapshotters = "x"', "config: snapshotters: expected tables [snapshotters.NAME]"),
+        ("group_commit = true", "config: group_commit: expected a table [group_commit]"),
+        ("[group_commit]\nsize = 3", "config: group_commit.size: unknown key (known: enabled"),
+        ('[group_commit]\nenabled = "no"', "config: group_commit.enabled: expected true or false"),
+        ("[group_commit]\nmax_batch = 0", "config: group_commit.max_batch: expected a number of"),
+        ("[group_commit]\nmax_batch = 1025", "config: group_commit.max_batch: expected a number"),
+        ("[group_commit]\nmax_batch = 2.5", "config: group_commit.max_batch: expected a number"),
+        ("[group_commit]\nmax_batch = true", "config: group_commit.max_batch: expected a number"),
         ("[snapshotters.'a.b']", "config: snapshotters.a.b: a name may only hold letters"),
         ("[snapshotters.a]\nbackend = 2", "config: snapshotters.a.backend: expected a string"),
         ("[snapshotters.a]\nroot = 'x'", "config: snapshotters.a.root: 'x' is not an absolute"),

@@ -35,7 +35,7 @@ from stratasnap.server.daemon import (
     configure_logging,
     open_store,
 )
-from stratasnap.snapshotter import Snapshotter
+from stratasnap.snapshotter import BaseSnapshotter, Snapshotter
 from stratasnap.types import Info
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -519,3 +519,44 @@ def test_systemd_notify(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert notify.recv(100) == b"STOPPING=1"
     finally:
         notify.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "largest"),
+    [("", 6), ("enabled = false", 1), ("max_batch = 2", 2), ("enabled = false\nmax_batch = 9", 1)],
+)
+def test_group_commit_setting_bounds_the_batches(scratch: Path, table: str, largest: int) -> None:
+    # One write holds the writer's turn while five prepares queue behind it:
+    # they share its commit up to the configured bound, and none when disabled.
+    f = scratch / "c.toml"
+    f.write_text(f"[group_commit]\n{table}\n")
+    with Server(load_config(f, root=scratch / "root", address=scratch / "s.sock")) as server:
+        sn = server.snapshotters["stratasnap"]
+        assert isinstance(sn, BaseSnapshotter)
+        store = sn._store
+        while len(store._ids) < 5:  # ids at hand: no reservation write joins the batches
+            store.reserve_id()
+        before = dict(sn.commit_batch_sizes())
+        holding, go = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with store.write():
+                holding.set()
+                go.wait(20)
+
+        first = threading.Thread(target=hold)
+        first.start()
+        assert holding.wait(20)
+        with ThreadPoolExecutor(5) as pool:
+            calls = [pool.submit(sn.prepare, f"p{i}") for i in range(5)]
+            deadline = time.monotonic() + 20
+            while store._group.queued < 5 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            go.set()
+            for call in calls:
+                call.result(30)
+        first.join(30)
+        after = sn.commit_batch_sizes()
+        grown = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        assert sum(size * n for size, n in grown.items()) == 6  # every write committed
+        assert max(grown) == largest, grown

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -68,11 +69,13 @@ from typing import BinaryIO
 
 from ..erofs import convert_tar
 from ..errors import FailedPrecondition, InvalidArgument, from_os_error
+from ..findings import Finding, Repair, Row, Survey
 from ..fs.erofs_image import (
     ZTAILPACKING,
     ErofsImage,
     build_image,
     describe,
+    file_sha256,
     find_mkfs,
     kernel_supports_erofs,
     mkfs_compressors,
@@ -82,6 +85,7 @@ from ..fs.erofs_image import (
 )
 from ..fs.image import MissingTool
 from ..fs.mount import is_mountpoint, unmount
+from ..fs.mountinfo import MountInfo, read_mountinfo
 from ..fs.usage import fsync_path
 from ..metastore import Record
 from ..snapshotter import StagedCommit
@@ -425,6 +429,71 @@ class ErofsSnapshotter(OverlaySnapshotter):
         with suppress(FileNotFoundError):
             _unlink_image(path / IMAGE)
 
+    # -- check -------------------------------------------------------------------------
+
+    @classmethod
+    def _keeps_upper(cls, row: Row) -> bool:
+        return row.kind is not Kind.COMMITTED  # a committed layer's files are its image
+
+    @classmethod
+    def _check(cls, survey: Survey) -> Iterator[Finding]:
+        """Overlay's checks, then each committed layer's image: there, settled, and with
+        ``survey.deep`` (``check --deep``) the sha256 recorded at commit.
+
+        A layer whose image is not mounted is not a finding: images are
+        mounted on first use (see the module docstring). Nothing here is
+        deleted by a repair: a layer that is missing or corrupt may be the
+        parent of other snapshots, so those findings need a person.
+        """
+        yield from super()._check(survey)
+        mounted = _mounts_by_point(survey.snapshots_dir)
+        loops = {str(dev): str(backing) for dev, backing in survey.loops}
+        for sid, row in survey.stored():
+            storage = survey.snapshots_dir / str(sid)
+            where = f"snapshots/{sid}/{IMAGE}"
+            layer = f"layer {json.dumps(row.key)}"
+            if row.kind is not Kind.COMMITTED:
+                if os.path.lexists(storage / IMAGE):
+                    yield Finding(
+                        "spare-image",
+                        where,
+                        f"{row.kind and row.kind.value} snapshot {json.dumps(row.key)} has an"
+                        " image that a commit killed before it committed left behind",
+                        Repair.FINISH,
+                    )
+                continue
+            if not os.path.lexists(storage / IMAGE):
+                yield Finding(
+                    "missing-image",
+                    where,
+                    f"{layer} has no image (its files are lost; remove it with `stratasnap rm`"
+                    " once nothing uses it, and pull its image again)",
+                )
+                continue
+            if _unsettled(str(storage)):
+                yield Finding(
+                    "unsettled-layer",
+                    f"snapshots/{sid}",
+                    f"{layer}: a commit was killed after it committed, before the image was"
+                    " mounted and the old upper deleted",
+                    Repair.FINISH,
+                )
+            on_fs = mounted.get(os.path.realpath(storage / "fs"))
+            if on_fs is not None and not _mounts_image(on_fs, storage / IMAGE, loops):
+                yield Finding(
+                    "wrong-mount",
+                    f"snapshots/{sid}/fs",
+                    f"{layer}: {_describe_mount(on_fs)} is mounted where its image belongs"
+                    " (children would see other files)",
+                )
+            recorded = row.details.get(DIGEST_DETAIL)
+            if recorded is None:
+                yield Finding(
+                    "missing-digest", where, f"{layer}: no image digest recorded at commit"
+                )
+            elif survey.deep:
+                yield from _verify_digest(storage / IMAGE, where, layer, recorded)
+
     # -- layers ------------------------------------------------------------------------
 
     def mount_layers(self) -> int:
@@ -582,6 +651,40 @@ def _erofs_module_available() -> bool:
             return any("/erofs.ko" in line.split(":", 1)[0] for line in f)
     except OSError:
         return False
+
+
+def _mounts_by_point(directory: Path) -> dict[str, MountInfo]:
+    """The top mount on each mount point below ``directory`` (real paths)."""
+    prefix = os.path.realpath(directory) + "/"
+    return {str(m.mountpoint): m for m in read_mountinfo() if str(m.mountpoint).startswith(prefix)}
+
+
+def _describe_mount(m: MountInfo) -> str:
+    within = "" if m.root == "/" else f" (its {m.root})"  # a bind mount of a subtree
+    return f"{m.fstype} from {m.source}{within}"
+
+
+def _mounts_image(m: MountInfo, image: Path, loops: Mapping[str, str]) -> bool:
+    """Whether ``m`` is ``image`` mounted: from the file itself, or a loop device on it."""
+    real = os.path.realpath(image)
+    return m.fstype == "erofs" and real in (os.path.realpath(m.source), loops.get(m.source))
+
+
+def _verify_digest(image: Path, where: str, layer: str, recorded: str) -> Iterator[Finding]:
+    """A finding if the image's sha256 is not the one recorded at its commit."""
+    try:
+        actual = "sha256:" + file_sha256(image)
+    except OSError as exc:
+        yield Finding("unreadable-image", where, f"{layer}: cannot read its image: {exc}")
+        return
+    if actual != recorded:
+        yield Finding(
+            "digest-mismatch",
+            where,
+            f"{layer}: the image's digest is {actual}, but {recorded} was recorded at commit"
+            " (the image changed or is corrupt: remove the layer once nothing uses it, and"
+            " pull its image again)",
+        )
 
 
 def _unsettled(storage: str) -> bool:

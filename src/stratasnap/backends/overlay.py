@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ..errors import FailedPrecondition
-from ..findings import Finding, Survey
+from ..findings import Finding, Row, Survey
 from ..fs import loop
 from ..fs.overlay_probe import (
     escape_layer_path,
@@ -129,7 +129,11 @@ class OverlaySnapshotter(BaseSnapshotter):
         if size is None:
             size = self.config.default_size
         mapping = parse_mapping_labels(labels)
-        if mapping is not None and not idmapped_layers_supported() and not self.config.slow_chown:
+        if (
+            mapping is not None
+            and not idmapped_layers_supported(self.root)
+            and not self.config.slow_chown
+        ):
             raise FailedPrecondition(
                 "uid/gid mapping labels need idmapped overlay layers (Linux 5.19+); "
                 "set slow_chown=true to let containerd chown the layers instead"
@@ -159,6 +163,8 @@ class OverlaySnapshotter(BaseSnapshotter):
         """The layout's checks, then: every snapshot has its upper (or its limited image)."""
         yield from super()._check(survey)
         for sid, row in survey.stored():
+            if not cls._keeps_upper(row):
+                continue
             storage = survey.snapshots_dir / str(sid)
             # A size-limited layer that is not mounted now shows only its image.
             if not (storage / "fs").is_dir() and not (storage / LIMITED_IMAGE).exists():
@@ -168,13 +174,21 @@ class OverlaySnapshotter(BaseSnapshotter):
                     f"snapshot {row.key!r} has no fs directory (its files are lost)",
                 )
 
+    @classmethod
+    def _keeps_upper(cls, row: Row) -> bool:
+        """Whether ``row``'s files are in its ``fs`` directory (a subclass may keep them
+        elsewhere, as erofs does for committed layers)."""
+        return True
+
     def _mounts(self, rec: Record) -> list[Mount]:
         kind = rec.info.kind
         if kind is Kind.ACTIVE:
             self._limits.ensure_mounted(self.storage_dir(rec.id))
         # Without idmapped layers (slow_chown) containerd chowns the layers
         # itself; only the upper's owner is ours to set, at create.
-        options = _idmap_options(rec.info.labels) if idmapped_layers_supported() else []
+        options = _idmap_options(rec.info.labels)
+        if options and not idmapped_layers_supported(self.root):  # probed only when asked
+            options = []
         if not rec.parent_ids:
             mode = "ro" if kind is Kind.VIEW else "rw"
             source = str(self._fs_dir(rec.id))

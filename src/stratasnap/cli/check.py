@@ -20,20 +20,31 @@ __all__ = ["check"]
     "--repair",
     "do_repair",
     is_flag=True,
-    help="Do what is safe (reclaim orphans, finish interrupted removes, unmount stale "
-    "mounts, detach stale loop devices); refused while a server serves the root.",
+    help="Do what is safe: reclaim storage no snapshot owns, finish interrupted removes "
+    "and commits, unmount stale mounts, detach stale loop devices. Never deletes a "
+    "snapshot's data (a missing or corrupt layer may be another's parent: those need a "
+    "person). Refused while a server serves the root.",
+)
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Also read the data the backend can verify (erofs: hash every layer image and "
+    "compare it with the sha256 recorded at commit). Reads every layer: about as long as "
+    "reading all the images once.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.pass_obj
-def check(session: Session, do_repair: bool, as_json: bool) -> None:
+def check(session: Session, do_repair: bool, deep: bool, as_json: bool) -> None:
     """Check the root: the store, and the storage as the backend lays it out.
 
     Looks at SQLite's integrity, that every snapshot has its storage and all
     storage its snapshot, that parents exist, form no cycle and are
-    committed, at leftovers of interrupted creates and removes, at mounts
-    and loop devices on storage no snapshot owns, and at what the backend
-    keeps (blockfile: every image holds a filesystem). Without --repair it
-    changes nothing and is safe next to a running server.
+    committed, at leftovers of interrupted creates, commits and removes, at
+    mounts and loop devices on storage no snapshot owns, and at what the
+    backend keeps (blockfile: every image holds a filesystem; erofs: every
+    committed layer has its image, nothing else mounted on it, and with
+    --deep the image's digest is the one recorded at commit). Without
+    --repair it changes nothing and is safe next to a running server.
 
     Each finding says what --repair would do, or that it needs a person.
     Exit status: 0 healthy, 1 problems remain, 7 when --repair is refused
@@ -43,12 +54,13 @@ def check(session: Session, do_repair: bool, as_json: bool) -> None:
     Examples:
       stratasnap --backend overlay check
       stratasnap --backend overlay check --repair
+      stratasnap --backend erofs check --deep
       stratasnap check --json | jq '.remaining[].code'
     """
     if do_repair:
-        report = repair_root(session.root, session.backend, session.options)
+        report = repair_root(session.root, session.backend, session.options, deep)
     else:
-        report = check_root(session.root, session.backend)
+        report = check_root(session.root, session.backend, deep)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -23,7 +23,6 @@ What a snapshotter needs:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -34,7 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._libc import StrPath, check, libc, os_error
+from ._libc import StrPath, os_error
+from .durable import BTRFS_SUPER_MAGIC, fs_magic
 from .mountinfo import read_mountinfo
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "sync",
 ]
 
-BTRFS_SUPER_MAGIC = 0x9123683E
 
 # -- ioctl numbers (_IOC(dir, 0x94, nr, size)) --------------------------------------------
 
@@ -125,22 +124,9 @@ def _opened(path: StrPath, flags: int = _DIR_FLAGS) -> Iterator[int]:
 
 # -- which filesystem ---------------------------------------------------------------------
 
-_fstatfs = libc.fstatfs
-_fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
-_fstatfs.restype = ctypes.c_int
-
-
-def _fs_magic(path: StrPath) -> int:
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    with _opened(path, os.O_PATH | os.O_CLOEXEC) as fd:
-        check(_fstatfs(fd, buf), path, "fstatfs")
-    (f_type,) = struct.unpack_from("=q", buf, 0)  # f_type: the first field, a long
-    return int(f_type) & 0xFFFFFFFF
-
-
 def is_btrfs(path: StrPath) -> bool:
     """Whether ``path`` (which must exist) is on a btrfs filesystem."""
-    return _fs_magic(path) == BTRFS_SUPER_MAGIC
+    return fs_magic(path) == BTRFS_SUPER_MAGIC
 
 
 def filesystem_name(path: StrPath) -> str:

@@ -7,8 +7,11 @@ starts (``overlayutils``), done here from Python without subprocesses.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import shutil
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -124,14 +127,101 @@ def _release_at_least(major: int, minor: int) -> bool:
         return False
 
 
-@cache
-def idmapped_layers_supported() -> bool:
-    """Whether overlayfs accepts idmapped lower layers (Linux 5.19 and later).
+#: Probe results by the st_dev of the filesystem they were made on.
+_IDMAP_PROBED: dict[int, bool] = {}
+_IDMAP_LOCK = threading.Lock()
+#: The probe's mapping: container root is host uid/gid 1000 (any shift would do).
+_PROBE_SHIFT = 1000
+_PROBE_PREFIX = ".idmap-probe-"
+
+
+def idmapped_layers_supported(directory: StrPath | None = None) -> bool:
+    """Whether overlayfs takes idmapped lower layers from the filesystem of ``directory``.
 
     That is what containerd's mount code needs to apply ``uidmap=`` and
-    ``gidmap=`` options to an overlay; binds take idmaps since 5.12.
+    ``gidmap=`` options to an overlay (overlayfs since Linux 5.19; the lower
+    filesystem must allow idmapped mounts too: ext4, xfs, btrfs since 5.12-5.15,
+    tmpfs since 6.3). Asked of the kernel by mounting: in a scratch directory
+    under ``directory`` (default: the temp dir), an overlay of two idmapped
+    lowers, whose file must show the mapped owner. Once per filesystem and
+    process (cached). Where the probe cannot run (not root, no room for its
+    directories) the kernel version decides, as before.
     """
-    return _release_at_least(5, 19)
+    where = os.fspath(directory) if directory is not None else tempfile.gettempdir()
+    try:
+        dev = os.stat(where).st_dev
+    except OSError:
+        return _release_at_least(5, 19)
+    with _IDMAP_LOCK:
+        if dev not in _IDMAP_PROBED:
+            probed = _probe_idmapped_overlay(where)
+            if probed is None:
+                return _release_at_least(5, 19)  # not cached: a later call may probe
+            _IDMAP_PROBED[dev] = probed
+        return _IDMAP_PROBED[dev]
+
+
+def _probe_idmapped_overlay(directory: str) -> bool | None:
+    """True or False from a real mount; None when this process cannot try."""
+    from ..types import Mount
+    from .idmapped import apply_idmapped_mounts
+    from .mount import unmount
+
+    if os.geteuid() != 0:
+        return None  # mounting needs CAP_SYS_ADMIN in the initial namespace
+    _sweep_probes(directory)
+    try:
+        scratch = tempfile.mkdtemp(prefix=_PROBE_PREFIX, dir=directory)
+        lock = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None  # a full or read-only filesystem: nothing to learn here
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held while probing: _sweep_probes skips it
+    lower1, lower2, target = (os.path.join(scratch, n) for n in ("l1", "l2", "mnt"))
+    try:
+        for d in (lower1, lower2, target):
+            os.mkdir(d)
+        with open(os.path.join(lower1, "f"), "w"):
+            pass  # owned by root: shown as _PROBE_SHIFT through the mapping
+        mapping = f"0:{_PROBE_SHIFT}:1"
+        options = (f"lowerdir={lower1}:{lower2}", f"uidmap={mapping}", f"gidmap={mapping}")
+        try:
+            apply_idmapped_mounts([Mount("overlay", "overlay", options)], target)
+        except OSError:
+            return False  # EINVAL: overlayfs (or the filesystem) refuses idmapped layers
+        try:
+            st = os.stat(os.path.join(target, "f"))
+            return (st.st_uid, st.st_gid) == (_PROBE_SHIFT, _PROBE_SHIFT)
+        finally:
+            unmount(target, lazy=True)
+    except OSError:
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.close(lock)
+
+
+def _sweep_probes(directory: str) -> None:
+    """Remove what probes killed midway left in ``directory`` (a mount, directories).
+
+    A probe holds a flock on its directory: one that can be locked is a leftover.
+    """
+    from .mount import unmount_all_under
+
+    with os.scandir(directory) as entries:
+        stale = [e.path for e in entries if e.name.startswith(_PROBE_PREFIX) and e.is_dir()]
+    for path in stale:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live probe (another thread or process)
+        finally:
+            os.close(fd)
+        unmount_all_under(path, lazy=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def escape_layer_path(path: StrPath) -> str:

@@ -14,10 +14,10 @@ by asking which backend it is):
   read the lowerdirs.
 
 Safety: every name is checked before anything is written, by the reader's one
-rule for names (:func:`stratasnap.tarstream.split_name`: ``..`` components,
-NUL bytes and over-long components are refused); absolute names are refused
-too (the applier's stricter policy; the EROFS converter scopes them to the
-root as containerd does); parent directories are resolved component by
+rule for names, which the EROFS converter applies too
+(:func:`stratasnap.tarstream.split_name`: an absolute name is scoped to the
+layer root as containerd and docker do; ``..`` components, NUL bytes and
+over-long components are refused); parent directories are resolved component by
 component without following a symlink out of the tree (a symlink whose
 target is absolute or climbs above the root refuses the layer; one that
 stays inside is followed, like containerd's scoped resolution); the file
@@ -66,8 +66,20 @@ _IS_ROOT = os.geteuid() == 0
 
 
 def _umask() -> int:
-    # Read once: os.umask can only be read by setting it (restored at once).
-    mask = os.umask(0o022)
+    """The process umask, read without changing it.
+
+    os.umask can only read it by setting it, which would race with other
+    threads creating files meanwhile (a server start sets 0o177 around its
+    bind): Linux (4.7+) shows it in /proc/self/status instead.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the racy way, restored at once
     os.umask(mask)
     return mask
 
@@ -98,9 +110,7 @@ class ApplyStats:
 
 
 def _clean(name: bytes, offset: int) -> str:
-    """A member name (or link target) as a relative path; refuses absolute names too."""
-    if name.startswith(b"/"):
-        raise UnsafeLayer(f"layer entry {os.fsdecode(name)!r} has an absolute name")
+    """A member name (or hard-link target) as a path relative to the layer root."""
     return os.fsdecode(b"/".join(split_name(name, offset)))
 
 

@@ -17,6 +17,10 @@ A minimal file is empty (every key has a default). A full one::
     fetch_timeout = 300.0
     fetch_start_timeout = 1.0
 
+    [group_commit]                       # concurrent writes share SQLite commits
+    enabled = true
+    max_batch = 64
+
     [snapshotters.stratasnap]            # one proxy plugin per table
     backend = "native"
     root = "/var/lib/stratasnap"
@@ -50,6 +54,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..defaults import default_address, default_root
+from ..group_commit import MAX_BATCH
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -57,9 +62,11 @@ __all__ = [
     "DEFAULT_NAME",
     "DEFAULT_ROOT",
     "LOG_LEVELS",
+    "MAX_BATCH_LIMIT",
     "Config",
     "ConfigError",
     "FastPathConfig",
+    "GroupCommitConfig",
     "SnapshotterConfig",
     "containerd_snippet",
     "default_config_text",
@@ -76,6 +83,9 @@ DEFAULT_BACKEND = "native"
 DEFAULT_NAME = "stratasnap"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: The largest ``group_commit.max_batch``: the first caller of a batch waits for
+#: every operation in it, so a bigger one only adds to that caller's latency.
+MAX_BATCH_LIMIT = 1024
 
 #: Names become TOML bare keys (``[proxy_plugins.NAME]``) and directory names.
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -92,10 +102,12 @@ _TOP_KEYS = (
     "socket_group",
     "shutdown_timeout",
     "fast_path",
+    "group_commit",
     "snapshotters",
 )
 _FAST_PATH_KEYS = ("enabled", "containerd_address", "fetch_timeout", "fetch_start_timeout")
 _SNAPSHOTTER_KEYS = ("backend", "root", "options")
+_GROUP_COMMIT_KEYS = ("enabled", "max_batch")
 
 _Fail = Callable[[str, str], "ConfigError"]
 
@@ -139,6 +151,19 @@ class FastPathConfig:
 
 
 @dataclass(frozen=True)
+class GroupCommitConfig:
+    """Whether concurrent write calls share one metadata commit (fsync), and how many at most."""
+
+    enabled: bool = True
+    max_batch: int = MAX_BATCH
+
+    @property
+    def batch_limit(self) -> int:
+        """The batch bound the store gets: 1 (every write commits alone) when disabled."""
+        return self.max_batch if self.enabled else 1
+
+
+@dataclass(frozen=True)
 class Config:
     """The server's settings. Build it with :func:`load_config` (which validates).
 
@@ -158,6 +183,8 @@ class Config:
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     fast_path: FastPathConfig = FastPathConfig()
+    #: Group commit of every snapshotter's store (see :mod:`stratasnap.group_commit`).
+    group_commit: GroupCommitConfig = GroupCommitConfig()
     #: The file this was read from, if any (for messages).
     source: Path | None = None
 
@@ -290,6 +317,8 @@ def _build(data: Mapping[str, Any], source: Path | None) -> Config:
     timeout = _seconds(data, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, fail)
     fast_path = _fast_path(data.get("fast_path", {}), fail)
 
+    group_commit = _group_commit(data.get("group_commit", {}), fail)
+
     tables = data.get("snapshotters", {})
     if not isinstance(tables, dict):
         raise fail("snapshotters", "expected tables [snapshotters.NAME]")
@@ -334,6 +363,7 @@ def _build(data: Mapping[str, Any], source: Path | None) -> Config:
         socket_group=socket_group,
         shutdown_timeout=timeout,
         fast_path=fast_path,
+        group_commit=group_commit,
         source=source,
     )
 
@@ -373,6 +403,24 @@ def _fast_path(table: Any, fail: _Fail) -> FastPathConfig:
             table, "fetch_start_timeout", DEFAULT_FETCH_START_TIMEOUT, fail, "fast_path"
         ),
     )
+
+
+def _group_commit(table: object, fail: _Fail) -> GroupCommitConfig:
+    if not isinstance(table, dict):
+        raise fail("group_commit", "expected a table [group_commit]")
+    for k in table:
+        if k not in _GROUP_COMMIT_KEYS:
+            raise fail(f"group_commit.{k}", f"unknown key (known: {', '.join(_GROUP_COMMIT_KEYS)})")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise fail("group_commit.enabled", f"expected true or false, got {enabled!r}")
+    max_batch = table.get("max_batch", MAX_BATCH)
+    if type(max_batch) is not int or not 1 <= max_batch <= MAX_BATCH_LIMIT:
+        raise fail(
+            "group_commit.max_batch",
+            f"expected a number of write calls from 1 to {MAX_BATCH_LIMIT}, got {max_batch!r}",
+        )
+    return GroupCommitConfig(enabled, max_batch)
 
 
 def _string(data: Mapping[str, Any], key: str, default: str, fail: _Fail, prefix: str = "") -> str:
@@ -463,6 +511,17 @@ fetch_timeout = {DEFAULT_FETCH_TIMEOUT}
 # 0.1 s (containerd 1.6/1.7 begin fetching only once the first layer of a pull
 # is prepared: that layer goes the normal way).
 fetch_start_timeout = {DEFAULT_FETCH_START_TIMEOUT}
+
+# Group commit: write calls (prepare, view, commit, remove, update, cleanup)
+# that arrive while a metadata commit is being flushed share the next one, so
+# N concurrent writes cost one fsync instead of N. Every caller still hears
+# back only once its change is durable, and a lone call commits at once.
+# enabled = false makes every write commit alone; max_batch (1 to
+# {MAX_BATCH_LIMIT}) bounds how many share one commit, and so how long the first
+# caller of a batch can wait for the others.
+[group_commit]
+enabled = true
+max_batch = {MAX_BATCH}
 
 # Several snapshotters on one socket: one table each, one containerd proxy
 # plugin each (containerd sends the plugin name with every request). Without

@@ -367,6 +367,7 @@ class Server:
             _warn_if_full(sc.root)
         for store in self._stores.values():
             if isinstance(store, BaseSnapshotter):
+                store.set_max_batch(config.group_commit.batch_limit)
                 store.start_reaper()
 
         self._fastpath = self._start_fastpath()

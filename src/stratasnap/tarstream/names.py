@@ -12,11 +12,20 @@ NAME_MAX = 255  # bytes in one path component (Linux, and EROFS dirents)
 def split_name(name: bytes, offset: int) -> tuple[bytes, ...]:
     """A member name (or hard-link target) as path components below the layer root.
 
-    Per OCI layer rules the archive describes paths relative to the root: a
-    leading ``/`` and ``.`` components are dropped (as containerd scopes them to
-    the root); ``..`` is refused rather than clamped (a layer that needs it is
-    hostile or broken), and so are NUL bytes and components over NAME_MAX.
-    Whether an absolute name is acceptable at all is the caller's policy.
+    The one rule for names, for every reader of layers (the images applier and
+    the EROFS converter alike), so that a layer lands the same on every backend:
+
+    * An absolute name is relative to the layer root: ``/etc/x`` is ``etc/x``.
+      containerd's applier (archive/tar.go, ``applyNaive``) cleans each name
+      and resolves it with ``fs.RootPath(root, name)``, which scopes it to the
+      root, and resolves hard-link targets the same way; docker's pkg/archive
+      joins the cleaned name under its destination. Image builders (old
+      docker, tar -P) do emit such names, so refusing them would refuse
+      images containerd runs.
+    * ``.`` components and repeated ``/`` are dropped, as a clean does.
+    * ``..`` is refused rather than clamped (containerd clamps it at the root,
+      docker refuses a name that climbs out): a layer that needs it is hostile
+      or broken. NUL bytes and components over NAME_MAX are refused too.
     """
     if b"\0" in name:
         raise UnsafeEntry(f"name {name!r} contains NUL", offset=offset)

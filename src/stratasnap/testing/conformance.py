@@ -22,7 +22,7 @@ from ..errors import (
     Unimplemented,
 )
 from ..snapshotter import Snapshotter
-from ..types import Info, Kind, Mount
+from ..types import Info, Kind, Mount, Usage
 
 __all__ = ["SnapshotterConformance", "mounted"]
 
@@ -62,6 +62,16 @@ class SnapshotterConformance:
     options: ClassVar[Mapping[str, Any]] = {}
     #: How deep the many-layers case goes (containerd tests 128).
     many_layers: ClassVar[int] = 128
+    #: Whether usage counts inodes (btrfs qgroups count bytes only, and say 0).
+    usage_counts_inodes: ClassVar[bool] = True
+
+    def check_committed_usage(self, sn: Snapshotter, name: str, active: Usage) -> None:
+        """What committing an active snapshot whose usage was ``active`` must store.
+
+        Here: that very usage. A backend that stores a commit differently (erofs:
+        an image file) overrides this with what its storage must measure.
+        """
+        assert sn.usage(name) == active
 
     def open_snapshotter(self, root: Path) -> Snapshotter:
         from ..backends import open_snapshotter
@@ -522,12 +532,13 @@ class SnapshotterConformance:
             (root / "blob").write_bytes(os.urandom(256 * 1024))
             (root / "d").mkdir()
             os.link(root / "blob", root / "d" / "hardlink")  # counted once
-        after = sn.usage("a")
+        after = sn.usage("a")  # no sync by the caller: usage must see the writes
         assert after.size - before.size >= 256 * 1024
         assert after.size - before.size < 2 * 256 * 1024
-        assert after.inodes == before.inodes + 2
+        if self.usage_counts_inodes:
+            assert after.inodes == before.inodes + 2
         sn.commit("c", "a")
-        assert sn.usage("c") == after
+        self.check_committed_usage(sn, "c", after)
 
     def test_many_layers(self, sn: Snapshotter, mnt_dir: Path) -> None:
         _need_mounts()
