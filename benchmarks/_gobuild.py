@@ -3,22 +3,24 @@
 ``goclient/`` (containerd's generated snapshots client) and ``goproxy/``
 (containerd's own snapshotters behind the snapshots service) build in GOPATH
 mode from ``/usr/share/gocode`` (``golang-github-containerd-containerd-dev``),
-with no module download.
+with no module download (``tests/e2e/gobuild.py`` does the building).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
+import sys
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "tests") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+
+from e2e.gobuild import GO_CONTAINERD, GOCODE  # noqa: E402
+from e2e.gobuild import build_go as _build  # noqa: E402
 
 __all__ = ["GOCODE", "GO_API", "build_go"]
 
-HERE = Path(__file__).resolve().parent
-GOCODE = Path("/usr/share/gocode")
-GO_API = GOCODE / "src/github.com/containerd/containerd/api/services/snapshots/v1"
+GO_API = GO_CONTAINERD / "api/services/snapshots/v1"
 
 
 def build_go(program: str, tmp: Path, what: str) -> tuple[Path | None, str]:
@@ -26,33 +28,7 @@ def build_go(program: str, tmp: Path, what: str) -> tuple[Path | None, str]:
 
     ``what`` names the figures that need it, for the message when it cannot be built.
     """
-    go = shutil.which("go")
-    if go is None or not GO_API.is_dir():
-        missing = "go" if go is None else str(GO_API)
-        return None, (
-            f"no {missing}: {what} skipped (apt-get install golang-go "
-            "golang-github-containerd-containerd-dev)"
-        )
-    binary = tmp / program
-    env = dict(os.environ)
-    env.update(
-        GO111MODULE="off",  # GOPATH mode: Debian's sources, no module downloads
-        GOPATH=f"{GOCODE}:{tmp / 'gopath'}",
-        GOCACHE=str(tmp / "gocache"),
-        GOFLAGS="",
-        GOPROXY="off",
-        CGO_ENABLED="0",
-    )
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [go, "build", "-o", str(binary), "."],
-        cwd=HERE / program,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        err = " ".join(proc.stderr.split())[:300]
-        return None, f"building {program} failed ({err}): {what} skipped"
-    version = subprocess.run([go, "version"], capture_output=True, text=True).stdout.split()
-    return binary, f"{program} built in {time.perf_counter() - t0:.1f} s ({' '.join(version[2:3])})"
+    binary, description = _build(HERE / program, tmp / program, tmp)
+    if binary is None:
+        return None, f"{description}: {what} skipped"
+    return binary, description

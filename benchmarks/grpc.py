@@ -91,6 +91,7 @@ class Server(ServerProcess):
 
 # -- the Go client ---------------------------------------------------------------------
 
+
 def build_goclient(tmp: Path) -> tuple[Path | None, str]:
     """Build ``goclient/`` into ``tmp``: (binary, description) or (None, why not)."""
     binary, note = build_go("goclient", tmp, "Go-client figures")

@@ -99,7 +99,7 @@ class Server:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=err)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str:
-        """"" when it accepts connections, else why not (it exited, or timed out)."""
+        """ "" when it accepts connections, else why not (it exited, or timed out)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -541,5 +541,3 @@ def _is_plain_value(value: str) -> bool:
         and value[0] not in _QUOTES | _OPERATOR_RUNES | _SEPARATORS
         and all(_is_value_rune(ch) for ch in value)
     )
-
-

@@ -10,6 +10,7 @@ daemons' logs is added to its report.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -67,35 +68,51 @@ def stack(backend: str) -> Iterator[Stack]:
     need_root()
     for tool in (*REQUIRED_TOOLS, "umount", "mount"):
         need(shutil.which(tool, path=_path()) is not None, f"{tool} not installed")
-    base = Path(tempfile.mkdtemp(prefix=f"ss-e2e-{backend}-", dir="/tmp"))
+    with stack_base(backend) as (base, namespace):
+        store_fs = None
+        if backend == "btrfs":
+            # Its root must be on btrfs: a loop filesystem (image on the tmpfs) under the store.
+            (base / "btrfs").mkdir()
+            store_fs = make_loopfs(base / "btrfs", "btrfs", "3G")
+            (base / "stratasnap").symlink_to(store_fs)
+        s = Stack(base, backend, namespace=namespace)
+        if store_fs is not None:
+            s.own_mounts.append(str(store_fs))
+        with started(s):
+            yield s
+
+
+@contextlib.contextmanager
+def stack_base(name: str, size: str = "4g") -> Iterator[tuple[Path, str]]:
+    """(base, namespace) for a Stack: a tmpfs of its own, removed at the end (unless kept)."""
+    base = Path(tempfile.mkdtemp(prefix=f"ss-e2e-{name}-", dir="/tmp"))
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4g,mode=0755", "tmpfs", str(base)], check=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(base)], check=True
     )
     # Unique: runc's state (/run/containerd/runc/<namespace>/<id>) and the cgroups
     # (/<namespace>/<id>) are shared by every containerd on the machine.
-    namespace = re.sub(r"[^A-Za-z0-9]+", "-", f"stratasnap-e2e-{backend}-{os.getpid()}")
-    store_fs = None
-    if backend == "btrfs":
-        # Its root must be on btrfs: a loop filesystem (image on the tmpfs) under the store.
-        (base / "btrfs").mkdir()
-        store_fs = make_loopfs(base / "btrfs", "btrfs", "3G")
-        (base / "stratasnap").symlink_to(store_fs)
-    s = Stack(base, backend, namespace=namespace)
-    if store_fs is not None:
-        s.own_mounts.append(str(store_fs))
+    namespace = re.sub(r"[^A-Za-z0-9]+", "-", f"stratasnap-e2e-{name}-{os.getpid()}")
+    try:
+        yield base, namespace
+    finally:
+        if IN_CI or not _keep():
+            unmount_below(base, include_base=True)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def started(s: Stack) -> Iterator[Stack]:
+    """Both daemons of ``s`` running; closed at the end. A server that cannot start skips."""
     try:
         try:
             s.stratasnapd.start()
         except HarnessError as e:
             # A backend whose needs are missing here: skip locally, fail under CI.
-            need(False, f"backend {backend!r}: stratasnap did not start: {e}")
+            need(False, f"backend {s.backend!r}: stratasnap did not start: {e}")
         s.containerd.start()
         yield s
     finally:
         s.close()
-        if IN_CI or not _keep():
-            unmount_below(base, include_base=True)
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def _path() -> str:

@@ -5,7 +5,8 @@ a fresh loop filesystem: this machine's root filesystem is very slow at
 creating files)::
 
     <base>/stratasnap/root          the server's --root
-    <base>/stratasnap/config.toml   the server's config (backend and its options)
+    <base>/stratasnap/config.toml   the server's config (backend and its options; the fast
+                                    path reads from this containerd)
     <base>/run/stratasnap.sock      the server's --address
     <base>/containerd/config.toml   containerd's generated config: root, state, socket,
                                     [proxy_plugins.stratasnap], CRI disabled
@@ -214,12 +215,17 @@ class Stack:
         backend_options: Mapping[str, object] | None = None,
         log_level: str = "debug",
         python: str = sys.executable,
+        fast_path: Mapping[str, object] | None = None,
+        metrics_address: str = "",
     ) -> None:
         self.base = base
         self.backend = backend
         self.snapshotter = snapshotter
         self.namespace = namespace
         self.backend_options = dict(backend_options or {})
+        #: ``[fast_path]`` settings; containerd_address is always this stack's containerd.
+        self.fast_path = dict(fast_path or {})
+        self.metrics_address = metrics_address
         #: Filesystems mounted below ``base`` for the store before the daemons ran
         #: (the btrfs backend's loop filesystem): not theirs to leave or clean.
         self.own_mounts: list[str] = []
@@ -267,11 +273,15 @@ class Stack:
         self.ss_config.write_text(
             "version = 1\n"
             f"address = {json.dumps(str(self.ss_socket))}\n"
+            f"metrics_address = {json.dumps(self.metrics_address)}\n"
             "shutdown_timeout = 5.0\n"
             f"[snapshotters.{self.snapshotter}]\n"
             f"backend = {json.dumps(self.backend)}\n"
             f"root = {json.dumps(str(self.ss_root))}\n"
             f"options = {{{options}}}\n"
+            + "[fast_path]\n"
+            + f"containerd_address = {json.dumps(str(self.cd_socket))}\n"
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.fast_path.items())
         )
         q = json.dumps
         self.cd_config.write_text(

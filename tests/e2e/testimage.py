@@ -20,8 +20,8 @@ LAYER_FILES = {
 }
 
 
-def build_image(path: Path) -> ImageInfo:
-    """The 3-layer test image.
+def build_image(path: Path, name: str = IMAGE, layout_dir: bool = False) -> ImageInfo:
+    """The 3-layer test image (an OCI archive, or with ``layout_dir`` a layout directory).
 
     1. a rootfs from the host (sh = dash, cat, ls, libraries); ``/data/keep.txt``,
        ``/data/gone.txt``, ``/opaque/old1.txt``
@@ -40,4 +40,6 @@ def build_image(path: Path) -> ImageInfo:
     l2.dir("opaque").file("opaque/old2.txt", "hidden by layer 3\n")
     l3 = Layer().dir("data").whiteout("data/gone.txt")
     l3.dir("opaque").opaque("opaque").file("opaque/new.txt", files["opaque/new.txt"])
-    return write_oci_archive(path, IMAGE, [l1, l2, l3], cmd=["/bin/sh", "-c", "ls /"])
+    return write_oci_archive(
+        path, name, [l1, l2, l3], cmd=["/bin/sh", "-c", "ls /"], layout_dir=layout_dir
+    )

@@ -188,7 +188,7 @@ def test_server_starts_and_frees_space_without_cleanup_on_a_full_disk(
         client.prepare("room-again", "base")
     text = log.read_text()
     assert "Traceback" not in text, text
-    assert "level=warning msg=\"filesystem full" in text, text
+    assert 'level=warning msg="filesystem full' in text, text
 
 
 def test_server_start_reaps_what_a_killed_process_left(

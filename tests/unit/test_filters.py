@@ -169,8 +169,7 @@ def test_other_syntax_errors(text: str, message: str) -> None:
 
 def test_bad_regex_error_points_at_the_pattern_past_spaces() -> None:
     assert parse_error("name~=  (x") == (
-        'filters: parse error: [name~=   >|(|< x]: invalid regular expression "(x": '
-        "missing ): (x"
+        'filters: parse error: [name~=   >|(|< x]: invalid regular expression "(x": missing ): (x'
     )
 
 
@@ -568,10 +567,12 @@ _selectors = st.one_of(
     st.builds(Selector, st.tuples(_text, _text), st.just(RE), _text.map(re.escape)),
 )
 
+
 @given(st.lists(st.lists(_selectors, max_size=3).map(tuple), min_size=1, max_size=3))
 def test_hypothesis_round_trip(alternatives: list[tuple[Selector, ...]]) -> None:
     strings = [",".join(map(str, selectors)) for selectors in alternatives]
     assert parse(*strings) == Filter(tuple(alternatives))
+
 
 @given(st.text(max_size=30))
 def test_hypothesis_parse_never_crashes(text: str) -> None:

@@ -18,6 +18,7 @@ from stratasnap.server.config import (
     DEFAULT_ROOT,
     Config,
     ConfigError,
+    FastPathConfig,
     GroupCommitConfig,
     SnapshotterConfig,
     containerd_snippet,
@@ -61,6 +62,18 @@ def test_default_config_text_is_the_defaults() -> None:
         ("stratasnap", "native", DEFAULT_ROOT / "stratasnap"),
         ("stratasnap-overlay", "overlay", Path("/var/lib/stratasnap/overlay")),
     ]
+
+
+def test_fast_path_table() -> None:
+    assert load_config().fast_path == FastPathConfig(
+        True, Path("/run/containerd/containerd.sock"), 300.0, 1.0
+    )
+    c = parse_config(
+        "[fast_path]\nenabled = false\ncontainerd_address = '/run/c.sock'\n"
+        "fetch_timeout = 5\nfetch_start_timeout = 0.5\n"
+    )
+    assert c.fast_path == FastPathConfig(False, Path("/run/c.sock"), 5.0, 0.5)
+    assert "\n[fast_path]\nenabled = true\n" in default_config_text()
 
 
 def test_full_file(scratch: Path) -> None:
@@ -165,6 +178,12 @@ def test_flags_override_the_file(scratch: Path, monkeypatch: pytest.MonkeyPatch)
             "config: snapshotters.b.root: '/x' is also the root of snapshotter 'a'",
         ),
         ("root = ", "config: not valid TOML: "),
+        ("fast_path = 1", "config: fast_path: expected a table [fast_path]"),
+        ("[fast_path]\nwait = 1", "config: fast_path.wait: unknown key (known: enabled,"),
+        ("[fast_path]\nenabled = 'yes'", "config: fast_path.enabled: expected true or false"),
+        ("[fast_path]\ncontainerd_address = 'c.sock'", "config: fast_path.containerd_address:"),
+        ("[fast_path]\nfetch_timeout = -2", "config: fast_path.fetch_timeout: expected a number"),
+        ("[fast_path]\nfetch_start_timeout = 'x'", "config: fast_path.fetch_start_timeout: "),
     ],
 )
 def test_errors_name_the_key(text: str, message: str) -> None:

@@ -120,3 +120,51 @@ def test_service_methods() -> None:
     streaming = {m.name for m in svc.methods if m.server_streaming or m.client_streaming}
     assert streaming == {"List"}
     assert not svc.methods_by_name["List"].client_streaming
+
+
+# {message: {field number: field name}} from containerd's api/services/content/v1:
+# the subset stratasnap's fast path calls (Info, Read, Status, ListStatuses).
+CONTENT_WIRE = {
+    "Info": {1: "digest", 2: "size", 3: "created_at", 4: "updated_at", 5: "labels"},
+    "InfoRequest": {1: "digest"},
+    "InfoResponse": {1: "info"},
+    "ReadContentRequest": {1: "digest", 2: "offset", 3: "size"},
+    "ReadContentResponse": {1: "offset", 2: "data"},
+    "Status": {1: "started_at", 2: "updated_at", 3: "ref", 4: "offset", 5: "total", 6: "expected"},
+    "StatusRequest": {1: "ref"},
+    "StatusResponse": {1: "status"},
+    "ListStatusesRequest": {1: "filters"},
+    "ListStatusesResponse": {1: "statuses"},
+}
+
+
+def test_content_messages_match_containerd() -> None:
+    from stratasnap.server.api.containerd.services.content.v1 import content_pb2
+
+    fd = content_pb2.DESCRIPTOR
+    assert fd.package == "containerd.services.content.v1"
+    assert set(fd.message_types_by_name) == set(CONTENT_WIRE)
+    for name, fields in CONTENT_WIRE.items():
+        msg = fd.message_types_by_name[name]
+        assert {f.number: f.name for f in msg.fields} == fields, name
+    info = fd.message_types_by_name["Info"].fields_by_name
+    assert info["size"].type == info["size"].TYPE_INT64
+    assert info["created_at"].message_type.full_name == "google.protobuf.Timestamp"
+    read = fd.message_types_by_name["ReadContentRequest"].fields_by_name
+    assert read["offset"].type == read["size"].type == read["offset"].TYPE_INT64
+    data = fd.message_types_by_name["ReadContentResponse"].fields_by_name["data"]
+    assert data.type == data.TYPE_BYTES
+    svc = fd.services_by_name["Content"]
+    assert svc.full_name == "containerd.services.content.v1.Content"
+    pkg = "containerd.services.content.v1"
+    methods = {m.name: (m.input_type.name, m.output_type.full_name) for m in svc.methods}
+    assert methods == {
+        "Info": ("InfoRequest", f"{pkg}.InfoResponse"),
+        "Read": ("ReadContentRequest", f"{pkg}.ReadContentResponse"),
+        "Status": ("StatusRequest", f"{pkg}.StatusResponse"),
+        "ListStatuses": ("ListStatusesRequest", f"{pkg}.ListStatusesResponse"),
+    }
+    assert {m.name for m in svc.methods if m.server_streaming or m.client_streaming} == {"Read"}
+    # A known encoding: digest="sha256:ab" (field 1), offset=5 (field 2).
+    wire = content_pb2.ReadContentRequest(digest="sha256:ab", offset=5).SerializeToString()
+    assert wire == b"\n\tsha256:ab\x10\x05"

@@ -18,7 +18,6 @@ from ..types import Kind, Mount
 __all__ = ["NativeSnapshotter"]
 
 
-
 def bind_mounts(rec: Record, storage_of: Callable[[int], Path]) -> list[Mount]:
     """The bind mount of a snapshot whose storage is a whole tree (native, btrfs).
 
@@ -31,6 +30,7 @@ def bind_mounts(rec: Record, storage_of: Callable[[int], Path]) -> list[Mount]:
         source = storage_of(rec.id)
     mode = "ro" if rec.info.kind is Kind.VIEW else "rw"
     return [Mount(type="bind", source=str(source), options=("rbind", mode))]
+
 
 class NativeSnapshotter(BaseSnapshotter):
     """Snapshots as directories under ``<root>/snapshots/<id>``."""

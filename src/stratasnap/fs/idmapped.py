@@ -38,6 +38,7 @@ MOVE_MOUNT_F_EMPTY_PATH = 4
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_IDMAP = 0x100000
 
+
 def has_idmap(m: Mount) -> bool:
     """Whether ``m`` asks for an id-mapped mount."""
     return any(o.startswith(("uidmap=", "gidmap=")) for o in m.options)

@@ -24,6 +24,7 @@ __all__ = ["Compacted", "compact_lowerdirs", "mount_overlay_compact"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
+
 @dataclass(frozen=True)
 class Compacted:
     """Overlay options with ``lowerdir`` relative to ``workdir`` (the common directory)."""

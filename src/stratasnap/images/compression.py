@@ -26,10 +26,25 @@ try:  # ISA-L inflates gzip about 3x faster than zlib; optional
 except ImportError:  # pragma: no cover - isal is a dependency, but may fail to build
     _gzip_impl = zlib
 
-__all__ = ["COMPRESSIONS", "DecompressingReader", "compressor", "gzip_backend"]
+__all__ = ["COMPRESSIONS", "DecompressingReader", "compressor", "gzip_backend", "sniff_compression"]
 
 COMPRESSIONS = ("none", "gzip", "zstd")
 _IN_CHUNK = 64 << 10
+
+
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def sniff_compression(head: bytes) -> str:
+    """The compression a blob starting with ``head`` (4 bytes suffice) uses.
+
+    For blobs whose media type is not at hand (containerd's fast path gets a
+    digest only). A tar starts with a file name, never with these magics.
+    """
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return "none"
 
 
 class _Decomp(Protocol):

@@ -9,8 +9,9 @@ applier did not read (tar padding), then checks both digests.
 
 A reader that hashes every byte it takes anyway (the erofs converter, which
 returns the diff ID of what it read) passes ``hash_diff_id=False``: the
-caller then compares that result with the config's, and the uncompressed
-layer is hashed once, not twice.
+caller then compares that result with the config's (or, on containerd's
+fast path, which knows no diff ID beforehand, ``diff_id=None``, with the
+chain ID), and the uncompressed layer is hashed once, not twice.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class LayerStream(io.RawIOBase):
         src: BinaryIO,
         compression: str,
         digest: Digest,
-        diff_id: Digest,
+        diff_id: Digest | None,
         progress: Callable[[int], None] | None = None,
         *,
         hash_diff_id: bool = True,
@@ -84,7 +85,7 @@ class LayerStream(io.RawIOBase):
             compression,
             what=f"layer {digest}",
         )
-        self._diff_hash = diff_id.hasher() if hash_diff_id else None
+        self._diff_hash = diff_id.hasher() if hash_diff_id and diff_id is not None else None
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_DEPTH)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
@@ -151,7 +152,7 @@ class LayerStream(io.RawIOBase):
         got = f"{self.digest.algorithm}:{self._compressed.hasher.hexdigest()}"
         if got != str(self.digest):
             raise DigestMismatch(f"layer blob {self.digest}: content has digest {got}")
-        if self._diff_hash is None:
+        if self._diff_hash is None or self.diff_id is None:
             return
         got = f"{self.diff_id.algorithm}:{self._diff_hash.hexdigest()}"
         if got != str(self.diff_id):

@@ -49,6 +49,7 @@ __all__ = [
     "LayerBlob",
     "LayerConverter",
     "UnpackStats",
+    "in_progress_labels",
     "landing",
     "remove_abandoned",
     "unpack",
@@ -200,9 +201,7 @@ def unpack(
         blob = LayerBlob(content.path(desc.digest), desc.digest, compression, diff_id)
         key = f"extract-{uuid.uuid4().hex[:12]} {name}"
         t0 = time.perf_counter()
-        mounts = sn.prepare(
-            key, parent, {LAYER_LABEL: str(diff_id), UNPACK_PID_LABEL: _process_id()}
-        )
+        mounts = sn.prepare(key, parent, {LAYER_LABEL: str(diff_id), **in_progress_labels()})
         stats.add_time("prepare", time.perf_counter() - t0)
         try:
             applied = _apply_layer(sn, key, mounts, blob, progress, stats)
@@ -222,6 +221,12 @@ def unpack(
             on_layer(i, chain, "applied")
         parent = name
     return stats
+
+
+def in_progress_labels() -> dict[str, str]:
+    """The labels of an active snapshot this process is filling: :func:`remove_abandoned`
+    removes it once the process is gone (killed mid-layer)."""
+    return {UNPACK_PID_LABEL: _process_id()}
 
 
 def _process_id() -> str:

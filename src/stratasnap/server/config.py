@@ -11,6 +11,12 @@ A minimal file is empty (every key has a default). A full one::
     socket_group = ""
     shutdown_timeout = 30.0
 
+    [fast_path]                          # containerd pulls that skip containerd's unpack
+    enabled = true
+    containerd_address = "/run/containerd/containerd.sock"
+    fetch_timeout = 300.0
+    fetch_start_timeout = 1.0
+
     [group_commit]                       # concurrent writes share SQLite commits
     enabled = true
     max_batch = 64
@@ -27,6 +33,12 @@ defaults to ``<root>/<name>``, with one it defaults to ``root``. containerd
 tells them apart by the ``snapshotter`` field of each request (the name of its
 ``[proxy_plugins.NAME]`` entry); with a single snapshotter every name maps to
 it, with several an unknown name is NotFound and an empty one picks the first.
+
+``[fast_path]`` is one table for the server, not per snapshotter: it names the
+containerd whose content store the layers are read from, and a server serves
+one containerd. Whether a snapshotter takes the fast path is its backend's
+to say (it can convert a layer tar into a committed layer: erofs), so there
+is nothing to choose per snapshotter.
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ __all__ = [
     "MAX_BATCH_LIMIT",
     "Config",
     "ConfigError",
+    "FastPathConfig",
     "GroupCommitConfig",
     "SnapshotterConfig",
     "containerd_snippet",
@@ -88,9 +101,11 @@ _TOP_KEYS = (
     "metrics_address",
     "socket_group",
     "shutdown_timeout",
+    "fast_path",
     "group_commit",
     "snapshotters",
 )
+_FAST_PATH_KEYS = ("enabled", "containerd_address", "fetch_timeout", "fetch_start_timeout")
 _SNAPSHOTTER_KEYS = ("backend", "root", "options")
 _GROUP_COMMIT_KEYS = ("enabled", "max_batch")
 
@@ -109,6 +124,30 @@ class SnapshotterConfig:
     backend: str = DEFAULT_BACKEND
     root: Path = DEFAULT_ROOT
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+#: containerd's default socket (its content service is on it too).
+DEFAULT_CONTAINERD_ADDRESS = Path("/run/containerd/containerd.sock")
+#: Seconds a Prepare waits for containerd to finish fetching a layer's blob.
+DEFAULT_FETCH_TIMEOUT = 300.0
+#: Seconds a Prepare waits for a blob that nobody is fetching yet to start arriving.
+DEFAULT_FETCH_START_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True)
+class FastPathConfig:
+    """The remote-snapshot fast path (``[fast_path]``): see :mod:`stratasnap.server.fastpath`."""
+
+    enabled: bool = True
+    #: containerd's socket, whose content service holds the blobs containerd fetched.
+    containerd_address: Path = DEFAULT_CONTAINERD_ADDRESS
+    #: Seconds to wait for a blob containerd is still fetching, then fall back.
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    #: Seconds to wait for a blob that is neither stored nor being fetched while other
+    #: blobs of the namespace are, then fall back. With nothing being fetched at all
+    #: (containerd 1.6/1.7 fetch the first layer they unpack only after its Prepare
+    #: returns) the fallback comes after 0.1 s.
+    fetch_start_timeout: float = DEFAULT_FETCH_START_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -143,6 +182,7 @@ class Config:
     socket_group: str = ""
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    fast_path: FastPathConfig = FastPathConfig()
     #: Group commit of every snapshotter's store (see :mod:`stratasnap.group_commit`).
     group_commit: GroupCommitConfig = GroupCommitConfig()
     #: The file this was read from, if any (for messages).
@@ -274,14 +314,8 @@ def _build(data: Mapping[str, Any], source: Path | None) -> Config:
         socket_group = str(socket_group)
     if not isinstance(socket_group, str):
         raise fail("socket_group", f"expected a group name or number, got {socket_group!r}")
-    timeout = data.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout < 0
-    ):
-        raise fail("shutdown_timeout", f"expected a number of seconds >= 0, got {timeout!r}")
+    timeout = _seconds(data, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, fail)
+    fast_path = _fast_path(data.get("fast_path", {}), fail)
 
     group_commit = _group_commit(data.get("group_commit", {}), fail)
 
@@ -327,9 +361,47 @@ def _build(data: Mapping[str, Any], source: Path | None) -> Config:
         log_level=log_level,
         metrics_address=metrics_address,
         socket_group=socket_group,
-        shutdown_timeout=float(timeout),
+        shutdown_timeout=timeout,
+        fast_path=fast_path,
         group_commit=group_commit,
         source=source,
+    )
+
+
+def _seconds(
+    data: Mapping[str, Any], key: str, default: float, fail: _Fail, prefix: str = ""
+) -> float:
+    value = data.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        name = f"{prefix}.{key}" if prefix else key
+        raise fail(name, f"expected a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _fast_path(table: Any, fail: _Fail) -> FastPathConfig:
+    if not isinstance(table, dict):
+        raise fail("fast_path", "expected a table [fast_path]")
+    for k in table:
+        if k not in _FAST_PATH_KEYS:
+            raise fail(f"fast_path.{k}", f"unknown key (known: {', '.join(_FAST_PATH_KEYS)})")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise fail("fast_path.enabled", f"expected true or false, got {enabled!r}")
+    address = _path(
+        table, "containerd_address", DEFAULT_CONTAINERD_ADDRESS, fail, prefix="fast_path"
+    )
+    return FastPathConfig(
+        enabled=enabled,
+        containerd_address=address,
+        fetch_timeout=_seconds(table, "fetch_timeout", DEFAULT_FETCH_TIMEOUT, fail, "fast_path"),
+        fetch_start_timeout=_seconds(
+            table, "fetch_start_timeout", DEFAULT_FETCH_START_TIMEOUT, fail, "fast_path"
+        ),
     )
 
 
@@ -419,6 +491,26 @@ socket_group = ""
 
 # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
 shutdown_timeout = {DEFAULT_SHUTDOWN_TIMEOUT}
+
+# containerd pulls that skip containerd's own unpack (the remote-snapshot
+# protocol): when containerd prepares a layer with the labels
+# containerd.io/snapshot.ref and containerd.io/snapshot/cri.layer-digest (CRI
+# with disable_snapshot_annotations = false, nerdctl, clients using
+# snapshotters.AppendInfoHandlerWrapper) and the snapshotter's backend can
+# convert a layer tar itself (erofs), stratasnap reads the blob from
+# containerd's content store, commits the layer and containerd skips its
+# unpack. Anything wrong falls back to containerd's unpack (logged).
+[fast_path]
+enabled = true
+# containerd's socket (its content service).
+containerd_address = "{DEFAULT_CONTAINERD_ADDRESS}"
+# Seconds to wait for a blob containerd is still fetching.
+fetch_timeout = {DEFAULT_FETCH_TIMEOUT}
+# Seconds to wait for a blob nobody is fetching yet while other blobs are
+# being fetched. With nothing being fetched at all, the layer falls back after
+# 0.1 s (containerd 1.6/1.7 begin fetching only once the first layer of a pull
+# is prepared: that layer goes the normal way).
+fetch_start_timeout = {DEFAULT_FETCH_START_TIMEOUT}
 
 # Group commit: write calls (prepare, view, commit, remove, update, cleanup)
 # that arrive while a metadata commit is being flushed share the next one, so

@@ -44,8 +44,10 @@ from typing import IO, Any
 import grpc
 
 from ..defaults import LOCK_NAME
+from ..images.unpack import remove_abandoned
 from ..snapshotter import BaseSnapshotter, Snapshotter
 from .config import Config, SnapshotterConfig
+from .fastpath import FastPath, converts_layers
 from .metrics import Metrics, MetricsServer
 from .service import SEND_TIMEOUT, SnapshotsService, Snapshotters
 
@@ -298,6 +300,7 @@ class Server:
         self._locks: list[_RootLock] = []
         self._stores: dict[str, Snapshotter] = {}
         self._service: SnapshotsService | None = None
+        self._fastpath: FastPath | None = None
         self._grpc: grpc.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._metrics_server: MetricsServer | None = None
@@ -367,11 +370,13 @@ class Server:
                 store.set_max_batch(config.group_commit.batch_limit)
                 store.start_reaper()
 
+        self._fastpath = self._start_fastpath()
         service = SnapshotsService(
             Snapshotters(self._stores),
             self.metrics,
             max_streams=max(1, self._workers // 2),
             send_timeout=self._send_timeout,
+            fastpath=self._fastpath,
         )
         self.metrics.watch(self._stores)
         self._service = service
@@ -436,6 +441,32 @@ class Server:
         )
         _notify_systemd("READY=1")
 
+    def _start_fastpath(self) -> FastPath | None:
+        """The fast path, if enabled and a snapshotter can take it; leftovers removed."""
+        fast = self.config.fast_path
+        able = [name for name, store in self._stores.items() if converts_layers(store)]
+        for name in able:
+            # Temporary snapshots of a server killed mid-layer.
+            for key in remove_abandoned(self._stores[name]):
+                log.info("removed abandoned fast-path snapshot", extra={"key": key})
+        if not fast.enabled or not able:
+            return None
+        if not fast.containerd_address.is_socket():
+            # Not fatal (containerd may start after us), but every layer falls back until then.
+            log.warning(
+                "layer fast path: no containerd socket yet; layers fall back until there is one",
+                extra={"containerd_address": str(fast.containerd_address)},
+            )
+        log.info(
+            "layer fast path on",
+            extra={
+                "snapshotters": ",".join(able),
+                "containerd_address": str(fast.containerd_address),
+                "fetch_timeout_s": fast.fetch_timeout,
+            },
+        )
+        return FastPath(fast, self.metrics)
+
     # -- stop ----------------------------------------------------------------------------
 
     def stop(self, grace: float | None = None) -> None:
@@ -476,6 +507,8 @@ class Server:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._service is not None:
             self._service.close()
+        if self._fastpath is not None:
+            self._fastpath.close()
         for name, store in self._stores.items():
             try:
                 store.close()

@@ -9,6 +9,11 @@ Exposed on ``metrics_address`` (``/metrics``) when one is configured:
 - ``stratasnap_cleanup_reclaimed_bytes_total{snapshotter}``: bytes freed by Cleanup.
 - ``stratasnap_commit_batch_size{snapshotter}``: histogram of the write calls each
   metadata commit made durable (above 1: concurrent calls shared one fsync).
+- ``stratasnap_fastpath_layers_total{snapshotter,how}``: layers containerd did not
+  unpack because the fast path had them: ``converted`` from containerd's blob,
+  or ``reused`` (already committed under that chain ID on that parent).
+- ``stratasnap_fastpath_fallbacks_total{snapshotter,reason}``: layers that had
+  the fast path's labels but went the normal way, by reason.
 """
 
 from __future__ import annotations
@@ -184,6 +189,18 @@ class Metrics:
             ["snapshotter"],
             registry=self.registry,
         )
+        self._fast_layers = Counter(
+            "stratasnap_fastpath_layers",
+            "Layers committed by the remote-snapshot fast path (containerd skipped its unpack).",
+            ["snapshotter", "how"],
+            registry=self.registry,
+        )
+        self._fast_fallbacks = Counter(
+            "stratasnap_fastpath_fallbacks",
+            "Layers with the fast path's labels that fell back to a normal prepare, by reason.",
+            ["snapshotter", "reason"],
+            registry=self.registry,
+        )
         # Children made once (so every method shows, at 0, from the start):
         # labels() takes a lock and a dict lookup per call.
         self._requests = {m: requests.labels(m) for m in METHODS}
@@ -221,6 +238,12 @@ class Metrics:
 
     def reclaimed(self, snapshotter: str, size: int) -> None:
         self._reclaimed.labels(snapshotter).inc(max(size, 0))
+
+    def fast_layer(self, snapshotter: str, how: str) -> None:
+        self._fast_layers.labels(snapshotter, how).inc()
+
+    def fast_fallback(self, snapshotter: str, reason: str) -> None:
+        self._fast_fallbacks.labels(snapshotter, reason).inc()
 
     def serve(self, address: str) -> MetricsServer:
         """Start ``/metrics`` on ``host:port`` in a daemon thread (port 0: any free one)."""

@@ -16,6 +16,12 @@ thread while it sends, so at most ``max_streams`` stream at once (one more is
 RESOURCE_EXHAUSTED, at once) and a stream whose client reads nothing for
 ``send_timeout`` seconds is cancelled (:mod:`.streams`): clients that stop
 reading cannot take the workers that other clients' calls need.
+
+A Prepare of an image layer (label ``containerd.io/snapshot.ref``) may be
+answered by the remote-snapshot fast path (:mod:`.fastpath`): the layer is
+committed from containerd's blob and the answer is AlreadyExists, which tells
+containerd to skip its unpack. Whatever goes wrong there, the Prepare goes on
+the normal way.
 """
 
 from __future__ import annotations
@@ -30,11 +36,19 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from ..errors import NotFound, ResourceExhausted, SnapshotError, Unavailable, Unimplemented
+from ..errors import (
+    AlreadyExists,
+    NotFound,
+    ResourceExhausted,
+    SnapshotError,
+    Unavailable,
+    Unimplemented,
+)
 from ..snapshotter import Snapshotter
 from ..types import EPOCH, Info, Kind, Mount, Timestamp
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.types import mount_pb2
+from .fastpath import FastPath
 from .metrics import Metrics
 from .streams import StreamWatch
 
@@ -206,11 +220,13 @@ class SnapshotsService:
         list_batch: int = LIST_BATCH,
         max_streams: int = MAX_STREAMS,
         send_timeout: float = SEND_TIMEOUT,
+        fastpath: FastPath | None = None,
     ) -> None:
         if not isinstance(snapshotters, Snapshotters):
             snapshotters = Snapshotters(snapshotters)
         self.snapshotters = snapshotters
         self.metrics = metrics
+        self.fastpath = fastpath
         self._batch = max(1, list_batch)
         self._lock = threading.Condition()
         self._running = 0
@@ -236,7 +252,8 @@ class SnapshotsService:
         ]
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
-                self._unary(name, fn),
+                # Prepare watches its call: the fast path may wait long for a blob.
+                self._unary(name, fn, pass_context=name == "Prepare"),
                 request_deserializer=req.FromString,
                 response_serializer=(resp or empty_pb2.Empty).SerializeToString,
             )
@@ -300,8 +317,10 @@ class SnapshotsService:
     # -- the call wrapper ------------------------------------------------------------
 
     def _unary(
-        self, method: str, body: Callable[[Req, str, Snapshotter], Resp]
+        self, method: str, body: Callable[..., Resp], *, pass_context: bool = False
     ) -> Callable[[Req, grpc.ServicerContext], Resp]:
+        """``body(request, name, snapshotter)`` as a gRPC handler (``pass_context``: the
+        call's context as a fourth argument)."""
         # Everything a call needs is bound here, once per method: the hot path is
         # one closure, with no attribute or dict lookups it can do without.
         resolve = self.snapshotters.resolve
@@ -315,7 +334,10 @@ class SnapshotsService:
                 enter()
                 try:
                     name, sn = resolve(request.snapshotter)
-                    response = body(request, name, sn)
+                    if pass_context:
+                        response = body(request, name, sn, context)
+                    else:
+                        response = body(request, name, sn)
                 finally:
                     leave()
             except SnapshotError as e:
@@ -382,9 +404,23 @@ class SnapshotsService:
     # -- the RPCs --------------------------------------------------------------------
 
     def _prepare(
-        self, req: pb.PrepareSnapshotRequest, name: str, sn: Snapshotter
+        self,
+        req: pb.PrepareSnapshotRequest,
+        name: str,
+        sn: Snapshotter,
+        context: grpc.ServicerContext,
     ) -> pb.PrepareSnapshotResponse:
-        mounts = sn.prepare(req.key, req.parent, labels=dict(req.labels))
+        labels = dict(req.labels)
+        if self.fastpath is not None:
+
+            def gone() -> bool:
+                return not context.is_active()
+
+            target = self.fastpath.prepare(name, sn, req.key, req.parent, labels, gone)
+            if target is not None:
+                # containerd's remote-snapshot protocol: it now Walks for the target.
+                raise AlreadyExists(f"target snapshot {target!r}")
+        mounts = sn.prepare(req.key, req.parent, labels=labels)
         return pb.PrepareSnapshotResponse(mounts=mounts_to_proto(mounts))
 
     def _view(
