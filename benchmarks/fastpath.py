@@ -9,10 +9,10 @@ files: by default 30,000 files, ~300 MB, gzip level 1), pushes it to a private
 the image annotations CRI adds), alternating in every round between:
 
 - ``overlayfs``: containerd's built-in snapshotter (the reference);
-- ``ss-erofs``: stratasnap's erofs backend (``compression = "none"``, what the
-  converter writes), where layers take the remote-snapshot fast path: read
-  from containerd's content store, converted tar -> EROFS, no file-by-file
-  unpack by containerd;
+- ``ss-erofs``: stratasnap's erofs backend (``compression = "none"``, as in
+  the README's figures; the default ``lz4`` is converted too), where layers
+  take the remote-snapshot fast path: read from containerd's content store,
+  converted tar -> EROFS, no file-by-file unpack by containerd;
 - ``ss-erofs-unpack`` (``--no-unpack-reference`` leaves it out): the same
   backend with ``convert_layers = false``, containerd unpacking every layer
   into it (what the fast path saves).
