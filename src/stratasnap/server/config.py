@@ -383,15 +383,23 @@ def _seconds(
     return float(value)
 
 
-def _fast_path(table: Any, fail: _Fail) -> FastPathConfig:
+def _switched_table(
+    table: object, name: str, known: tuple[str, ...], fail: _Fail
+) -> tuple[dict[str, Any], bool]:
+    """A table ``[name]`` of only ``known`` keys, and its ``enabled`` switch (default on)."""
     if not isinstance(table, dict):
-        raise fail("fast_path", "expected a table [fast_path]")
+        raise fail(name, f"expected a table [{name}]")
     for k in table:
-        if k not in _FAST_PATH_KEYS:
-            raise fail(f"fast_path.{k}", f"unknown key (known: {', '.join(_FAST_PATH_KEYS)})")
+        if k not in known:
+            raise fail(f"{name}.{k}", f"unknown key (known: {', '.join(known)})")
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
-        raise fail("fast_path.enabled", f"expected true or false, got {enabled!r}")
+        raise fail(f"{name}.enabled", f"expected true or false, got {enabled!r}")
+    return table, enabled
+
+
+def _fast_path(section: object, fail: _Fail) -> FastPathConfig:
+    table, enabled = _switched_table(section, "fast_path", _FAST_PATH_KEYS, fail)
     address = _path(
         table, "containerd_address", DEFAULT_CONTAINERD_ADDRESS, fail, prefix="fast_path"
     )
@@ -405,15 +413,8 @@ def _fast_path(table: Any, fail: _Fail) -> FastPathConfig:
     )
 
 
-def _group_commit(table: object, fail: _Fail) -> GroupCommitConfig:
-    if not isinstance(table, dict):
-        raise fail("group_commit", "expected a table [group_commit]")
-    for k in table:
-        if k not in _GROUP_COMMIT_KEYS:
-            raise fail(f"group_commit.{k}", f"unknown key (known: {', '.join(_GROUP_COMMIT_KEYS)})")
-    enabled = table.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise fail("group_commit.enabled", f"expected true or false, got {enabled!r}")
+def _group_commit(section: object, fail: _Fail) -> GroupCommitConfig:
+    table, enabled = _switched_table(section, "group_commit", _GROUP_COMMIT_KEYS, fail)
     max_batch = table.get("max_batch", MAX_BATCH)
     if type(max_batch) is not int or not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise fail(
