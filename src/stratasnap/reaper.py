@@ -89,6 +89,23 @@ class Reaper:
                 self._cond.wait(left)
         return True
 
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Finish what is queued now, whoever deletes it; True if anything was queued.
+
+        With the background thread running this waits for it (at most
+        ``timeout`` seconds); without it, the queued paths are deleted here.
+        For a caller that found the disk full: removed storage may be what
+        gives the room back.
+        """
+        if not self.pending:
+            return False
+        if self.running:
+            self.wait_idle(timeout)
+        else:
+            while (path := self._take(block=False)) is not None:
+                self._reap(path)
+        return True
+
     def drain(self) -> None:
         """Stop the background thread (after the path it is on), then delete the rest here."""
         with self._cond:

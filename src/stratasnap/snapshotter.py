@@ -360,13 +360,18 @@ class BaseSnapshotter:
         # Fail fast, before any slow work, with the error the transaction would give.
         with self._store.read() as tx:
             parent_rec = tx.check_create(kind, key, parent)
-        _check_room(self.snapshots_dir, key)
+        self._make_room(key)
         sid = self._store.reserve_id()
         work = self.snapshots_dir / f"new-{sid}"
         try:
             os.mkdir(work, 0o755)
         except OSError as exc:  # ENOSPC on a full disk: ResourceExhausted
-            raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
+            if exc.errno != errno.ENOSPC or not self.reaper.flush():
+                raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
+            try:
+                os.mkdir(work, 0o755)  # once more, with the removed storage gone
+            except OSError as again:
+                raise from_os_error(again, f"preparing snapshot {json.dumps(key)}") from again
         os.chmod(work, 0o755)  # the fresh root is 0755 whatever the umask
         # The lock tells cleanup(), in this process or another, that work is in use.
         lock = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
@@ -403,6 +408,16 @@ class BaseSnapshotter:
         finally:
             os.close(lock)
         return self._mounts(rec)
+
+    def _make_room(self, key: str) -> None:
+        """Refuse a create on a full disk, unless removed storage the reaper still
+        holds (just removed, or reaped at start-up after a crash) frees room."""
+        try:
+            _check_room(self.snapshots_dir, key)
+        except ResourceExhausted:
+            if not self.reaper.flush():
+                raise
+            _check_room(self.snapshots_dir, key)
 
     def _sync_new_storage(self, work: Path) -> None:
         """fsync a new snapshot's directory: its entries are durable."""

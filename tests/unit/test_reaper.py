@@ -62,6 +62,35 @@ def test_reaper_without_thread_deletes_at_drain_and_survives_failures() -> None:
     assert (reaper.reaped, reaper.failed, reaper.pending) == (1, 2, 0)
 
 
+def test_flush_finishes_the_queue_with_or_without_the_thread() -> None:
+    """What a create on a full disk calls: the queued storage is gone when it returns."""
+    release = threading.Event()
+    deleted: list[str] = []
+
+    def delete(path: Path) -> bool:
+        release.wait(5)
+        deleted.append(path.name)
+        return True
+
+    idle = Reaper(delete)
+    assert idle.flush() is False  # nothing queued: nothing to wait for
+    release.set()
+    idle.submit(Path("rm-1"))
+    assert idle.flush() is True and deleted == ["rm-1"] and idle.pending == 0
+    assert not idle.running  # deleted in the caller's thread, the thread not started
+
+    release.clear()
+    background = Reaper(delete)
+    background.start()
+    background.submit(Path("rm-2"))
+    threading.Timer(0.2, release.set).start()
+    assert background.flush(timeout=5) is True
+    assert deleted == ["rm-1", "rm-2"] and background.pending == 0
+    background.submit(Path("rm-3"))  # the thread still runs after a flush
+    assert background.wait_idle(5) and deleted[-1] == "rm-3"
+    background.drain()
+
+
 @pytest.mark.parametrize("backend", ["native", "overlay"])
 def test_remove_without_cleanup_frees_storage_by_close(scratch: Path, backend: str) -> None:
     if backend == "overlay":
