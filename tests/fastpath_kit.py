@@ -40,7 +40,7 @@ from stratasnap.server.api.containerd.services.content.v1 import content_pb2_grp
 from stratasnap.server.client import Client
 from stratasnap.server.config import FastPathConfig, load_config
 from stratasnap.server.daemon import Server
-from stratasnap.server.fastpath import LAYER_DIGEST_LABEL, REF_LABEL, TEMP_PREFIX, chain_id
+from stratasnap.server.fastpath import LAYER_DIGEST_LABEL, REF_LABEL, TEMP_PREFIX
 from stratasnap.snapshotter import Snapshotter
 
 CHUNK = 1 << 20
@@ -197,7 +197,9 @@ class Image:
         self.blobs = [gzip.compress(t, compresslevel=1) for t in self.tars]
         self.digests = [digest_of(b) for b in self.blobs]
         self.diff_ids = [digest_of(t) for t in self.tars]
-        self.chains = [self.diff_ids[0], chain_id(self.diff_ids[0], self.diff_ids[1])]
+        # The OCI definition, written out here rather than taken from the code under test.
+        on_base = hashlib.sha256(f"{self.diff_ids[0]} {self.diff_ids[1]}".encode()).hexdigest()
+        self.chains = [self.diff_ids[0], f"sha256:{on_base}"]
 
     def labels(self, i: int, **extra: str) -> dict[str, str]:
         return {

@@ -263,10 +263,17 @@ def parse_config(data: bytes, layers: Sequence[Descriptor] = ()) -> ImageConfig:
     return ImageConfig(diff_ids, plat, doc)
 
 
+def chain_id(parent: Digest | None, diff_id: Digest) -> Digest:
+    """The OCI chain ID of layer ``diff_id`` on the chain ``parent`` (None: a base layer).
+
+    ``ChainID(L0) = DiffID(L0)``, then ``ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))``.
+    """
+    return diff_id if parent is None else Digest.of(f"{parent} {diff_id}".encode())
+
+
 def chain_ids(diff_ids: Sequence[Digest]) -> list[Digest]:
-    """OCI chain IDs: ``ChainID(L0) = DiffID(L0)``, then
-    ``ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))``."""
+    """The OCI chain IDs of a stack of layers, bottom first (see :func:`chain_id`)."""
     out: list[Digest] = []
     for d in diff_ids:
-        out.append(d if not out else Digest.of(f"{out[-1]} {d}".encode()))
+        out.append(chain_id(out[-1] if out else None, d))
     return out

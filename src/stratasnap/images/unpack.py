@@ -51,6 +51,7 @@ __all__ = [
     "UnpackStats",
     "in_progress_labels",
     "landing",
+    "layer_converter",
     "remove_abandoned",
     "unpack",
 ]
@@ -88,6 +89,14 @@ class LayerConverter(Protocol):
     def converts_layers(self) -> bool: ...
 
     def convert_layer(self, key: str, tar: BinaryIO) -> str: ...
+
+
+def layer_converter(sn: object) -> LayerConverter | None:
+    """``sn`` when it takes whole layer tars now (``converts_layers``), else None."""
+    # ``is True``: a flag, not anything truthy an object's __getattr__ might return.
+    if isinstance(sn, LayerConverter) and sn.converts_layers is True:
+        return sn
+    return None
 
 
 @dataclass
@@ -279,7 +288,7 @@ def _apply_layer(
     progress: Callable[[int], None] | None,
     stats: UnpackStats,
 ) -> ApplyStats:
-    converter = sn if isinstance(sn, LayerConverter) and sn.converts_layers else None
+    converter = layer_converter(sn)
     t0 = time.perf_counter()
     try:
         if converter is not None:

@@ -44,10 +44,10 @@ from typing import IO, Any
 import grpc
 
 from ..defaults import LOCK_NAME
-from ..images.unpack import remove_abandoned
+from ..images.unpack import layer_converter, remove_abandoned
 from ..snapshotter import BaseSnapshotter, Snapshotter
 from .config import Config, SnapshotterConfig
-from .fastpath import FastPath, converts_layers
+from .fastpath import FastPath
 from .metrics import Metrics, MetricsServer
 from .service import SEND_TIMEOUT, SnapshotsService, Snapshotters
 
@@ -444,7 +444,7 @@ class Server:
     def _start_fastpath(self) -> FastPath | None:
         """The fast path, if enabled and a snapshotter can take it; leftovers removed."""
         fast = self.config.fast_path
-        able = [name for name, store in self._stores.items() if converts_layers(store)]
+        able = [name for name, store in self._stores.items() if layer_converter(store) is not None]
         for name in able:
             # Temporary snapshots of a server killed mid-layer.
             for key in remove_abandoned(self._stores[name]):

@@ -31,21 +31,20 @@ too, as it owns no such key.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, runtime_checkable
 
 from ..errors import AlreadyExists, NotFound, SnapshotError, Unavailable
 from ..images.compression import sniff_compression
 from ..images.content import DigestMismatch
 from ..images.layer_stream import LayerStream
-from ..images.reference import parse_digest
-from ..images.unpack import in_progress_labels
+from ..images.manifest import chain_id
+from ..images.reference import Digest, parse_digest
+from ..images.unpack import LayerConverter, in_progress_labels, layer_converter
 from ..snapshotter import Snapshotter
 from ..types import Kind
 from .config import FastPathConfig
@@ -58,9 +57,6 @@ __all__ = [
     "TEMP_PREFIX",
     "Fallback",
     "FastPath",
-    "LayerConverter",
-    "chain_id",
-    "converts_layers",
 ]
 
 log = logging.getLogger("stratasnap.server.fastpath")
@@ -76,23 +72,6 @@ _READ_BUFFER = 1 << 20
 
 #: Fallbacks that are the protocol's normal course, logged at info (others warn).
 _EXPECTED = frozenset({"missing-layer-digest", "blob-not-fetched", "backend-refused", "cancelled"})
-
-
-@runtime_checkable
-class LayerConverter(Protocol):
-    """A backend that writes a whole uncompressed layer tar as an active snapshot's layer."""
-
-    converts_layers: bool
-
-    def convert_layer(self, key: str, tar: BinaryIO) -> str: ...
-
-
-def converts_layers(sn: object) -> bool:
-    """Whether ``sn`` can take the fast path (its backend converts layer tars)."""
-    # ``is True``: a flag, not anything truthy an object's __getattr__ might return.
-    return getattr(sn, "converts_layers", False) is True and callable(
-        getattr(sn, "convert_layer", None)
-    )
 
 
 class Fallback(Exception):
@@ -112,14 +91,7 @@ class Request:
     target: str
     digest: str
     namespace: str
-    parent_chain: str
-
-
-def chain_id(parent_chain: str, diff_id: str) -> str:
-    """The OCI chain ID of a layer ``diff_id`` on ``parent_chain`` ("" for a base layer)."""
-    if not parent_chain:
-        return diff_id
-    return "sha256:" + hashlib.sha256(f"{parent_chain} {diff_id}".encode()).hexdigest()
+    parent_chain: Digest | None  # None: a base layer
 
 
 class FastPath:
@@ -155,12 +127,13 @@ class FastPath:
         stops, and the Prepare ends Unavailable.
         """
         target = labels.get(REF_LABEL, "")
-        if not target or not self.config.enabled or not converts_layers(sn):
+        converter = layer_converter(sn)
+        if not target or not self.config.enabled or converter is None:
             return None
         start = time.perf_counter()
         try:
             req = self._request(key, parent, target, labels)
-            how, steps = self._satisfy(sn, req, labels, cancelled)
+            how, steps = self._satisfy(sn, converter, req, labels, cancelled)
         except Fallback as fb:
             self._fell_back(name, key, target, fb, start)
             if fb.reason == "cancelled":
@@ -218,10 +191,10 @@ class FastPath:
         namespace = key.split("/", 1)[0] if "/" in key else ""
         if not namespace:
             raise Fallback("no-namespace", f"key {key!r} does not start with a namespace")
-        parent_chain = parent.rsplit("/", 1)[-1]
-        if parent_chain:
+        parent_chain = None
+        if parent:
             try:
-                parse_digest(parent_chain)
+                parent_chain = parse_digest(parent.rsplit("/", 1)[-1])
             except SnapshotError:
                 raise Fallback(
                     "parent-not-chain", f"parent {parent!r} does not end in a chain ID"
@@ -231,6 +204,7 @@ class FastPath:
     def _satisfy(
         self,
         sn: Snapshotter,
+        converter: LayerConverter,
         req: Request,
         labels: Mapping[str, str],
         cancelled: Callable[[], bool],
@@ -256,7 +230,7 @@ class FastPath:
         except SnapshotError as e:
             raise Fallback("prepare-failed", f"temporary snapshot on {req.parent!r}: {e}") from None
         try:
-            self._convert(sn, req, temp, blob.size)
+            self._convert(converter, req, temp, blob.size)
             t2 = time.perf_counter()
             try:
                 sn.commit(req.target, temp, labels=labels)
@@ -297,8 +271,7 @@ class FastPath:
             f"snapshot {req.target!r} exists with parent {info.parent!r}, not {req.parent!r}",
         )
 
-    def _convert(self, sn: Snapshotter, req: Request, temp: str, size: int) -> None:
-        assert isinstance(sn, LayerConverter)
+    def _convert(self, converter: LayerConverter, req: Request, temp: str, size: int) -> None:
         reader = io.BufferedReader(self.content.open(req.namespace, req.digest, size), _READ_BUFFER)
         try:
             compression = sniff_compression(reader.peek(4)[:4])
@@ -308,7 +281,7 @@ class FastPath:
                 reader, compression, parse_digest(req.digest), None, hash_diff_id=False
             )
             try:
-                diff_id = sn.convert_layer(temp, stream)  # type: ignore[arg-type]
+                diff_id = converter.convert_layer(temp, stream)  # type: ignore[arg-type]
                 stream.finish()
             except DigestMismatch as e:
                 raise Fallback("digest-mismatch", str(e)) from None
@@ -320,8 +293,8 @@ class FastPath:
                 stream.close()
         finally:
             reader.close()
-        got = chain_id(req.parent_chain, diff_id)
-        if got != req.target:
+        got = chain_id(req.parent_chain, parse_digest(diff_id))
+        if str(got) != req.target:
             raise Fallback(
                 "chain-mismatch",
                 f"layer {req.digest} on {req.parent_chain or 'no parent'} has chain ID {got}, "
