@@ -102,8 +102,7 @@ class Reaper:
         if self.running:
             self.wait_idle(timeout)
         else:
-            while (path := self._take(block=False)) is not None:
-                self._reap(path)
+            self._reap_queued()
         return True
 
     def drain(self) -> None:
@@ -114,8 +113,7 @@ class Reaper:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        while (path := self._take(block=False)) is not None:
-            self._reap(path)
+        self._reap_queued()
 
     # -- internals -------------------------------------------------------------------
 
@@ -129,6 +127,11 @@ class Reaper:
                 return None  # drain() deletes what is left, in its own thread
             self._busy += 1
             return self._queue.popleft()
+
+    def _reap_queued(self) -> None:
+        """Delete what is queued, in the calling thread."""
+        while (path := self._take(block=False)) is not None:
+            self._reap(path)
 
     def _run(self) -> None:
         while (path := self._take(block=True)) is not None:
