@@ -99,6 +99,12 @@ class OverlaySnapshotter(BaseSnapshotter):
         self.mount_options = default_mount_options(self.config.mount_options)
         self.capabilities = _capabilities(self.config.slow_chown)
         super().__init__(root, **rest)
+        # Mount options name a snapshot's directories by these prefixes: a
+        # chained prepare names every layer below it, and building each as a
+        # Path, then escaping it, cost 0.16 of its ms on a 16-layer chain.
+        snapshots = str(self.snapshots_dir)
+        self._source_prefix = snapshots + "/"
+        self._option_prefix = escape_layer_path(snapshots) + "/"
 
     @classmethod
     def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
@@ -189,21 +195,24 @@ class OverlaySnapshotter(BaseSnapshotter):
         options = _idmap_options(rec.info.labels)
         if options and not idmapped_layers_supported(self.root):  # probed only when asked
             options = []
+        # Paths as in _fs_dir and storage_dir, built as strings (see __init__).
+        source, escaped = self._source_prefix, self._option_prefix
         if not rec.parent_ids:
             mode = "ro" if kind is Kind.VIEW else "rw"
-            source = str(self._fs_dir(rec.id))
-            return [Mount(type="bind", source=source, options=(*options, mode, "rbind"))]
+            return [
+                Mount(type="bind", source=f"{source}{rec.id}/fs", options=(*options, mode, "rbind"))
+            ]
         if kind is Kind.ACTIVE:
-            options.append(f"workdir={escape_layer_path(self.storage_dir(rec.id) / 'work')}")
-            options.append(f"upperdir={escape_layer_path(self._fs_dir(rec.id))}")
+            options.append(f"workdir={escaped}{rec.id}/work")
+            options.append(f"upperdir={escaped}{rec.id}/fs")
         elif len(rec.parent_ids) == 1:
-            source = str(self._fs_dir(rec.parent_ids[0]))
-            return [Mount(type="bind", source=source, options=(*options, "ro", "rbind"))]
+            bound = f"{source}{rec.parent_ids[0]}/fs"
+            return [Mount(type="bind", source=bound, options=(*options, "ro", "rbind"))]
         else:
             # Lowers only are read-only anyway; saying so lets consumers that
             # look for "ro" (containerd's mount.ReadOnly) see it too.
             options.append("ro")
-        lowers = ":".join(escape_layer_path(self._fs_dir(p)) for p in rec.parent_ids)
+        lowers = ":".join([f"{escaped}{p}/fs" for p in rec.parent_ids])
         options.append(f"lowerdir={lowers}")
         options.extend(self.mount_options)
         return [Mount(type="overlay", source="overlay", options=tuple(options))]
