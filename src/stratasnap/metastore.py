@@ -256,6 +256,44 @@ def clean_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+# The checks of a create and a commit read these instead of whole records
+# (_INFO_SELECT): a chained prepare and a commit each run their checks twice,
+# once to fail fast and once inside the write transaction.
+_TAKEN = "SELECT 1 FROM snapshots WHERE key = ?"
+_BRIEF_SELECT = """
+SELECT s.id, s.kind, COALESCE(p.key, '')
+FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?
+"""
+_CREATABLE = (Kind.ACTIVE, Kind.VIEW)
+
+
+@dataclass(frozen=True)
+class _Brief:
+    """A snapshot's row as the checks of a create or a commit see it."""
+
+    id: int
+    kind: Kind
+    parent: str
+
+
+def _refuse_create(
+    kind: Kind, key: str, parent: str, parent_kind: Kind | None, taken: bool
+) -> None:
+    """containerd's checks for a new snapshot, in its order, on what the store holds:
+    the parent's kind (None: no such snapshot) and whether ``key`` is taken."""
+    if kind not in _CREATABLE:
+        raise InvalidArgument(
+            f"snapshot type {kind} invalid; only active or view snapshots can be created"
+        )
+    if parent:
+        if parent_kind is None:
+            raise NotFound(f"parent snapshot {_q(parent)} does not exist")
+        if parent_kind is not Kind.COMMITTED:
+            raise InvalidArgument(f"parent {_q(parent)} is not committed snapshot")
+    if taken:
+        raise AlreadyExists(f"snapshot {_q(key)}")
+
+
 class ReadTx:
     """Reads inside one consistent snapshot of the store."""
 
@@ -309,42 +347,49 @@ class ReadTx:
             raise FailedPrecondition(f"snapshot {_q(key)} is committed, not active or view")
         return rec
 
+    def _taken(self, key: str) -> bool:
+        return self._conn.execute(_TAKEN, (key,)).fetchone() is not None
+
+    def _brief(self, key: str) -> _Brief | None:
+        """What the checks of a create or a commit need of ``key``: no labels, no times."""
+        row = self._conn.execute(_BRIEF_SELECT, (key,)).fetchone()
+        if row is None:
+            return None
+        sid, kind, parent = row
+        return _Brief(int(sid), Kind(kind), str(parent))
+
     def check_create(self, kind: Kind, key: str, parent: str) -> Record | None:
         """containerd's checks for a new snapshot, in its order; returns the parent."""
-        if kind not in (Kind.ACTIVE, Kind.VIEW):
-            raise InvalidArgument(
-                f"snapshot type {kind} invalid; only active or view snapshots can be created"
-            )
-        parent_rec = None
-        if parent:
-            parent_rec = self.find(parent)
-            if parent_rec is None:
-                raise NotFound(f"parent snapshot {_q(parent)} does not exist")
-            if parent_rec.info.kind is not Kind.COMMITTED:
-                raise InvalidArgument(f"parent {_q(parent)} is not committed snapshot")
-        if self.find(key) is not None:
-            raise AlreadyExists(f"snapshot {_q(key)}")
+        parent_rec = self.find(parent) if parent and kind in _CREATABLE else None
+        parent_kind = None if parent_rec is None else parent_rec.info.kind
+        _refuse_create(kind, key, parent, parent_kind, self._taken(key))
         return parent_rec
 
     def check_commit(self, name: str, key: str, parent: str) -> tuple[Record, int | None]:
         """containerd's checks for a commit, in its order; returns the active record and
         the id of the parent to rebase onto (None: keep the parent)."""
-        if self.find(name) is not None:
+        rebase_id = self._check_commit(name, key, parent)[1]
+        return self.get(key), rebase_id
+
+    def _check_commit(self, name: str, key: str, parent: str) -> tuple[_Brief, int | None]:
+        """:meth:`check_commit` on brief rows: the active's, and the rebase parent's id."""
+        if self._taken(name):
             raise AlreadyExists(f"snapshot {_q(name)}")
-        rec = self.get(key)
-        if rec.info.kind is not Kind.ACTIVE:
+        rec = self._brief(key)
+        if rec is None:
+            raise NotFound(f"snapshot {_q(key)}")
+        if rec.kind is not Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {_q(key)} is not active")
         if not parent:
             return rec, None
-        if rec.info.parent and rec.info.parent != parent:
+        if rec.parent and rec.parent != parent:
             raise InvalidArgument(
-                f"cannot change parent of {_q(key)} from {_q(rec.info.parent)} "
-                f"to {_q(parent)} on commit"
+                f"cannot change parent of {_q(key)} from {_q(rec.parent)} to {_q(parent)} on commit"
             )
-        prec = self.find(parent)
+        prec = self._brief(parent)
         if prec is None:
             raise NotFound(f"parent snapshot {_q(parent)} does not exist")
-        if prec.info.kind is not Kind.COMMITTED:
+        if prec.kind is not Kind.COMMITTED:
             raise FailedPrecondition(f"parent {_q(parent)} is not committed snapshot")
         return rec, prec.id
 
@@ -454,16 +499,24 @@ class WriteTx(ReadTx):
     def create(
         self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> Record:
-        """Insert a new active or view snapshot with a reserved id."""
-        parent_rec = self.check_create(kind, key, parent)
+        """Insert a new active or view snapshot with a reserved id; return its record.
+
+        The record is made from what was written, not read back.
+        """
+        prec = self._brief(parent) if parent and kind in _CREATABLE else None
+        _refuse_create(kind, key, parent, None if prec is None else prec.kind, self._taken(key))
         now = _now_ns()
         self._conn.execute(
             "INSERT INTO snapshots (id, key, kind, parent_id, created_ns, updated_ns) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (sid, key, str(kind), parent_rec.id if parent_rec else None, now, now),
+            (sid, key, str(kind), prec.id if prec else None, now, now),
         )
-        self._set_labels(sid, labels)
-        return self.get(key, with_parents=True)
+        stored = {k: v for k, v in labels.items() if v}
+        self._set_labels(sid, stored)
+        when = _to_datetime(now)
+        info = Info(name=key, kind=kind, parent=parent, labels=stored, created=when, updated=when)
+        parents = self._parent_ids(prec.id) if prec else ()
+        return Record(id=sid, info=info, usage=Usage(), parent_ids=parents)
 
     def commit_active(
         self,
@@ -480,7 +533,7 @@ class WriteTx(ReadTx):
         (see :meth:`ReadTx.details`); only commit writes them, so an active
         snapshot has none to delete first.
         """
-        rec, parent_id = self.check_commit(name, key, parent)
+        rec, parent_id = self._check_commit(name, key, parent)
         now = _now_ns()
         self._conn.execute(
             "UPDATE snapshots SET key = ?, kind = 'committed', created_ns = ?, updated_ns = ?, "
@@ -488,8 +541,7 @@ class WriteTx(ReadTx):
             (name, now, now, usage.size, usage.inodes, parent_id, rec.id),
         )
         # Commit replaces labels; it does not inherit the active snapshot's.
-        if rec.info.labels:
-            self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
+        self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._set_labels(rec.id, labels)
         if details:
             self._conn.executemany(

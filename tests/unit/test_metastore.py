@@ -85,6 +85,36 @@ def test_parent_chain_nearest_first(store: MetaStore) -> None:
     assert rec.parent_ids == tuple(reversed(ids))
 
 
+def test_created_record_is_what_a_read_gives(store: MetaStore) -> None:
+    """create() builds its record instead of reading it back: it must be the same."""
+    parent = ""
+    for i in range(3):
+        create(store, f"a{i}", parent)
+        commit(store, f"c{i}", f"a{i}")
+        parent = f"c{i}"
+    for kind, key, base, labels in [
+        (Kind.ACTIVE, "top", "c2", {"x": "1", "empty": ""}),
+        (Kind.VIEW, "v", "c0", {}),
+        (Kind.ACTIVE, "lone", "", {"y": "2"}),
+    ]:
+        sid = store.reserve_id()
+        with store.write() as tx:
+            made = tx.create(sid, kind, key, base, labels)
+        with store.read() as tx:
+            assert made == tx.get(key, with_parents=True)
+        assert dict(made.info.labels) == {k: v for k, v in labels.items() if v}
+
+
+def test_commit_of_an_unlabelled_active_replaces_nothing_it_should_keep(store: MetaStore) -> None:
+    create(store, "a")
+    commit(store, "c", "a", {"y": "2"})
+    create(store, "b", "c", labels={"z": "3"})
+    commit(store, "d", "b")
+    with store.read() as tx:
+        assert dict(tx.get("c").info.labels) == {"y": "2"}
+        assert dict(tx.get("d").info.labels) == {}
+
+
 def test_commit_keeps_id_and_stores_usage(store: MetaStore) -> None:
     sid = create(store, "a", labels={"x": "1"})
     commit(store, "c", "a", {"y": "2"})
