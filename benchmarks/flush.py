@@ -5,23 +5,28 @@ Run: ``.venv/bin/python benchmarks/flush.py [--fs ext4] [--rounds 3]`` as root
 layer shapes, each written fresh (through the page cache, not synced) before
 every timed flush, and the filesystem synced untimed in between:
 
-- a small layer: four 64 KiB files (within ``FSYNC_LIMIT``: fsync'd one by one),
-  alone and on a busy filesystem (``--busy`` MiB of someone else's data left dirty
-  on it, as other containers' writes would be: syncfs writes that back too);
-- containerd's benchsuite layer: ten 1 MiB files;
+- a small layer: four 64 KiB files, alone and on a busy filesystem (``--busy``
+  MiB of someone else's data left dirty on it, as other containers' writes
+  would be: syncfs writes that back too);
+- containerd's benchsuite layer: ten 1 MiB files, alone, busy, and written back
+  already (as unmounting an overlay does to its upper: the chain's case);
+- 1,000 files of 4 KiB, alone and busy;
 - an unpacked image layer: ``--files`` (30,000) files of 4 KiB in 300 directories.
 
-Methods, alternated round by round (medians printed):
+Methods, alternated round by round (medians printed), each through
+``stratasnap.fs.flush.flush_tree`` (the walk that also measures usage included),
+except the third:
 
-- ``fsync each``: fsync(2) of every file, then every directory (what commit does
-  for a handful of entries; skipped for the big layer unless ``--all``: it takes
-  tens of seconds);
-- ``syncfs``: one syncfs(2) of the filesystem (what commit does above
-  ``FSYNC_LIMIT`` entries);
+- ``fsync each``: fsync(2) of every file, then every directory (the default for a
+  handful of entries off ext4; skipped for the big layer unless ``--all``: it
+  takes tens of seconds);
+- ``syncfs``: one syncfs(2) of the filesystem (the default for bigger trees off ext4);
 - ``sfr + fsync each``: sync_file_range(SYNC_FILE_RANGE_WRITE) on every file first, so
   their writeback runs together, then the fsyncs (which only wait and commit the
-  journal); sync_file_range alone promises nothing about metadata or the disk cache,
-  so it is never enough on its own.
+  journal): each fsync still ends in a device flush, so it is not used;
+- ``one commit``: writeback of every file, waited for, then one journal commit and
+  one device flush (the default on ext4 with a journal up to ``WRITEBACK_LIMIT``
+  entries; only on such a filesystem).
 
 Figures, never pass/fail. The machine may be shared: read the ratios.
 """
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _scratch import scratch_fs
 
+from stratasnap.fs.flush import flush_tree, journal_device
 from stratasnap.fs.usage import fsync_path, syncfs
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,15 +71,25 @@ def write_small(root: Path) -> None:
         (root / f"f{i}").write_bytes(data)
 
 
-def writer_busy(mib: int) -> Callable[[Path], None]:
-    """The small layer, plus ``mib`` MiB of dirty data elsewhere on the filesystem."""
+def writer_busy(mib: int, layer: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``layer``, plus ``mib`` MiB of dirty data elsewhere on the filesystem."""
     chunk = os.urandom(MiB)
 
     def write(root: Path) -> None:
         with open(root.parent / f"{root.name}-other", "wb") as other:
             for _ in range(mib):
                 other.write(chunk)
-        write_small(root)
+        layer(root)
+
+    return write
+
+
+def written_back(layer: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``layer``, then synced (as unmounting an overlay does to its upper)."""
+
+    def write(root: Path) -> None:
+        layer(root)
+        syncfs(root)
 
     return write
 
@@ -102,11 +118,7 @@ def entries(root: Path) -> tuple[list[str], list[str]]:
 
 
 def fsync_each(root: Path) -> None:
-    files, dirs = entries(root)
-    for f in files:
-        fsync_path(f)
-    for d in reversed(dirs):
-        fsync_path(d)
+    flush_tree(root, None, fsync_limit=1 << 30)
 
 
 def sfr_then_fsync_each(root: Path) -> None:
@@ -125,7 +137,13 @@ def sfr_then_fsync_each(root: Path) -> None:
 
 
 def flush_syncfs(root: Path) -> None:
-    syncfs(root)
+    flush_tree(root, None, fsync_limit=0)
+
+
+def one_commit(root: Path) -> None:
+    dev = journal_device(root)
+    assert dev is not None
+    flush_tree(root, dev, writeback_limit=1 << 30)
 
 
 def measure(
@@ -155,18 +173,31 @@ def main() -> None:
         "fsync each": fsync_each,
         "syncfs": flush_syncfs,
         "sfr + fsync each": sfr_then_fsync_each,
+        "one commit": one_commit,
     }
+    busy = f"{args.busy} MiB dirty elsewhere"
+    many = writer_unpack(1000)
     shapes = {
-        "small layer (4 x 64 KiB, within FSYNC_LIMIT)": (write_small, list(methods)),
-        f"small layer, {args.busy} MiB dirty elsewhere": (writer_busy(args.busy), list(methods)),
+        "small layer (4 x 64 KiB)": (write_small, list(methods)),
+        f"small layer, {busy}": (writer_busy(args.busy, write_small), list(methods)),
         "benchsuite (10 x 1 MiB)": (write_benchsuite, list(methods)),
+        f"benchsuite, {busy}": (writer_busy(args.busy, write_benchsuite), list(methods)),
+        "benchsuite, written back already": (written_back(write_benchsuite), list(methods)),
+        "1,000 x 4 KiB": (many, ["syncfs", "one commit"]),
+        f"1,000 x 4 KiB, {busy}": (writer_busy(args.busy, many), ["syncfs", "one commit"]),
         f"unpack ({args.files:,} x 4 KiB)": (
             writer_unpack(args.files),
-            list(methods) if args.all else ["syncfs"],
+            list(methods) if args.all else ["syncfs", "one commit"],
         ),
     }
     with scratch_fs(args.fs, "4G") as (mnt, desc):
-        print(f"# flush benchmark on {desc}; medians of {args.rounds}; the machine may be shared")
+        if journal_device(mnt) is None:
+            print("# not ext4 with a journal: no 'one commit'")
+            del methods["one commit"]
+            shapes = {k: (w, [m for m in ms if m in methods]) for k, (w, ms) in shapes.items()}
+        where = os.environ.get("TMPDIR", "/tmp")
+        print(f"# flush benchmark on {desc} (image in {where}); medians of {args.rounds}")
+        print(f"# load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         n = 0
         for shape, (write, names) in shapes.items():
             times: dict[str, list[float]] = {m: [] for m in names}

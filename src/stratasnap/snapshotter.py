@@ -34,8 +34,9 @@ from .errors import (
 from .filters import parse as parse_filters
 from .findings import Finding, Repair, Survey
 from .fs.durable import parent_sync_covers_new_entries
+from .fs.flush import flush_tree, journal_device
 from .fs.mount import mounts_under, unmount_all_under
-from .fs.usage import disk_usage, flush_tree, fsync_path
+from .fs.usage import disk_usage, fsync_path
 from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
@@ -160,6 +161,8 @@ class BaseSnapshotter:
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
         # Whether a new snapshot's own directory needs an fsync of its own (see .fs.durable).
         self._sync_children = not parent_sync_covers_new_entries(self.snapshots_dir)
+        # Where one journal commit makes a written-back layer durable (see .fs.flush).
+        self._journal_dev = journal_device(self.snapshots_dir)
         self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
@@ -208,7 +211,7 @@ class BaseSnapshotter:
         The default makes the tree's data durable before the commit is
         (containerd#5854) and measures it, in one walk.
         """
-        return flush_tree(self._fs_dir(rec.id))
+        return flush_tree(self._fs_dir(rec.id), self._journal_dev)
 
     def _stage_commit(self, rec: Record) -> StagedCommit:
         """Storage work before the commit transaction; what the store records for it.

@@ -1,4 +1,4 @@
-"""disk_usage against du, flush_tree and syncfs (no root needed)."""
+"""disk_usage against du, walk_tree and syncfs (no root needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stratasnap.fs import usage
-from stratasnap.fs.usage import disk_usage, flush_tree, syncfs
+from stratasnap.fs.usage import disk_usage, syncfs, walk_tree
 from stratasnap.types import Usage
 
 
@@ -99,59 +98,24 @@ def test_big_tree_against_du(scratch: Path) -> None:
     assert disk_usage(root) == Usage(size=du_bytes(root), inodes=1 + 50 + 5000)
 
 
-def test_flush_tree_small_fsyncs_each(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = scratch / "t"
-    (root / "sub").mkdir(parents=True)
-    (root / "a").write_text("a")
-    (root / "sub" / "b").write_text("b")
-    os.symlink("a", root / "link")
-    os.mkfifo(root / "fifo")  # opening it would block: must be skipped
-    synced: list[str] = []
-    real = usage.fsync_path
-
-    def spy(path: str) -> None:
-        synced.append(path)
-        real(path)
-
-    monkeypatch.setattr(usage, "fsync_path", spy)
-    monkeypatch.setattr(usage, "syncfs", lambda p: pytest.fail("syncfs on a small tree"))
-    os.link(root / "a", root / "sub" / "a-link")  # one inode, one fsync
-    got = flush_tree(root)
-    rel = [os.path.relpath(p, root) for p in synced]
-    assert sorted(rel[:2]) in (["a", "sub/b"], ["sub/a-link", "sub/b"])  # files first
-    assert rel[2:] == ["sub", "."]  # then directories, deepest first
-    assert got == disk_usage(root)  # the same walk measured the tree
-
-
-def test_flush_tree_counts_directories_towards_the_limit(
-    scratch: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Empty directories need an fsync each too: many of them are a syncfs.
-    root = scratch / "t"
-    for i in range(6):
-        (root / f"d{i}").mkdir(parents=True)
-    calls: list[object] = []
-    monkeypatch.setattr(usage, "syncfs", calls.append)
-    monkeypatch.setattr(usage, "fsync_path", lambda p: pytest.fail("fsync per directory"))
-    assert flush_tree(root, fsync_limit=5) == disk_usage(root)
-    assert calls == [str(root)]
-
-
-def test_flush_tree_large_uses_syncfs(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = scratch / "t"
-    root.mkdir()
-    for i in range(10):
-        (root / str(i)).write_text("x")
-    calls: list[object] = []
-    monkeypatch.setattr(usage, "syncfs", calls.append)
-    monkeypatch.setattr(usage, "fsync_path", lambda p: pytest.fail("fsync per file"))
-    assert flush_tree(root, fsync_limit=5) == disk_usage(root)
-    assert calls == [str(root)]
-
-
-def test_flush_tree_of_a_file_and_syncfs(scratch: Path) -> None:
+def test_syncfs(scratch: Path) -> None:
     (scratch / "f").write_text("x")
-    flush_tree(scratch / "f")
     syncfs(scratch)
     with pytest.raises(FileNotFoundError):
         syncfs(scratch / "missing")
+
+
+def test_walk_tree_lists_files_then_directories_deepest_first(scratch: Path) -> None:
+    root = scratch / "t"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a").write_text("a")
+    (root / "sub" / "deeper" / "b").write_text("b")
+    os.link(root / "a", root / "sub" / "a-link")  # one inode: listed once
+    os.mkfifo(root / "fifo")  # not a regular file: not listed
+    tree = walk_tree(root, 10)
+    assert tree.usage == disk_usage(root)
+    assert tree.one_device
+    assert tree.files is not None
+    assert len(tree.files) == 2
+    assert tree.dirs == [str(root / "sub" / "deeper"), str(root / "sub"), str(root)]
+    assert walk_tree(root, 4).files is None  # 2 files + 3 directories: over the limit

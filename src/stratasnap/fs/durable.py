@@ -29,7 +29,12 @@ from pathlib import Path
 
 from ._libc import StrPath, check, libc
 
-__all__ = ["BTRFS_SUPER_MAGIC", "fs_magic", "parent_sync_covers_new_entries"]
+__all__ = [
+    "BTRFS_SUPER_MAGIC",
+    "fs_magic",
+    "journal_commit_covers_written_back_data",
+    "parent_sync_covers_new_entries",
+]
 
 EXT4_SUPER_MAGIC = 0xEF53  # ext2, ext3 and ext4 share it: the journal tells them apart
 XFS_SUPER_MAGIC = 0x58465342
@@ -61,11 +66,39 @@ def parent_sync_covers_new_entries(directory: StrPath) -> bool:
     return magic == EXT4_SUPER_MAGIC and _has_jbd2_journal(directory)
 
 
-def _has_jbd2_journal(path: StrPath) -> bool:
-    """Whether the ext filesystem holding ``path`` runs a jbd2 journal (/proc/fs/jbd2/DEV-8)."""
+def journal_commit_covers_written_back_data(directory: StrPath) -> bool:
+    """Whether, on the filesystem of ``directory``, one journal commit makes every
+    earlier metadata change durable, and the data of files whose writeback has
+    completed is then one device flush away (see :mod:`.flush`).
+
+    ext3/ext4 with a jbd2 journal, data ordered or writeback. Not data=journal,
+    where file data goes through the journal by other paths than writeback.
+    """
+    if fs_magic(directory) != EXT4_SUPER_MAGIC:
+        return False
+    name = _block_device_name(directory)
+    if name is None or not Path(f"/proc/fs/jbd2/{name}-8").is_dir():
+        return False
+    try:
+        # Every option, defaults included (the mount table leaves those out).
+        options = Path(f"/proc/fs/ext4/{name}/options").read_text().split()
+    except OSError:
+        return False
+    return "data=ordered" in options or "data=writeback" in options
+
+
+def _block_device_name(path: StrPath) -> str | None:
+    """The kernel's name of the block device holding ``path`` (``loop3``, ``sda1``)."""
     dev = os.stat(path).st_dev
     try:
-        name = Path(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
+        return Path(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")).name
     except OSError:
+        return None  # not a block device (tmpfs, overlay, nfs...)
+
+
+def _has_jbd2_journal(path: StrPath) -> bool:
+    """Whether the ext filesystem holding ``path`` runs a jbd2 journal (/proc/fs/jbd2/DEV-8)."""
+    name = _block_device_name(path)
+    if name is None:
         return False  # unknown device: fsync each directory
     return Path(f"/proc/fs/jbd2/{name}-8").is_dir()

@@ -1,4 +1,4 @@
-"""Disk usage of a tree, and flushing a tree to disk.
+"""Disk usage of a tree, and the syncs a flush of it is made of (see :mod:`.flush`).
 
 :func:`disk_usage` is containerd's ``fs.DiskUsage``: allocated bytes
 (``st_blocks * 512``, what ``du -s -B1`` prints) and the number of distinct
@@ -13,30 +13,17 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+from dataclasses import dataclass
 
 from ..types import Usage
 from ._libc import StrPath, check, libc
 
-__all__ = ["disk_usage", "flush_tree", "fsync_path", "syncfs"]
+__all__ = ["Tree", "disk_usage", "fsync_path", "syncfs", "walk_tree"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _syncfs = libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
 _syncfs.restype = ctypes.c_int
-
-# Above this many files and directories, one syncfs(2) instead of an fsync
-# each. Each fsync on ext4 is a journal commit plus a device flush; syncfs is
-# one of each, but it also writes back whatever *else* is dirty on the
-# filesystem, an unbounded cost on a busy node; so a handful of entries get
-# their own fsync. benchmarks/flush.py on a fresh ext4 loop (shared machine,
-# medians of 5): four 64 KiB files, fsync each 34 ms, syncfs 11 ms; the same
-# with 256 MiB of other data dirty on the filesystem, fsync each 19 ms, syncfs
-# 274 ms (14x); ten 1 MiB files (containerd's benchsuite layer) fsync each 62
-# ms, syncfs 22 ms; 30,000 files of 4 KiB, syncfs 0.9 s (an fsync each would
-# take minutes). Starting writeback of every file first with
-# sync_file_range(SYNC_FILE_RANGE_WRITE) and then fsyncing each gained little
-# (0.82x-1.14x of plain fsyncs), so it is not used.
-FSYNC_LIMIT = 8
 
 
 def disk_usage(path: StrPath) -> Usage:
@@ -48,27 +35,41 @@ def disk_usage(path: StrPath) -> Usage:
     ``path`` counts on its own. Entries that disappear during the walk (an
     active snapshot in use) are skipped.
     """
-    return _walk(os.fspath(path), None)[0]
+    return _walk(os.fspath(path), None).usage
 
 
-def _walk(root: str, sync_limit: int | None) -> tuple[Usage, list[str] | None]:
-    """:func:`disk_usage` of ``root`` and, given ``sync_limit``, what a flush must fsync.
+@dataclass(frozen=True)
+class Tree:
+    """A tree as one walk saw it: its usage, and what a flush of it must sync."""
 
-    The list holds regular files, then directories deepest first, each inode
-    once; it is None when there are more than ``sync_limit`` of them (or no
-    limit was given): the whole filesystem is then synced instead.
+    usage: Usage
+    #: Regular files, each inode once; None when the walk gave up listing
+    #: (more files and directories than its limit).
+    files: list[str] | None
+    #: Directories, deepest first (a directory is listed after its parent is walked).
+    dirs: list[str]
+    #: Whether every entry is on the filesystem of the root (no mount below it).
+    one_device: bool
+
+
+def _walk(root: str, list_limit: int | None) -> Tree:
+    """:func:`disk_usage` of ``root`` and, given ``list_limit``, its files and directories.
+
+    The lists stop (``files`` None) beyond ``list_limit`` files and
+    directories together, or when no limit was given.
     """
     st = os.lstat(root)
     size, inodes = st.st_blocks * 512, 1
-    sync: list[str] | None = [] if sync_limit is not None else None
+    files: list[str] | None = [] if list_limit is not None else None
+    dirs: list[str] = []
+    one_device = True
     if not stat.S_ISDIR(st.st_mode):
-        if sync is not None and stat.S_ISREG(st.st_mode):
-            sync.append(root)
-        return Usage(size=size, inodes=inodes), sync
+        if files is not None and stat.S_ISREG(st.st_mode):
+            files.append(root)
+        return Tree(Usage(size=size, inodes=inodes), files, dirs, one_device)
     # Only directories and multiply-linked inodes can be met twice, so only
     # they go into the set: it stays small on trees of millions of files.
     seen = {(st.st_dev, st.st_ino)}
-    dirs: list[str] = []
     stack = [root]
     while stack:
         directory = stack.pop()
@@ -92,19 +93,25 @@ def _walk(root: str, sync_limit: int | None) -> tuple[Usage, list[str] | None]:
                         seen.add(key)
                         if is_dir:
                             stack.append(f"{directory}/{entry.name}")
+                    if est.st_dev != st.st_dev:
+                        one_device = False
                     # Only regular files: opening a FIFO or a device could block.
-                    if sync is not None and stat.S_ISREG(est.st_mode):
-                        sync.append(f"{directory}/{entry.name}")
+                    if files is not None and stat.S_ISREG(est.st_mode):
+                        files.append(f"{directory}/{entry.name}")
                     size += est.st_blocks * 512
                     inodes += 1
         finally:
             os.close(fd)
-        if sync is not None and sync_limit is not None and len(sync) + len(dirs) > sync_limit:
-            sync = None
-    if sync is not None:
-        # A directory is always walked after its parent: reversed, deepest first.
-        sync.extend(reversed(dirs))
-    return Usage(size=size, inodes=inodes), sync
+        if files is not None and list_limit is not None and len(files) + len(dirs) > list_limit:
+            files = None
+    # A directory is always walked after its parent: reversed, deepest first.
+    dirs.reverse()
+    return Tree(Usage(size=size, inodes=inodes), files, dirs, one_device)
+
+
+def walk_tree(path: StrPath, list_limit: int) -> Tree:
+    """One walk of ``path``: its :func:`disk_usage`, and its entries up to ``list_limit``."""
+    return _walk(os.fspath(path), list_limit)
 
 
 def syncfs(path: StrPath) -> None:
@@ -123,23 +130,3 @@ def fsync_path(path: StrPath) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def flush_tree(path: StrPath, fsync_limit: int = FSYNC_LIMIT) -> Usage:
-    """Make the data and entries of the tree at ``path`` durable; return its :func:`disk_usage`.
-
-    Used before committing an active snapshot, so that a crash right after
-    the commit cannot leave a committed layer with lost writes
-    (containerd#5854). One walk serves both the flush and the usage the
-    commit stores. A tree of at most ``fsync_limit`` files and directories
-    gets an fsync of each (files, then directories deepest first); a bigger
-    one a single :func:`syncfs`.
-    """
-    root = os.fspath(path)
-    usage, sync = _walk(root, fsync_limit)
-    if sync is None:
-        syncfs(root)
-        return usage
-    for p in sync:
-        fsync_path(p)
-    return usage
