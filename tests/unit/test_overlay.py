@@ -90,6 +90,23 @@ def test_active_on_parents_is_an_overlay_nearest_parent_first(sn: OverlaySnapsho
     assert sn.mounts("top") == [m]
 
 
+def test_a_plain_active_is_checked_for_a_size_limited_image_only_at_create(
+    sn: OverlaySnapshotter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _layer_chain(sn, 1)
+    [made] = sn.prepare("a", "l0")
+
+    def probe(*args: object) -> bool:
+        raise AssertionError("probed a plain active snapshot again")
+
+    monkeypatch.setattr(sn._limits, "ensure_mounted", probe)
+    monkeypatch.setattr(sn._limits, "is_limited", probe)
+    assert sn.mounts("a") == [made]
+    assert sn.usage("a").inodes == 1
+    sn.commit("c", "a")
+    assert sn.stat("c").kind is Kind.COMMITTED
+
+
 def test_view_of_several_parents_is_a_lowers_only_overlay(sn: OverlaySnapshotter) -> None:
     _layer_chain(sn, 2)
     [m] = sn.view("v", "l1")

@@ -50,6 +50,9 @@ from .overlay_options import OverlayOptions, parse_size_label
 
 __all__ = ["UPPERDIR_LABEL", "OverlaySnapshotter"]
 
+#: Plain active snapshots remembered at most (see OverlaySnapshotter._plain).
+_PLAIN_CACHE = 65536
+
 #: Label containerd's overlayfs adds (with ``upperdir_label``) naming a snapshot's upper.
 UPPERDIR_LABEL = "containerd.io/snapshot/overlay.upperdir"
 
@@ -105,6 +108,10 @@ class OverlaySnapshotter(BaseSnapshotter):
         snapshots = str(self.snapshots_dir)
         self._source_prefix = snapshots + "/"
         self._option_prefix = escape_layer_path(snapshots) + "/"
+        # Active snapshots known to keep their upper in storage/fs, not in a
+        # size-limited image: what they are is fixed at create, so the three
+        # stats that tell (.overlay_limits) are made once, not at every call.
+        self._plain: set[int] = set()
 
     @classmethod
     def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
@@ -154,6 +161,9 @@ class OverlaySnapshotter(BaseSnapshotter):
         if kind is Kind.ACTIVE and size:
             self._limits.populate(work, size, owner)
             return
+        sid = work.name.removeprefix("new-")  # the layout's new-<id> (see BaseSnapshotter)
+        if kind is Kind.ACTIVE and sid.isdigit():
+            self._known_plain(int(sid))
         os.mkdir(work / "fs", 0o755)
         os.chmod(work / "fs", 0o755)  # whatever the umask
         if owner is not None:
@@ -189,7 +199,7 @@ class OverlaySnapshotter(BaseSnapshotter):
     def _mounts(self, rec: Record) -> list[Mount]:
         kind = rec.info.kind
         if kind is Kind.ACTIVE:
-            self._limits.ensure_mounted(self.storage_dir(rec.id))
+            self._ensure_mounted(rec.id)
         # Without idmapped layers (slow_chown) containerd chowns the layers
         # itself; only the upper's owner is ours to set, at create.
         options = _idmap_options(rec.info.labels)
@@ -217,15 +227,29 @@ class OverlaySnapshotter(BaseSnapshotter):
         options.extend(self.mount_options)
         return [Mount(type="overlay", source="overlay", options=tuple(options))]
 
+    def _ensure_mounted(self, sid: int) -> bool:
+        """Mount a limited active snapshot's image if it is not; False for a plain one."""
+        if sid in self._plain:
+            return False
+        if self._limits.ensure_mounted(self.storage_dir(sid)):
+            return True
+        self._known_plain(sid)
+        return False
+
+    def _known_plain(self, sid: int) -> None:
+        if len(self._plain) >= _PLAIN_CACHE:
+            self._plain.clear()  # a cache: forgetting only costs the stats again
+        self._plain.add(sid)
+
     def _measure(self, rec: Record) -> Usage:
-        storage = self.storage_dir(rec.id)
-        if self._limits.ensure_mounted(storage):
-            return self._limits.usage(storage)
+        if self._ensure_mounted(rec.id):
+            return self._limits.usage(self.storage_dir(rec.id))
         return disk_usage(self._fs_dir(rec.id))
 
     def _prepare_commit(self, rec: Record) -> Usage:
         storage = self.storage_dir(rec.id)
-        if not self._limits.is_limited(storage):
+        if rec.id in self._plain or not self._limits.is_limited(storage):
+            self._plain.discard(rec.id)  # committed next: never active again
             return super()._prepare_commit(rec)
         # A new-* staging dir, locked like a create's, so that cleanup() in
         # any process leaves it alone now and reclaims it after a crash.
