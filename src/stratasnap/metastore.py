@@ -294,13 +294,35 @@ def _refuse_create(
         raise AlreadyExists(f"snapshot {_q(key)}")
 
 
+#: Parent links remembered at most (see MetaStore's ``_links``).
+_LINKS_CACHE = 1 << 16
+
+
 class ReadTx:
-    """Reads inside one consistent snapshot of the store."""
+    """Reads inside one consistent snapshot of the store.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    ``links`` maps committed snapshot ids to their parent's (None: none): a
+    committed snapshot's parent never changes and ids are never reused, so a
+    link read from committed state stays true as long as its snapshot exists,
+    and is never asked for after (a removed snapshot has no children). It
+    saves a chained create or Mounts the recursive query of its parent chain.
+    ``learn``: this transaction sees only committed state (not a write's), so
+    what it reads may go into ``links``.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        links: dict[int, int | None] | None = None,
+        learn: bool = False,
+    ) -> None:
         self._conn = conn
+        self._links: dict[int, int | None] = {} if links is None else links
+        self._learn = learn and links is not None
 
-    def _row_to_record(self, row: tuple[object, ...], with_parents: bool) -> Record:
+    def _row_to_record(
+        self, row: tuple[object, ...], with_parents: bool, learn: bool = False
+    ) -> Record:
         (sid, key, kind, parent, created, updated, size, inodes, parent_id, labels) = row
         assert isinstance(sid, int) and isinstance(created, int) and isinstance(updated, int)
         info = Info(
@@ -313,25 +335,47 @@ class ReadTx:
             updated=when if updated == created else _to_datetime(updated),
         )
         usage = Usage(size=int(str(size)), inodes=int(str(inodes)))
-        parents = self._parent_ids(parent_id) if with_parents and parent_id is not None else ()
+        up = None if parent_id is None else int(str(parent_id))
+        if learn and self._learn and info.kind is Kind.COMMITTED:
+            self._learn_link(sid, up)
+        parents = self._parent_ids(up) if with_parents and up is not None else ()
         return Record(id=sid, info=info, usage=usage, parent_ids=parents)
 
-    def _parent_ids(self, first: object) -> tuple[int, ...]:
+    def _parent_ids(self, first: int) -> tuple[int, ...]:
+        """The chain from committed snapshot ``first`` up: ``first``, its parent, ..."""
+        links = self._links
+        chain: list[int] = []
+        sid: int | None = first
+        while sid is not None and (up := links.get(sid, -1)) != -1:
+            chain.append(sid)
+            sid = up
+        if sid is None:
+            return tuple(chain)
         rows = self._conn.execute(
             """WITH RECURSIVE chain(id, parent_id, depth) AS (
                    SELECT id, parent_id, 0 FROM snapshots WHERE id = ?
                    UNION ALL
                    SELECT s.id, s.parent_id, c.depth + 1
                    FROM snapshots s JOIN chain c ON s.id = c.parent_id)
-               SELECT id FROM chain ORDER BY depth""",
-            (first,),
+               SELECT id, parent_id FROM chain ORDER BY depth""",
+            (sid,),
         ).fetchall()
-        return tuple(int(r[0]) for r in rows)
+        chain.extend(int(r[0]) for r in rows)
+        if self._learn:
+            for i, p in rows:
+                self._learn_link(int(i), None if p is None else int(p))
+        return tuple(chain)
+
+    def _learn_link(self, sid: int, parent_id: int | None) -> None:
+        if len(self._links) >= _LINKS_CACHE:
+            self._links.clear()  # a cache: forgetting only costs the query again
+        self._links[sid] = parent_id
 
     def find(self, key: str, with_parents: bool = False) -> Record | None:
         """The record of ``key``, or None."""
         row = self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
-        return None if row is None else self._row_to_record(row, with_parents)
+        # A parent about to be built on: remember its link (see the class doc).
+        return None if row is None else self._row_to_record(row, with_parents, learn=True)
 
     def get(self, key: str, with_parents: bool = False) -> Record:
         """The record of ``key``; NotFound when there is none."""
@@ -474,8 +518,9 @@ class WriteTx(ReadTx):
         self,
         conn: sqlite3.Connection,
         before_commit: Callable[[Hashable, Callable[[], None]], None],
+        links: dict[int, int | None] | None = None,
     ) -> None:
-        super().__init__(conn)
+        super().__init__(conn, links)  # it may read links, never learn them
         self._before_commit = before_commit
 
     def before_commit(self, key: Hashable, work: Callable[[], None]) -> None:
@@ -687,6 +732,7 @@ class MetaStore:
         self._ids_lock = threading.Lock()
         self._closed = False
         self._wrote = False  # committed a write: worth a checkpoint at close
+        self._links: dict[int, int | None] = {}  # committed id -> parent id (see ReadTx)
         self._migrate()
 
     # -- connections -------------------------------------------------------
@@ -818,14 +864,16 @@ class MetaStore:
     @contextmanager
     def read(self) -> Iterator[ReadTx]:
         """A read transaction (nested inside one already open on this thread)."""
-        conn = self._group.current() or self._conn()
+        writing = self._group.current()
+        conn = writing or self._conn()
         if conn.in_transaction:
-            yield ReadTx(conn)
+            # Inside a write on this thread (or an outer read): may see uncommitted rows.
+            yield ReadTx(conn, self._links, learn=writing is None)
             return
         with self._typed_errors():
             conn.execute("BEGIN")
             try:
-                yield ReadTx(conn)
+                yield ReadTx(conn, self._links, learn=True)
             finally:
                 if not self._closed and conn.in_transaction:
                     conn.execute("COMMIT")
@@ -838,7 +886,7 @@ class MetaStore:
         block's own changes are all or nothing either way.
         """
         with self._immediate() as conn:
-            yield WriteTx(conn, self._group.before_commit)
+            yield WriteTx(conn, self._group.before_commit, self._links)
 
     @contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:

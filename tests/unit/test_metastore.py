@@ -115,6 +115,53 @@ def test_commit_of_an_unlabelled_active_replaces_nothing_it_should_keep(store: M
         assert dict(tx.get("d").info.labels) == {}
 
 
+def test_parent_chains_read_again_are_right_across_stores(store: MetaStore) -> None:
+    """Chains are remembered per store; another store (process) extending them is seen."""
+    ids = [create(store, "a0")]
+    commit(store, "c0", "a0")
+    for i in range(1, 6):
+        ids.append(create(store, f"a{i}", f"c{i - 1}"))
+        commit(store, f"c{i}", f"a{i}")
+    top = create(store, "top", "c5")
+    for _ in range(2):  # the second read comes from what the first one learnt
+        with store.read() as tx:
+            assert tx.get("top", with_parents=True).parent_ids == tuple(reversed(ids))
+    other = MetaStore(store.path)
+    try:
+        sid = other.reserve_id()
+        with other.write() as tx:
+            tx.create(sid, Kind.ACTIVE, "b", "c2", {})
+            tx.commit_active("b", "cb", Usage(), {})
+        with other.write() as tx:
+            tx.remove("top")
+    finally:
+        other.close()
+    assert top not in ids
+    create(store, "kid", "cb")
+    with store.read() as tx:
+        assert tx.get("kid", with_parents=True).parent_ids == (sid, *reversed(ids[:3]))
+
+
+def test_a_rolled_back_rebase_leaves_no_chain_behind(store: MetaStore) -> None:
+    create(store, "x")
+    commit(store, "base", "x")
+    create(store, "y")
+    commit(store, "other", "y")
+    loose = create(store, "loose")
+    with store.read() as tx:
+        base_id, other_id = tx.get("base").id, tx.get("other").id
+    kid = store.reserve_id()
+    with pytest.raises(RuntimeError), store.write() as tx:
+        tx.commit_active("loose", "c", Usage(), {}, parent="base")
+        assert tx.create(kid, Kind.ACTIVE, "kid", "c", {}).parent_ids == (loose, base_id)
+        raise RuntimeError("rolled back")
+    with store.write() as tx:
+        tx.commit_active("loose", "c", Usage(), {}, parent="other")
+    create(store, "kid2", "c")
+    with store.read() as tx:
+        assert tx.get("kid2", with_parents=True).parent_ids == (loose, other_id)
+
+
 def test_commit_keeps_id_and_stores_usage(store: MetaStore) -> None:
     sid = create(store, "a", labels={"x": "1"})
     commit(store, "c", "a", {"y": "2"})
