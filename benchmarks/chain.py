@@ -8,7 +8,9 @@ writes back the other's dirty layers):
 by default containerd 1.6's own overlay snapshotter behind ``goproxy/`` (Go,
 containerd's snapshot service, no containerd daemon), or, with ``--ref SRC``,
 another checkout's ``src`` directory (e.g. ``git archive <rev> src | tar -x -C
-/tmp/old``, to compare before and after a change). Both are driven by
+/tmp/old``, to compare before and after a change). ``--old SRC`` adds a third
+side (``old``, another checkout's ``src``) to the same run, alternated with the
+other two. All are driven by
 ``goclient/`` (containerd's generated Go client, as containerd's proxy plugin
 calls a snapshotter), so both pay the same client. Needs ``golang-go`` and
 ``golang-github-containerd-containerd-dev`` (built offline).
@@ -42,6 +44,7 @@ import os
 import statistics
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 # benchmarks/grpc.py would shadow the grpc package: import the real one first.
@@ -78,6 +81,7 @@ def load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ref", default="containerd", help="'containerd' (default) or a src dir")
+    ap.add_argument("--old", metavar="SRC", help="a third side: another checkout's src dir")
     ap.add_argument("--fs", default="ext4", help="scratch filesystem type (default ext4)")
     ap.add_argument("--size", default="8G", help="of the scratch filesystem (default 8G)")
     ap.add_argument("--layers", type=int, default=16, help="layers per chain (default 16)")
@@ -97,10 +101,10 @@ def main() -> None:
         sys.exit(f"{SCRIPT} needs root (mounts, a loop filesystem)")
     parts = args.only or ["chain", "prepare"]
     here = Path(__file__).resolve().parents[1] / "src"
-    with (
-        scratch_fs(args.fs, args.size) as (mnt, desc),
-        scratch_fs(args.fs, args.size) as (ref_mnt, _),
-    ):
+    with ExitStack() as stack:
+        mnt, desc = stack.enter_context(scratch_fs(args.fs, args.size))
+        ref_mnt, _ = stack.enter_context(scratch_fs(args.fs, args.size))
+        mounts = {"this": mnt, "ref": ref_mnt}
         client = built("goclient", mnt, SCRIPT)
         ref_src = built("goproxy", mnt, SCRIPT) if args.ref == "containerd" else Path(args.ref)
         where = os.environ.get("TMPDIR", "/tmp")
@@ -113,15 +117,20 @@ def main() -> None:
             "this": Server(here, "overlay", mnt / "root-this", mnt / "this.log", args.serve_arg),
             "ref": Server(ref_src, "overlay", ref_mnt / "root-ref", ref_mnt / "ref.log"),
         }
+        if args.old:
+            print(f"# old  = {args.old}")
+            old_mnt = mounts["old"] = stack.enter_context(scratch_fs(args.fs, args.size))[0]
+            old_root, old_log = old_mnt / "root-old", old_mnt / "old.log"
+            servers["old"] = Server(Path(args.old), "overlay", old_root, old_log)
         chains: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
         singles: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
         try:
             if "chain" in parts:
                 print(f"\n## {args.layers}-layer chain, median per layer (ms)")
                 for r in range(args.rounds):
-                    order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
+                    order = rotated(list(servers), r)
                     for name in order:
-                        target = (mnt if name == "this" else ref_mnt) / f"mnt-{name}"
+                        target = mounts[name] / f"mnt-{name}"
                         target.mkdir(exist_ok=True)
                         out = goclient(
                             client,
@@ -139,7 +148,7 @@ def main() -> None:
             if "prepare" in parts:
                 print(f"\n## single prepare, {args.prepares} per round (ms)")
                 for r in range(args.prepare_rounds):
-                    order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
+                    order = rotated(list(servers), r)
                     for name in order:
                         out = goclient(
                             client,
@@ -158,6 +167,12 @@ def main() -> None:
     report(chains, singles)
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: each side goes first in turn (two sides: this, ref; ref, this)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 def report(
     chains: dict[str, list[tuple[float, float]]], singles: dict[str, list[tuple[float, float]]]
 ) -> None:
@@ -165,6 +180,14 @@ def report(
         return statistics.median(row[i] for row in rows)
 
     print(f"\n## medians over rounds (load average now {load()})")
+    if chains.get("old"):
+        t, o, r = chains["this"], chains["old"], chains["ref"]
+        for i, what in enumerate(("prepare", "commit")):
+            now, before, ref = med(t, i), med(o, i), med(r, i)
+            print(
+                f"chain {what} this / old: {now:.2f} / {before:.2f} ms: {now / before:.2f}x"
+                f" (old / ref: {before / ref:.2f}x)"
+            )
     if chains["this"]:
         t_p, t_c = med(chains["this"], 0), med(chains["this"], 1)
         r_p, r_c = med(chains["ref"], 0), med(chains["ref"], 1)
