@@ -24,8 +24,8 @@ except the third:
 - ``sfr + fsync each``: sync_file_range(SYNC_FILE_RANGE_WRITE) on every file first, so
   their writeback runs together, then the fsyncs (which only wait and commit the
   journal): each fsync still ends in a device flush, so it is not used;
-- ``one commit``: writeback of every file, waited for, then one journal commit and
-  one device flush (the default on ext4 with a journal up to ``WRITEBACK_LIMIT``
+- ``one commit``: writeback of every file, waited for, then one journal commit with
+  its device flush (the default on ext4 with a journal up to ``WRITEBACK_LIMIT``
   entries; only on such a filesystem).
 
 Figures, never pass/fail. The machine may be shared: read the ratios.
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _scratch import scratch_fs
 
-from stratasnap.fs.flush import flush_tree, journal_device
+from stratasnap.fs.flush import flush_tree, journal_commit
 from stratasnap.fs.usage import fsync_path, syncfs
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -141,9 +141,9 @@ def flush_syncfs(root: Path) -> None:
 
 
 def one_commit(root: Path) -> None:
-    dev = journal_device(root)
-    assert dev is not None
-    flush_tree(root, dev, writeback_limit=1 << 30)
+    journal = journal_commit(root.parent)
+    assert journal is not None
+    flush_tree(root, journal, writeback_limit=1 << 30)
 
 
 def measure(
@@ -191,7 +191,7 @@ def main() -> None:
         ),
     }
     with scratch_fs(args.fs, "4G") as (mnt, desc):
-        if journal_device(mnt) is None:
+        if journal_commit(mnt) is None:
             print("# not ext4 with a journal: no 'one commit'")
             del methods["one commit"]
             shapes = {k: (w, [m for m in ms if m in methods]) for k, (w, ms) in shapes.items()}

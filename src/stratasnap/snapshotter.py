@@ -34,7 +34,7 @@ from .errors import (
 from .filters import parse as parse_filters
 from .findings import Finding, Repair, Survey
 from .fs.durable import parent_sync_covers_new_entries
-from .fs.flush import flush_tree, journal_device
+from .fs.flush import flush_tree, journal_commit
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, fsync_path
 from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
@@ -162,7 +162,7 @@ class BaseSnapshotter:
         # Whether a new snapshot's own directory needs an fsync of its own (see .fs.durable).
         self._sync_children = not parent_sync_covers_new_entries(self.snapshots_dir)
         # Where one journal commit makes a written-back layer durable (see .fs.flush).
-        self._journal_dev = journal_device(self.snapshots_dir)
+        self._journal = journal_commit(self.snapshots_dir)
         self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
@@ -211,7 +211,7 @@ class BaseSnapshotter:
         The default makes the tree's data durable before the commit is
         (containerd#5854) and measures it, in one walk.
         """
-        return flush_tree(self._fs_dir(rec.id), self._journal_dev)
+        return flush_tree(self._fs_dir(rec.id), self._journal)
 
     def _stage_commit(self, rec: Record) -> StagedCommit:
         """Storage work before the commit transaction; what the store records for it.

@@ -4,10 +4,11 @@ A commit must not be durable before the layer's data and entries are
 (containerd#5854): whatever flushes the layer comes before the fdatasync of
 SQLite's log, which is the commit. Which flush depends on the filesystem
 (see stratasnap.fs.flush): on ext4 with a journal, writeback of every file
-(sync_file_range), waited for, then one journal commit (an fsync of the
-layer's directory) and a device flush (an fdatasync of one of its files),
-whatever the layer's size; elsewhere an fsync of each file and directory for
-a small layer, a syncfs for a bigger one. A child process is traced with strace.
+(sync_file_range), waited for, then a change of the times of ``snapshots/``
+(a transaction is running) and an fsync of the layer's directory (which
+commits it, with a device flush), whatever the layer's size; elsewhere an
+fsync of each file and directory for a small layer, a syncfs for a bigger
+one. A child process is traced with strace.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import pytest
 from conftest import need, need_root
 
 from stratasnap.fs.durable import journal_commit_covers_written_back_data
-from stratasnap.fs.flush import FSYNC_LIMIT, journal_device
+from stratasnap.fs.flush import FSYNC_LIMIT, journal_commit
 
 SYSCALL = re.compile(r"^\d+ +(\w+)\((\d+)<([^>]+)>(.*)\) += 0$")
+UTIME = re.compile(r'^\d+ +(utimensat)\(AT_FDCWD(?:<[^>]*>)?, "([^"]+)"(.*)\) += 0$')
 
 CHILD = textwrap.dedent(
     """
@@ -57,7 +59,7 @@ def traced_commits(root: Path, out: Path) -> tuple[dict[str, str], list[tuple[st
     done = subprocess.run(
         [
             *(strace, "-f", "-qq", "-y", "-o", str(out)),
-            *("-e", "trace=sync_file_range,fsync,fdatasync,syncfs"),
+            *("-e", "trace=sync_file_range,fsync,fdatasync,syncfs,utimensat"),
             *(sys.executable, "-c", CHILD, str(root), large),
         ],
         check=True,
@@ -65,7 +67,11 @@ def traced_commits(root: Path, out: Path) -> tuple[dict[str, str], list[tuple[st
         text=True,
     )
     lines = out.read_text().splitlines()
-    calls = [(m.group(1), m.group(3), m.group(4)) for m in map(SYSCALL.match, lines) if m]
+    calls = [
+        (m.group(1), m.group(3), m.group(4)) if m else (u.group(1), u.group(2), u.group(3))
+        for line in lines
+        if (m := SYSCALL.match(line)) or (u := UTIME.match(line))
+    ]
     return json.loads(done.stdout), calls
 
 
@@ -94,7 +100,7 @@ def test_which_filesystems_take_one_journal_commit(
     need_root()
     mnt = _fs_with(loopfs, kind)
     assert journal_commit_covers_written_back_data(mnt) is one_commit
-    assert (journal_device(mnt) is not None) is one_commit
+    assert (journal_commit(mnt) is not None) is one_commit
 
 
 @pytest.mark.parametrize(
@@ -109,6 +115,7 @@ def test_commit_flushes_the_layer_before_the_store_commits(
     root = mnt / "root"
     layers, calls = traced_commits(root, tmp_path / "strace.out")
     wal = f"{root / 'metadata.db'}-wal"
+    snapshots = str(root / "snapshots")
     for name, fs in layers.items():
         files = {str(p) for p in Path(fs).iterdir()}
         mine = [i for i, (_, path, _) in enumerate(calls) if path == fs or path in files]
@@ -119,8 +126,8 @@ def test_commit_flushes_the_layer_before_the_store_commits(
         flushed = [calls[i] for i in mine]
         syncfs = [i for i, (call, _, _) in enumerate(calls) if call == "syncfs" and i < commit]
         if one_commit:
-            # Whatever the size: every file written back and waited for, then one
-            # commit of the journal (the directory's fsync), then a device flush.
+            # Whatever the size: every file written back and waited for, then the
+            # anchor's change, then the journal's commit (the directory's fsync).
             ranges = [i for i in mine if calls[i][0] == "sync_file_range"]
             started = {
                 calls[i][1] for i in ranges if calls[i][2].endswith(" SYNC_FILE_RANGE_WRITE")
@@ -128,9 +135,10 @@ def test_commit_flushes_the_layer_before_the_store_commits(
             waited = [i for i in ranges if "WAIT_AFTER" in calls[i][2]]
             assert started == files and {calls[i][1] for i in waited} == files
             [journal] = [i for i in mine if calls[i][:2] == ("fsync", fs)]
-            [device] = [i for i in mine if calls[i][0] == "fdatasync"]
-            assert max(waited) < journal < device < commit
-            assert calls[device][1] in files
+            anchors = [i for i, c in enumerate(calls) if c[:2] == ("utimensat", snapshots)]
+            assert any(max(waited) < i < journal for i in anchors)
+            assert journal < commit
+            assert [c for c, _, _ in flushed if c != "sync_file_range"] == ["fsync"]
             assert not syncfs, "a syncfs writes back everyone's data"
         elif name == "small":
             fsynced = {path for call, path, _ in flushed if call == "fsync"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stratasnap.fs import flush
-from stratasnap.fs.flush import flush_tree, journal_device
+from stratasnap.fs.flush import JournalCommit, flush_tree, journal_commit
 from stratasnap.fs.usage import disk_usage
 
 
@@ -73,10 +73,10 @@ def test_flush_tree_of_a_file(scratch: Path) -> None:
 
 def test_no_journal_commit_off_ext4(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # tmpfs (or whatever holds tmp): never the journal path, even when a caller says so.
-    assert journal_device(scratch) is None
+    assert journal_commit(scratch) is None
     root = scratch / "t"
     root.mkdir()
     (root / "a").write_text("a")
     monkeypatch.setattr(flush, "_writeback_then_commit", lambda *a: pytest.fail("journal path"))
-    other_device = os.stat(scratch).st_dev + 1
-    assert flush_tree(root, journal_dev=other_device) == disk_usage(root)
+    elsewhere = JournalCommit(os.stat(scratch).st_dev + 1, str(scratch))
+    assert flush_tree(root, elsewhere) == disk_usage(root)
