@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -262,7 +262,7 @@ def _gated_server(scratch: Path, **kw: Any) -> tuple[Server, list[Gate]]:
     def opener(sc: SnapshotterConfig) -> Snapshotter:
         gate = Gate(open_store(sc))
         gates.append(gate)
-        return gate  # type: ignore[return-value]
+        return cast(Snapshotter, gate)
 
     return Server(config_in(scratch, **kw), opener=opener), gates
 
