@@ -61,6 +61,19 @@ def test_socket_is_owner_only(server: Server) -> None:
     assert st.st_uid == os.geteuid()
 
 
+def test_start_leaves_the_process_umask_alone(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library user's threads share the umask: setting it around bind() would race.
+    def refuse(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:#o}) called while starting")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    with Server(config_in(scratch)) as s:
+        assert stat.S_IMODE(os.stat(s.address).st_mode) == 0o600
+        assert sorted(os.listdir(s.address.parent)) == ["root", "s.sock"]  # no bind dir left
+
+
 def test_socket_group(scratch: Path) -> None:
     gid = os.getegid()
     group = grp.getgrgid(gid).gr_name
