@@ -66,12 +66,12 @@ def traced_commits(root: Path, out: Path) -> tuple[dict[str, str], list[tuple[st
         capture_output=True,
         text=True,
     )
-    lines = out.read_text().splitlines()
-    calls = [
-        (m.group(1), m.group(3), m.group(4)) if m else (u.group(1), u.group(2), u.group(3))
-        for line in lines
-        if (m := SYSCALL.match(line)) or (u := UTIME.match(line))
-    ]
+    calls: list[tuple[str, str, str]] = []
+    for line in out.read_text().splitlines():
+        if m := SYSCALL.match(line):
+            calls.append((m.group(1), m.group(3), m.group(4)))
+        elif u := UTIME.match(line):
+            calls.append((u.group(1), u.group(2), u.group(3)))
     return json.loads(done.stdout), calls
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from stratasnap.fs import flush
 from stratasnap.fs.flush import JournalCommit, flush_tree, journal_commit
-from stratasnap.fs.usage import disk_usage
+from stratasnap.fs.usage import disk_usage, fsync_path
 
 
 def test_flush_tree_small_fsyncs_each(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,7 +24,7 @@ def test_flush_tree_small_fsyncs_each(scratch: Path, monkeypatch: pytest.MonkeyP
     os.symlink("a", root / "link")
     os.mkfifo(root / "fifo")  # opening it would block: must be skipped
     synced: list[str] = []
-    real = flush.fsync_path
+    real = fsync_path
 
     def spy(path: str) -> None:
         synced.append(path)
