@@ -345,6 +345,20 @@ def test_update_info_rules(store: MetaStore) -> None:
         tx.update_info(Info("u", Kind.ACTIVE), ["labels", "parent"])
 
 
+@pytest.mark.parametrize("paths", [[], ["labels"], ["labels.a", "labels.gone"]])
+def test_update_info_returns_the_info_as_stored(store: MetaStore, paths: list[str]) -> None:
+    create(store, "a0")
+    commit(store, "base", "a0")
+    create(store, "u", "base", labels={"a": "1", "gone": "x", "kept": "k"})
+    with store.write() as tx:
+        made = tx.update_info(Info("u", Kind.ACTIVE, labels={"a": "9", "gone": ""}), paths)
+    with store.read() as tx:
+        stored = tx.get("u").info
+    assert made == stored
+    assert made.parent == "base" and made.updated > made.created
+    assert made.labels == ({"a": "9", "kept": "k"} if paths[1:] else {"a": "9"})
+
+
 def test_times_keep_nanoseconds(store: MetaStore) -> None:
     import time
 
