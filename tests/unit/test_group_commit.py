@@ -209,7 +209,7 @@ def test_a_lone_write_commits_on_the_callers_thread(
     monkeypatch.setattr(threading.Event, "wait", no_wait)
     with store.write() as tx:
         body(tx)
-        tx.before_commit("k", lambda: ran_on.setdefault("pre_commit", threading.get_ident()))
+        tx.before_commit("k", lambda: ran_on.update(pre_commit=threading.get_ident()))
     assert ran_on == {"commit": threading.get_ident(), "pre_commit": threading.get_ident()}
     assert "alone" in committed_keys(store.path)
 
