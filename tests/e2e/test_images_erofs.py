@@ -159,9 +159,7 @@ def test_convert_layers_false_takes_the_upper_and_mkfs(
     assert _rootfs(root, ref, scratch / "mnt") == _rootfs(converted, ref, scratch / "mnt2")
 
 
-def test_import_converts_and_a_lying_config_commits_nothing(
-    scratch: Path, mkfs_log: Path
-) -> None:
+def test_import_converts_and_a_lying_config_commits_nothing(scratch: Path, mkfs_log: Path) -> None:
     archive = scratch / "img.tar"
     info = write_oci_archive(archive, "example.com/erofs/import:1", _layers())
     root = scratch / "root"
