@@ -19,7 +19,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,8 @@ def open_sn(root: Path, case: Case) -> BaseSnapshotter:
 
 def sid(root: Path, key: str) -> int:
     """A snapshot's id, read from the store as the layout names its storage."""
-    with sqlite3.connect(root / "metadata.db") as conn:
+    # closing(): a connection left open keeps the loop filesystem busy at unmount.
+    with closing(sqlite3.connect(root / "metadata.db")) as conn:
         (value,) = conn.execute("SELECT id FROM snapshots WHERE key = ?", (key,)).fetchone()
     return int(value)
 
@@ -95,22 +96,26 @@ def read_all(sn: BaseSnapshotter, key: str, tmp: Path) -> dict[str, str]:
         }
 
 
-def take_back(path: Path, *, to: Path | None) -> None:
+def take_back(path: Path, *, to: Path | None, partial: bool = False) -> None:
     """What a power loss leaves of storage whose creation it took back.
 
     ``to`` None: nothing (the ``mkdir`` is gone); else the storage back under
-    its ``new-*`` name, with a file the create never made.
+    its ``new-*`` name, with a file the create never made, and when
+    ``partial`` nothing else (the ``mkdir`` kept, what populate made lost).
     """
     if mounts_under(path):
         unmount_all_under(path)
     for image in path.glob("*.img"):
         for dev in loop.loop_devices_for(image):
             loop.detach(dev)
-    if to is None:
+    if to is None or partial:
         btrfs_free(path)
         shutil.rmtree(path)
-    else:
-        os.rename(path, to)
+    if to is not None:
+        if partial:
+            to.mkdir()
+        else:
+            os.rename(path, to)
         (to / "stale-junk").write_text("not the create's")
 
 
@@ -139,7 +144,7 @@ def populated(root: Path, case: Case, tmp_path: Path) -> Iterator[dict[str, int]
     yield {key: sid(root, key) for key in ("base", "ctr", "look", "lone")}
 
 
-@pytest.mark.parametrize("leaves", ["nothing", "new-dir"])
+@pytest.mark.parametrize("leaves", ["nothing", "new-dir", "partial-new-dir"])
 def test_open_rebuilds_active_and_view_storage_a_power_loss_took_back(
     root: Path,
     case: Case,
@@ -151,7 +156,11 @@ def test_open_rebuilds_active_and_view_storage_a_power_loss_took_back(
     snapshots = root / "snapshots"
     for key in ("ctr", "look", "lone"):
         n = populated[key]
-        take_back(snapshots / str(n), to=snapshots / f"new-{n}" if leaves == "new-dir" else None)
+        take_back(
+            snapshots / str(n),
+            to=None if leaves == "nothing" else snapshots / f"new-{n}",
+            partial=leaves == "partial-new-dir",
+        )
     found = {(f.code, f.where) for f in check(root, case.backend).findings}
     assert {
         ("unbuilt-storage", f"snapshots/{populated['ctr']}"),
