@@ -757,10 +757,11 @@ class BaseSnapshotter:
         durable (a user's fsync below it would have made the rename durable
         too): it came from the parent, which is committed, and the labels,
         which are stored. So it is made again the way the create made it
-        (:meth:`_build_storage`). A ``new-<id>`` the create left is deleted
-        first (taken out of ``leftovers``, which the reaper would delete
-        later, by then the new one). Committed snapshots are never rebuilt:
-        their missing storage is data lost, for ``stratasnap check``.
+        (:meth:`_build_storage`). A ``new-<id>`` the create left (unlocked:
+        no create or rebuild holds it) is deleted first, here and not by the
+        reaper, since the rebuild makes that very name again. Committed
+        snapshots are never rebuilt: their missing storage is data lost, for
+        ``stratasnap check``.
 
         A rebuild that fails (a parent whose own storage is gone, a full
         disk) is logged and leaves the snapshot as it was: mounts() then
@@ -775,12 +776,10 @@ class BaseSnapshotter:
                     continue
             elif os.path.lexists(stale):
                 continue  # locked: another process is rebuilding it right now
-            try:
-                self._rebuild(sid)
-            except (OSError, SnapshotError) as exc:
-                log.warning("snapshot id %d has no storage and could not be rebuilt: %s", sid, exc)
+            self._rebuild(sid)
 
     def _rebuild(self, sid: int) -> None:
+        """Rebuild the storage of active or view snapshot ``sid``; log what happens."""
         with self._store.read() as tx:
             rec = tx.find_id(sid, with_parents=True)
             parent = tx.find_id(rec.parent_ids[0]) if rec and rec.parent_ids else None
@@ -808,15 +807,23 @@ class BaseSnapshotter:
                 raise AlreadyExists(f"snapshot {key} was rebuilt by another process")
             return found
 
-        self._build_storage(
-            sid,
-            rec.info.kind,
-            parent,
-            rec.info.labels,
-            f"rebuilding the storage of snapshot {key}",
-            record=still_lost,
-            recheck=still_lost,
-        )
+        try:
+            self._build_storage(
+                sid,
+                rec.info.kind,
+                parent,
+                rec.info.labels,
+                f"rebuilding the storage of snapshot {key}",
+                record=still_lost,
+                recheck=still_lost,
+            )
+        except (OSError, SnapshotError) as exc:
+            log.warning(
+                "snapshot %s could not be rebuilt, its mounts will fail (`stratasnap check`"
+                " looks at its parent's storage too): %s",
+                key,
+                exc,
+            )
 
     def _delete(self, path: Path) -> bool:
         """Delete storage, never through a mount that is still there.
