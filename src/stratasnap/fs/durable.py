@@ -25,7 +25,9 @@ holds on:
   mounted image (blockfile, size-limited uppers) is an fsync of the image
   file on this filesystem, so the same holds;
 - xfs: one metadata log; an fsync forces it up to the inode's last change,
-  and a log force writes every earlier transaction with it;
+  and a log force writes every earlier transaction with it (``xfs_rename``
+  also logs the renamed inode, so an fsync of ``<id>`` itself, as commit
+  does, forces the log through its rename);
 - tmpfs: nothing survives a power loss to begin with.
 
 Not on btrfs: its fsync logs an inode's ancestors only when they were
