@@ -124,7 +124,6 @@ def _opened(path: StrPath, flags: int = _DIR_FLAGS) -> Iterator[int]:
 
 # -- which filesystem ---------------------------------------------------------------------
 
-
 def is_btrfs(path: StrPath) -> bool:
     """Whether ``path`` (which must exist) is on a btrfs filesystem."""
     return fs_magic(path) == BTRFS_SUPER_MAGIC
