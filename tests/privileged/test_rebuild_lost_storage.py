@@ -180,6 +180,7 @@ def test_open_rebuilds_active_and_view_storage_a_power_loss_took_back(
         assert not os.path.lexists(snapshots / str(populated["lone"]))
         assert read_all(sn, "ctr", tmp_path) == {"hello": "from the parent"}
         assert read_all(sn, "look", tmp_path) == {"hello": "from the parent"}
+        assert_built_as_a_create_builds(case, snapshots / str(populated["ctr"]))
         write(sn, "ctr", "new", "written after the rebuild", tmp_path)
         sn.commit("next", "ctr")
         sn.prepare("top", "next")
@@ -192,6 +193,21 @@ def test_open_rebuilds_active_and_view_storage_a_power_loss_took_back(
         sn.close()
     after = [(f.code, f.where) for f in check(root, case.backend).findings]
     assert after == [("missing-storage", f"snapshots/{populated['lone']}")]
+
+
+def assert_built_as_a_create_builds(case: Case, storage: Path) -> None:
+    """What only the backend's own populate makes of an active snapshot's storage."""
+    if case.options.get("default_size"):
+        # A size-limited upper: a filesystem of its own of about 16 MiB (the
+        # root's is 1 GiB), mounted on first use.
+        st = os.statvfs(storage / "fs")
+        assert st.f_blocks * st.f_frsize < 32 << 20
+    elif case.backend == "btrfs":
+        assert btrfs.is_subvolume(storage / "fs")  # a snapshot of the parent's subvolume
+    elif case.backend == "blockfile":
+        assert (storage / "rootfs.img").is_file()  # a copy of the parent's image
+    elif case.backend in ("overlay", "erofs"):
+        assert (storage / "work").is_dir() and (storage / "fs").is_dir()
 
 
 def test_a_rebuild_that_fails_leaves_the_store_open(
