@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -377,6 +377,11 @@ class ReadTx:
         # A parent about to be built on: remember its link (see the class doc).
         return None if row is None else self._row_to_record(row, with_parents, learn=True)
 
+    def find_id(self, sid: int, with_parents: bool = False) -> Record | None:
+        """The record of snapshot id ``sid``, or None."""
+        row = self._conn.execute(_INFO_SELECT + " WHERE s.id = ?", (sid,)).fetchone()
+        return None if row is None else self._row_to_record(row, with_parents)
+
     def get(self, key: str, with_parents: bool = False) -> Record:
         """The record of ``key``; NotFound when there is none."""
         rec = self.find(key, with_parents)
@@ -617,8 +622,10 @@ class WriteTx(ReadTx):
         cleaned = clean_labels(new)
         self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._set_labels(rec.id, cleaned)
-        self._conn.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (_now_ns(), rec.id))
-        return self.get(info.name).info
+        now = _now_ns()
+        self._conn.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (now, rec.id))
+        # What was just written, not read back (clean_labels dropped the empty values).
+        return replace(rec.info, labels=cleaned, updated=_to_datetime(now))
 
     def remove(self, key: str) -> Record:
         """Delete ``key``'s metadata; refused while it has children."""

@@ -86,24 +86,22 @@ def test_parent_chain_nearest_first(store: MetaStore) -> None:
     assert rec.parent_ids == tuple(reversed(ids))
 
 
-def test_created_record_is_what_a_read_gives(store: MetaStore) -> None:
-    """create() builds its record instead of reading it back: it must be the same."""
+@pytest.mark.parametrize("kind", [Kind.ACTIVE, Kind.VIEW])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_create_returns_the_record_as_stored(store: MetaStore, kind: Kind, depth: int) -> None:
+    # create() builds its record from what it wrote: it must be what a read gives back.
     parent = ""
-    for i in range(3):
+    for i in range(depth):
         create(store, f"a{i}", parent)
         commit(store, f"c{i}", f"a{i}")
         parent = f"c{i}"
-    for kind, key, base, labels in [
-        (Kind.ACTIVE, "top", "c2", {"x": "1", "empty": ""}),
-        (Kind.VIEW, "v", "c0", {}),
-        (Kind.ACTIVE, "lone", "", {"y": "2"}),
-    ]:
-        sid = store.reserve_id()
-        with store.write() as tx:
-            made = tx.create(sid, kind, key, base, labels)
-        with store.read() as tx:
-            assert made == tx.get(key, with_parents=True)
-        assert dict(made.info.labels) == {k: v for k, v in labels.items() if v}
+    sid = store.reserve_id()
+    labels = {"b": "2", "a": "1", "gone": ""}  # an empty value is not stored
+    with store.write() as tx:
+        made = tx.create(sid, kind, "new", parent, labels)
+    with store.read() as tx:
+        assert made == tx.get("new", with_parents=True)
+    assert made.info.labels == {"a": "1", "b": "2"} and len(made.parent_ids) == depth
 
 
 def test_commit_of_an_unlabelled_active_replaces_nothing_it_should_keep(store: MetaStore) -> None:
@@ -403,6 +401,20 @@ def test_update_info_rules(store: MetaStore) -> None:
     assert dict(info.labels) == {"a": "9"}
     with store.write() as tx, pytest.raises(InvalidArgument, match='cannot update "parent"'):
         tx.update_info(Info("u", Kind.ACTIVE), ["labels", "parent"])
+
+
+@pytest.mark.parametrize("paths", [[], ["labels"], ["labels.a", "labels.gone"]])
+def test_update_info_returns_the_info_as_stored(store: MetaStore, paths: list[str]) -> None:
+    create(store, "a0")
+    commit(store, "base", "a0")
+    create(store, "u", "base", labels={"a": "1", "gone": "x", "kept": "k"})
+    with store.write() as tx:
+        made = tx.update_info(Info("u", Kind.ACTIVE, labels={"a": "9", "gone": ""}), paths)
+    with store.read() as tx:
+        stored = tx.get("u").info
+    assert made == stored
+    assert made.parent == "base" and made.updated > made.created
+    assert made.labels == ({"a": "9", "kept": "k"} if paths[1:] else {"a": "9"})
 
 
 def test_times_keep_nanoseconds(store: MetaStore) -> None:
