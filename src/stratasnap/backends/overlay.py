@@ -27,6 +27,7 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import FailedPrecondition
@@ -101,17 +102,23 @@ class OverlaySnapshotter(BaseSnapshotter):
         self.sync_remove = self.config.sync_remove
         self.mount_options = default_mount_options(self.config.mount_options)
         self.capabilities = _capabilities(self.config.slow_chown)
-        super().__init__(root, **rest)
-        # Mount options name a snapshot's directories by these prefixes: a
-        # chained prepare names every layer below it, and building each as a
-        # Path, then escaping it, cost 0.16 of its ms on a 16-layer chain.
-        snapshots = str(self.snapshots_dir)
-        self._source_prefix = snapshots + "/"
-        self._option_prefix = escape_layer_path(snapshots) + "/"
         # Active snapshots known to keep their upper in storage/fs, not in a
-        # size-limited image: what they are is fixed at create, so the three
-        # stats that tell (.overlay_limits) are made once, not at every call.
+        # size-limited image: what they are is fixed at create, so the stats
+        # that tell (.overlay_limits) are made once, not at every call. Made
+        # first: opening may rebuild lost storage, which populates.
         self._plain: set[int] = set()
+        super().__init__(root, **rest)
+
+    # Mount options name a snapshot's directories by these prefixes: a chained
+    # prepare names every layer below it, and building each as a Path, then
+    # escaping it, cost 0.16 of its ms on a 16-layer chain.
+    @cached_property
+    def _source_prefix(self) -> str:
+        return f"{self.snapshots_dir}/"
+
+    @cached_property
+    def _option_prefix(self) -> str:
+        return escape_layer_path(self.snapshots_dir) + "/"
 
     @classmethod
     def capabilities_for(cls, options: Mapping[str, object]) -> tuple[str, ...]:
