@@ -107,7 +107,8 @@ def test_mountpoints_below_finds_escaped_paths_and_skips_lookalikes() -> None:
     # The substring pre-check must match the kernel's escaped spelling, and a
     # look-alike elsewhere on a line (a bind's root, a source) must not be taken
     # for a mount point.
-    table = SAMPLE + b"40 22 0:40 /mnt/with\\040space /elsewhere rw - tmpfs /mnt/with\\040space rw\n"
+    lookalike = b"40 22 0:40 /mnt/with\\040space /elsewhere rw - tmpfs /mnt/with\\040space rw\n"
+    table = SAMPLE + lookalike
     assert mountpoints_below(table, "/mnt/with space") == [(1, Path("/mnt/with space"))]
     assert mountpoints_below(table, "/mnt/tab\tand\\backslash") == [
         (2, Path("/mnt/tab\tand\\backslash"))
