@@ -35,6 +35,10 @@ server process's CPU time per call (user + system of all its threads, from
 load average, and for this side the write calls per metadata commit (group
 commit, from its metrics). The ratio is the median of per-round ratios.
 
+The loop images live under ``$TMPDIR``: on a disk other processes keep busy
+every flush waits for them; ``TMPDIR=/dev/shm`` keeps the images in memory,
+where flushes cost nothing and what is left is the code's own work.
+
 The machine this runs on may be shared: compare ratios from one run, not
 figures from different runs. Figures, never pass/fail.
 """

@@ -30,6 +30,10 @@ them in one run:
 3. **a tiny image**, one small layer, imported and unpacked with ``ctr``
    (process start included).
 
+The loop images live under ``$TMPDIR``: on a disk other processes keep busy
+every flush waits for them; ``TMPDIR=/dev/shm`` keeps the images in memory,
+where flushes cost nothing and what is left is the code's own work.
+
 Medians over the repetitions; ratios are against ``overlayfs`` (the
 comparison issue 3 sets targets for: unpack <= 1.3x; issue 12 for the cycle: <= 1.2x;
 for the cycles, the median of per-round ratios).
