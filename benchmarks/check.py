@@ -5,8 +5,10 @@ Run: ``.venv/bin/python benchmarks/check.py [--snapshots N] [--backend overlay]
 The root holds chains of 10 committed layers with an active snapshot on each,
 as containerd leaves them, each layer holding a file of K KiB. Prints the
 median of the read-only check, of a --repair that finds nothing to do, of
-``check --deep`` (erofs: every layer image hashed against its recorded digest)
-and of a walk of every snapshot (``stratasnap ls``: the least a look at every
+``check --deep`` (erofs: every layer image hashed against its recorded
+digest), of an open and close of the snapshotter (what every start pays,
+among it the look for active and view storage a power loss took back) and
+of a walk of every snapshot (``stratasnap ls``: the least a look at every
 snapshot costs), alternated, with ratios. Target: check <= 5 s. Figures,
 never pass/fail.
 """
@@ -77,6 +79,7 @@ def main() -> None:
             "check": [],
             "check --deep": [],
             "repair (nothing to do)": [],
+            "open + close": [],
             "walk": [],
         }
         with open_snapshotter(root, args.backend) as sn:
@@ -86,6 +89,7 @@ def main() -> None:
                     ("check --deep", lambda: check(root, args.backend, deep=True)),
                     ("walk", lambda: list(sn.walk())),
                     ("repair (nothing to do)", lambda: repair(root, args.backend)),
+                    ("open + close", lambda: open_snapshotter(root, args.backend).close()),
                 ):
                     t0 = time.perf_counter()
                     result = fn()

@@ -446,7 +446,7 @@ def layers(draw: st.DrawFn) -> list[Member]:
                     else (0, 0),
                     # Linux keeps user.* xattrs to files and directories.
                     xattrs=draw(_xattrs) if kind in ("file", "dir") else {},
-                    **common,  # type: ignore[arg-type]
+                    **common,
                 )
             )
             if kind == "dir":

@@ -61,7 +61,7 @@ class ContentServer(pb_grpc.ContentServicer):
         self._ingests: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._server = grpc.server(ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_ContentServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_ContentServicer_to_server(self, self._server)
         self._server.add_insecure_port(f"unix:{address}")
 
     def __enter__(self) -> ContentServer:

@@ -9,8 +9,9 @@ and the storage's, which the backend's ``_check`` class hook gives (see
 :func:`repair` does only what is safe, holding the root's lock so that no
 server starts meanwhile (and refusing while one holds it): unmount mounts
 and detach loop devices on storage no snapshot owns, then open the
-snapshotter, whose opening puts back interrupted removes and finishes
-interrupted commits (erofs) and whose cleanup() reclaims orphans and
+snapshotter, whose opening puts back interrupted removes, finishes
+interrupted commits (erofs) and rebuilds the storage of active and view
+snapshots whose creation a power loss took back, and whose cleanup() reclaims orphans and
 leftovers, each the backend's own way. It never deletes a snapshot's data:
 a missing or corrupt layer may be the parent of others, so that needs a
 person. It checks again and reports what was repaired and what remains.
@@ -140,9 +141,11 @@ def repair(
             if finding.repair is Repair.DETACH and backing.startswith(ours):
                 with suppress(OSError):
                     loop.detach(finding.where)
-        if any(f.repair in (Repair.RECLAIM, Repair.RESTORE, Repair.FINISH) for f in fixable):
-            # Opening recovers interrupted removes and finishes (or undoes) interrupted
-            # commits; cleanup() reclaims the rest, releasing storage the backend's own way.
+        reopen = (Repair.RECLAIM, Repair.RESTORE, Repair.FINISH, Repair.REBUILD)
+        if any(f.repair in reopen for f in fixable):
+            # Opening recovers interrupted removes, finishes (or undoes) interrupted
+            # commits and rebuilds lost active/view storage; cleanup() reclaims the
+            # rest, releasing storage the backend's own way.
             with open_snapshotter(root, backend, **dict(options or {})) as sn:
                 sn.cleanup()
         after = check(root, backend, deep)

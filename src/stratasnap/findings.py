@@ -36,6 +36,9 @@ class Repair(enum.Enum):
     DETACH = "detach the loop device (its image belongs to no snapshot)"
     #: A step a killed commit left undone: finished (or undone) as opening the store does.
     FINISH = "finish the interrupted commit, as opening the store does"
+    #: An active or view snapshot whose creation a power loss took back: made again
+    #: from its parent, as opening the store does.
+    REBUILD = "rebuild it from its parent, as opening the store does"
     #: Nothing automatic is safe: a person must decide.
     PERSON = "needs a person"
 

@@ -295,6 +295,11 @@ class ReadTx:
         row = self._conn.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
         return None if row is None else self._row_to_record(row, with_parents)
 
+    def find_id(self, sid: int, with_parents: bool = False) -> Record | None:
+        """The record of snapshot id ``sid``, or None."""
+        row = self._conn.execute(_INFO_SELECT + " WHERE s.id = ?", (sid,)).fetchone()
+        return None if row is None else self._row_to_record(row, with_parents)
+
     def get(self, key: str, with_parents: bool = False) -> Record:
         """The record of ``key``; NotFound when there is none."""
         rec = self.find(key, with_parents)

@@ -19,24 +19,34 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, Self, runtime_checkable
 
 from .errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
+    SnapshotError,
     Unimplemented,
     from_os_error,
 )
 from .filters import parse as parse_filters
 from .findings import Finding, Repair, Survey
-from .fs.durable import parent_sync_covers_new_entries
+from .fs.durable import later_fsync_covers_new_names, parent_sync_covers_new_entries
 from .fs.mount import mounts_under, unmount_all_under
 from .fs.usage import disk_usage, flush_tree, fsync_path
-from .metastore import MetaStore, Record, clean_labels, owned_ids_if_closed, validate_key
+from .metastore import (
+    MetaStore,
+    Record,
+    WriteTx,
+    clean_labels,
+    owned_ids_if_closed,
+    validate_key,
+)
 from .reaper import Reaper
 from .types import Info, Kind, Mount, Reclaimed, Usage
 
@@ -158,14 +168,24 @@ class BaseSnapshotter:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
-        # Whether a new snapshot's own directory needs an fsync of its own (see .fs.durable).
-        self._sync_children = not parent_sync_covers_new_entries(self.snapshots_dir)
+        # Where a later fsync inside new storage makes its name durable too, a
+        # create syncs nothing and a power loss that takes its storage back is
+        # repaired at open (_rebuild_lost_storage); elsewhere it fsyncs
+        # snapshots/ before the store commits, and new-<id> too where that
+        # fsync does not cover the entries inside (see .fs.durable).
+        self._sync_new_names = not later_fsync_covers_new_names(self.snapshots_dir)
+        self._sync_children = self._sync_new_names and not parent_sync_covers_new_entries(
+            self.snapshots_dir
+        )
         self._store = self._open_store()
         #: Deletes removed storage off remove()'s path (see :mod:`.reaper`).
         self.reaper = Reaper(self._delete)
         try:
-            leftovers = self._recover_interrupted_removes()
+            leftovers, lost = self._recover_interrupted_removes()
             self._opened()
+            # After _opened: a backend builds on what it sets up there (the
+            # template, size-limited layers' state, mounted erofs parents).
+            self._rebuild_lost_storage(lost, leftovers)
         except BaseException:
             # A failed open must not keep the store's files open (a full disk
             # that cannot be unmounted, a root that cannot be deleted).
@@ -261,7 +281,19 @@ class BaseSnapshotter:
         """
         rows, entries = survey.rows, survey.entries
         for sid, row in rows.items():
-            if str(sid) not in entries and f"rm-{sid}" not in entries:
+            if str(sid) in entries or f"rm-{sid}" in entries:
+                continue
+            if row.kind is Kind.ACTIVE or row.kind is Kind.VIEW:
+                # A power loss took back its creation (see _rebuild_lost_storage).
+                yield Finding(
+                    "unbuilt-storage",
+                    f"snapshots/{sid}",
+                    f"{row.kind.value} snapshot {json.dumps(row.key)} has no storage: a power"
+                    " loss took back its creation, before anything written into it was"
+                    " durable; opening the store rebuilds it from its parent",
+                    Repair.REBUILD,
+                )
+            else:
                 yield Finding(
                     "missing-storage",
                     f"snapshots/{sid}",
@@ -362,16 +394,52 @@ class BaseSnapshotter:
             parent_rec = tx.check_create(kind, key, parent)
         self._make_room(key)
         sid = self._store.reserve_id()
+        what = f"preparing snapshot {json.dumps(key)}"
+
+        def recheck() -> None:
+            # The parent may have gone while we copied it: report that, not ENOENT.
+            with self._store.read() as tx:
+                tx.check_create(kind, key, parent)
+
+        rec = self._build_storage(
+            sid,
+            kind,
+            parent_rec,
+            clean,
+            what,
+            record=lambda wtx: wtx.create(sid, kind, key, parent, clean),
+            recheck=recheck,
+        )
+        return self._mounts(rec)
+
+    def _build_storage(
+        self,
+        sid: int,
+        kind: Kind,
+        parent: Record | None,
+        labels: Mapping[str, str],
+        what: str,
+        record: Callable[[WriteTx], Record],
+        recheck: Callable[[], object],
+    ) -> Record:
+        """Make the storage of snapshot ``sid`` and rename it into place as ``record`` commits.
+
+        The one way storage of an active or view snapshot is made: by a
+        create (``record`` inserts the row) and by the rebuild at open of
+        storage a power loss took back (``record`` re-reads the row).
+        ``recheck`` turns an OSError of the backend's populate into the
+        error the store would give (e.g. the parent removed meanwhile).
+        """
         work = self.snapshots_dir / f"new-{sid}"
         try:
             os.mkdir(work, 0o755)
         except OSError as exc:  # ENOSPC on a full disk: ResourceExhausted
             if exc.errno != errno.ENOSPC or not self.reaper.flush():
-                raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
+                raise from_os_error(exc, what) from exc
             try:
                 os.mkdir(work, 0o755)  # once more, with the removed storage gone
             except OSError as again:
-                raise from_os_error(again, f"preparing snapshot {json.dumps(key)}") from again
+                raise from_os_error(again, what) from again
         os.chmod(work, 0o755)  # the fresh root is 0755 whatever the umask
         # The lock tells cleanup(), in this process or another, that work is in use.
         lock = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
@@ -380,34 +448,35 @@ class BaseSnapshotter:
         renamed = False
         try:
             try:
-                self._populate(work, kind, parent_rec, clean)
+                self._populate(work, kind, parent, labels)
             except OSError as exc:
-                # The parent may have gone while we copied it: report that, not ENOENT.
-                with self._store.read() as tx:
-                    tx.check_create(kind, key, parent)
-                raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
-            # The store must never hold a snapshot whose storage a power loss
-            # can take back: its name in snapshots/ is made durable by one
-            # fsync of snapshots/ per shared commit, right before it, which on
-            # journaling filesystems also covers the entries made in it
-            # (fs/, work/…); elsewhere those are synced here, outside the
-            # writer's turn (concurrent creates sync side by side).
+                recheck()
+                raise from_os_error(exc, what) from exc
+            # No fsync here where the filesystem orders its metadata (see
+            # __init__ and .fs.durable): the store's commit is the only flush,
+            # and a power loss that takes the rename back takes everything a
+            # user wrote below it since with it, so the rebuild at open loses
+            # nothing. Elsewhere the name is made durable by one fsync of
+            # snapshots/ per shared commit, right before it, and new-<id>'s
+            # entries (fs/, work/…) by one of its own where that fsync does not
+            # cover them, outside the writer's turn (creates sync side by side).
             if self._sync_children:
                 self._sync_new_storage(work)
             with self._store.write() as wtx:
-                rec = wtx.create(sid, kind, key, parent, clean)
+                rec = record(wtx)
                 os.rename(work, final)
                 renamed = True
-                wtx.before_commit(self.snapshots_dir, self._sync_snapshots_dir)
+                if self._sync_new_names:
+                    wtx.before_commit(self.snapshots_dir, self._sync_snapshots_dir)
         except OSError as exc:  # the rename or the fsync of new-<id> failed: nothing committed
             self._delete(final if renamed else work)
-            raise from_os_error(exc, f"preparing snapshot {json.dumps(key)}") from exc
+            raise from_os_error(exc, what) from exc
         except BaseException:
             self._delete(final if renamed else work)
             raise
         finally:
             os.close(lock)
-        return self._mounts(rec)
+        return rec
 
     def _make_room(self, key: str) -> None:
         """Refuse a create on a full disk, unless removed storage the reaper still
@@ -454,6 +523,14 @@ class BaseSnapshotter:
         # Flush and measure outside the write lock: both can take long on a big layer.
         try:
             staged = self._stage_commit(rec)
+            if not self._sync_new_names:
+                # The create left the name <id> to ride on a later flush (see
+                # _build_storage); a committed layer cannot be rebuilt, so its
+                # name is durable before the store says it exists. On ext4 the
+                # stage's flush has committed the journal already (this fsync
+                # then writes nothing); on xfs it forces the log through the
+                # rename, which logged <id>'s inode.
+                fsync_path(self.storage_dir(rec.id))
         except OSError as exc:
             raise from_os_error(exc, f"committing snapshot {json.dumps(key)}") from exc
         try:
@@ -633,32 +710,120 @@ class BaseSnapshotter:
                 reaped = True
         return reaped
 
-    def _recover_interrupted_removes(self) -> list[Path]:
+    def _recover_interrupted_removes(self) -> tuple[list[Path], list[int]]:
         """Undo a remove that was killed between its rename and its commit.
 
         The rename of ``<id>`` to ``rm-<id>`` happens inside the transaction; when
         the process dies before the commit, the row is still there and its
         storage must come back under its own name. Returns the leftovers of
         earlier processes that no snapshot owns (``rm-*`` of committed removes,
-        ``new-*`` of killed creates), for the reaper.
+        ``new-*`` of killed creates), for the reaper, and the ids of active and
+        view snapshots with no storage at all (see :meth:`_rebuild_lost_storage`):
+        one listing of ``snapshots/`` against one query serves both.
 
         The write transaction only serialises with other processes' removes;
         it changes nothing in the store, so it needs no space on a full disk.
         """
         leftovers: list[Path] = []
         with self._store.write() as tx:
-            owned = tx.id_map()
+            kinds = tx.id_kinds()
             with os.scandir(self.snapshots_dir) as it:
                 entries = list(it)
+            present: set[str] = set()
             for entry in entries:
+                present.add(entry.name)
                 sid = entry.name[3:]
-                if entry.name.startswith("rm-") and sid.isdigit() and int(sid) in owned:
+                if entry.name.startswith("rm-") and sid.isdigit() and int(sid) in kinds:
                     back = self.storage_dir(int(sid))
                     if not back.exists():
                         os.rename(entry.path, back)
-                elif _is_leftover(entry.name, Path(entry.path), owned):
+                        present.add(sid)
+                elif _is_leftover(entry.name, Path(entry.path), kinds):
                     leftovers.append(Path(entry.path))
-        return leftovers
+        lost = [
+            sid
+            for sid, kind in kinds.items()
+            if kind is not Kind.COMMITTED and str(sid) not in present
+        ]
+        return leftovers, lost
+
+    def _rebuild_lost_storage(self, lost: Iterable[int], leftovers: list[Path]) -> None:
+        """Make again the storage of active and view snapshots that a power loss took back.
+
+        A create syncs nothing before the store's commit where the
+        filesystem orders its metadata (see :mod:`.fs.durable`), so a power
+        loss may keep the record and take back the ``mkdir`` or the rename
+        of its storage. That storage held nothing anyone could have made
+        durable (a user's fsync below it would have made the rename durable
+        too): it came from the parent, which is committed, and the labels,
+        which are stored. So it is made again the way the create made it
+        (:meth:`_build_storage`). A ``new-<id>`` the create left (unlocked:
+        no create or rebuild holds it) is deleted first, here and not by the
+        reaper, since the rebuild makes that very name again. Committed
+        snapshots are never rebuilt: their missing storage is data lost, for
+        ``stratasnap check``.
+
+        A rebuild that fails (a parent whose own storage is gone, a full
+        disk) is logged and leaves the snapshot as it was: mounts() then
+        fails for it alone, and the store still opens.
+        """
+        for sid in lost:
+            stale = self.snapshots_dir / f"new-{sid}"
+            if stale in leftovers:
+                leftovers.remove(stale)
+                if not self._delete(stale):
+                    log.warning("storage %s is busy: snapshot id %d not rebuilt", stale, sid)
+                    continue
+            elif os.path.lexists(stale):
+                continue  # locked: another process is rebuilding it right now
+            self._rebuild(sid)
+
+    def _rebuild(self, sid: int) -> None:
+        """Rebuild the storage of active or view snapshot ``sid``; log what happens."""
+        with self._store.read() as tx:
+            rec = tx.find_id(sid, with_parents=True)
+            parent = tx.find_id(rec.parent_ids[0]) if rec and rec.parent_ids else None
+        if rec is None or rec.info.kind is Kind.COMMITTED:
+            return  # removed or committed by another process meanwhile
+        found = rec
+        key = json.dumps(rec.info.name)
+        log.warning(
+            "snapshot %s (%s) had no storage (a power loss took back its creation):"
+            " rebuilding it from its parent",
+            key,
+            rec.info.kind.value,
+        )
+        final = self.storage_dir(sid)
+
+        def still_lost(tx: WriteTx | None = None) -> Record:
+            if tx is None:
+                with self._store.read() as rtx:
+                    now = rtx.find_id(sid)
+            else:
+                now = tx.find_id(sid)
+            if now is None or now.info.kind is Kind.COMMITTED:
+                raise NotFound(f"snapshot {key} was removed or committed meanwhile")
+            if os.path.lexists(final):
+                raise AlreadyExists(f"snapshot {key} was rebuilt by another process")
+            return found
+
+        try:
+            self._build_storage(
+                sid,
+                rec.info.kind,
+                parent,
+                rec.info.labels,
+                f"rebuilding the storage of snapshot {key}",
+                record=still_lost,
+                recheck=still_lost,
+            )
+        except (OSError, SnapshotError) as exc:
+            log.warning(
+                "snapshot %s could not be rebuilt, its mounts will fail (`stratasnap check`"
+                " looks at its parent's storage too): %s",
+                key,
+                exc,
+            )
 
     def _delete(self, path: Path) -> bool:
         """Delete storage, never through a mount that is still there.

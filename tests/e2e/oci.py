@@ -302,7 +302,7 @@ def write_oci_archive(
     for layer in layers:
         raw = layer.tar() if isinstance(layer, Layer) else layer
         diff_ids.append(_digest(raw))
-        kind = {True: "gzip", False: "none"}.get(compress, compress)  # type: ignore[call-overload]
+        kind = compress if isinstance(compress, str) else ("gzip" if compress else "none")
         if kind == "gzip":
             stored, media = gzip.compress(raw, compresslevel, mtime=0), MEDIA_LAYER_GZIP
         elif kind == "zstd":

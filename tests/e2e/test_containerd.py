@@ -251,12 +251,12 @@ def check_ctr_snapshots_verbs(stack: Stack, imported: ImageInfo) -> None:
     assert json.loads(stack.stratasnap("info", key).stdout).get("labels", {}) == {}
 
     # usage: every layer has bytes and inodes.
-    usage = {
+    usages = {
         f[0]: f[1:] for f in (line.split() for line in stack.snapshots("usage").stdout.splitlines())
     }
     for cid in chain:
-        assert cid in usage, usage
-        assert int(usage[cid][-1]) > 0 and not usage[cid][0].startswith("0"), usage[cid]
+        assert cid in usages, usages
+        assert int(usages[cid][-1]) > 0 and not usages[cid][0].startswith("0"), usages[cid]
 
     # rm: gone from containerd at once (our store loses them at the next GC).
     stack.snapshots("rm", "e2e-view")

@@ -32,7 +32,7 @@ from stratasnap.testing import mounted
 from .oci import Layer, write_oci_archive
 from .registry import LocalRegistry, push
 from .test_images_pull import _need_tools
-from .tree import listing
+from .tree import Listing, listing
 
 CONVERTING = ("-o", "compression=none")  # what the converter writes today
 
@@ -87,7 +87,7 @@ def _cli(root: Path, options: tuple[str, ...], *args: str, code: int = 0) -> str
     return r.output
 
 
-def _rootfs(root: Path, ref: str, mnt: Path, backend: str = "erofs") -> dict[str, object]:
+def _rootfs(root: Path, ref: str, mnt: Path, backend: str = "erofs") -> Listing:
     """The image's rootfs as mounted from a view of its top layer (dirs' mtimes aside)."""
     options = {"compression": "none"} if backend == "erofs" else {}
     mnt.mkdir(exist_ok=True)
@@ -101,7 +101,7 @@ def _rootfs(root: Path, ref: str, mnt: Path, backend: str = "erofs") -> dict[str
     return tree
 
 
-def _native_rootfs(scratch: Path, ref: str, options: PullOptions) -> dict[str, object]:
+def _native_rootfs(scratch: Path, ref: str, options: PullOptions) -> Listing:
     root = scratch / "native"
     with open_snapshotter(root, "native") as sn:
         store = ImageStore(root, sn)
@@ -132,8 +132,8 @@ def test_pull_converts_each_layer_and_the_rootfs_is_right(
     # Spelled out, the rules the comparison covers:
     assert "etc/os-release" not in tree and "usr/bin/a" not in tree
     assert sorted(p for p in tree if p.startswith("d/")) == ["d/new"]  # opaque
-    assert tree["d"]["mode"] == 0o750 and tree["d/new"]["uid"] == 1000  # type: ignore[index]
-    assert tree["usr/bin/a-link"]["size"] == 20_000  # type: ignore[index]
+    assert tree["d"]["mode"] == 0o750 and tree["d/new"]["uid"] == 1000
+    assert tree["usr/bin/a-link"]["size"] == 20_000
     assert _leftovers(root) == []
     # Again: every layer is there, none converted or built.
     again = json.loads(_cli(root, CONVERTING, "image", "pull", "--plain-http", "--json", ref))
@@ -159,9 +159,7 @@ def test_convert_layers_false_takes_the_upper_and_mkfs(
     assert _rootfs(root, ref, scratch / "mnt") == _rootfs(converted, ref, scratch / "mnt2")
 
 
-def test_import_converts_and_a_lying_config_commits_nothing(
-    scratch: Path, mkfs_log: Path
-) -> None:
+def test_import_converts_and_a_lying_config_commits_nothing(scratch: Path, mkfs_log: Path) -> None:
     archive = scratch / "img.tar"
     info = write_oci_archive(archive, "example.com/erofs/import:1", _layers())
     root = scratch / "root"
@@ -169,7 +167,7 @@ def test_import_converts_and_a_lying_config_commits_nothing(
     assert (out["unpacked"], out["converted"]) == (3, 3)
     assert _builds(mkfs_log) == 0
     tree = _rootfs(root, info.name, scratch / "mnt")
-    assert tree["etc/keep"]["size"] == 4 and "etc/os-release" not in tree  # type: ignore[index]
+    assert tree["etc/keep"]["size"] == 4 and "etc/os-release" not in tree
     # An image whose config claims another diff ID for its second layer.
     liar = scratch / "liar.tar"
     layers = _layers()

@@ -23,7 +23,7 @@ from stratasnap.images.store import ImageStore
 
 from .oci import ImageInfo, Layer, write_oci_archive
 from .registry import AuthProxy, LocalRegistry, free_port, push
-from .tree import listing
+from .tree import Listing, listing
 
 USERS = {"ci": "s3cret"}
 
@@ -79,7 +79,7 @@ def _store(scratch: Path) -> ImageStore:
     return ImageStore(root, open_snapshotter(root, "native"))
 
 
-def _rootfs(store: ImageStore, ref: str) -> dict[str, object]:
+def _rootfs(store: ImageStore, ref: str) -> Listing:
     img = store.get(ref)
     view = store.sn.view(f"check-{img.top_layer}", img.top_layer)
     try:

@@ -25,7 +25,11 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
-def listing(root: str | Path, mtimes: bool = True) -> dict[str, dict[str, Any]]:
+# A tree's listing: relative path -> that entry's properties.
+Listing = dict[str, dict[str, Any]]
+
+
+def listing(root: str | Path, mtimes: bool = True) -> Listing:
     """Every entry below ``root`` (relative path -> its properties); hard links share ``inode``."""
     root = str(root)
     out: dict[str, dict[str, Any]] = {}

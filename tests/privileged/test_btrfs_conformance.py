@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import pytest
 
+from stratasnap.snapshotter import Snapshotter
 from stratasnap.testing import SnapshotterConformance
-from stratasnap.testing.conformance import Snapshotter
 
 pytestmark = pytest.mark.privileged
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from conftest import need_root
 
 from stratasnap import open_snapshotter
+from stratasnap.backends.blockfile import BlockfileSnapshotter
 from stratasnap.check import check, repair
 from stratasnap.findings import Repair
 from stratasnap.fs import loop
@@ -19,6 +20,7 @@ def test_stale_mount_and_loop_device_are_found_and_released(scratch: Path) -> No
     need_root()
     root = scratch / "bf"
     with open_snapshotter(root, "blockfile", scratch_size="64M") as sn:
+        assert isinstance(sn, BlockfileSnapshotter)
         sn.prepare("live")
         template = sn.template
     snaps = root / "snapshots"

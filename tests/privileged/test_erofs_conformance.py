@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_overlay_conformance import TestOverlay as _OverlayCases
 
-from stratasnap.testing.conformance import Snapshotter
+from stratasnap.snapshotter import Snapshotter
 from stratasnap.types import Usage
 
 pytestmark = pytest.mark.privileged

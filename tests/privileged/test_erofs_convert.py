@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import pytest
 from conftest import need, need_kernel, need_root
@@ -202,7 +202,7 @@ def _convert_in_child(
 
     def run() -> None:
         with stdin:
-            feed(stdin)
+            feed(cast(BinaryIO, stdin))
 
     feeder = threading.Thread(target=run)
     feeder.start()

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pytest
 from conftest import need_root
@@ -100,7 +101,7 @@ def test_converted_layer_commits_without_mkfs_and_its_child_shows_it(
     assert before == 1  # base, built from its upper
     tar = build_tar(LAYER)
     sn.prepare("l-a", "base")
-    diff_id = sn.convert_layer("l-a", io.BufferedReader(io.BytesIO(tar)))  # type: ignore[arg-type]
+    diff_id = sn.convert_layer("l-a", cast(BinaryIO, io.BufferedReader(io.BytesIO(tar))))
     assert diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     assert len(_pending(sn)) == 1  # the image waits in its locked staging dir
     sn.commit("layer", "l-a")
@@ -322,7 +323,9 @@ def test_a_commit_waits_for_a_conversion_of_its_snapshot(
         except BaseException as exc:
             results[name] = exc
 
-    converter = threading.Thread(target=run, args=("convert", lambda: sn.convert_layer("l-a", tar)))
+    converter = threading.Thread(
+        target=run, args=("convert", lambda: sn.convert_layer("l-a", cast(BinaryIO, tar)))
+    )
     converter.start()
     assert tar.started.wait(30)
     second = threading.Thread(

@@ -45,7 +45,7 @@ def test_errors_carry_the_path_and_the_ioctl(top: Path) -> None:
     with pytest.raises(OSError) as err:
         btrfs.set_readonly(top / "plain")  # not a subvolume root
     assert err.value.filename == str(top / "plain")
-    assert "BTRFS_IOC_SUBVOL" in err.value.strerror
+    assert "BTRFS_IOC_SUBVOL" in str(err.value.strerror)
 
 
 def test_destroy_subvolumes_in_a_tree_with_read_only_and_nested_ones(top: Path) -> None:

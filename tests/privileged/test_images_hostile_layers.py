@@ -17,7 +17,7 @@ from stratasnap.backends import BACKENDS
 from stratasnap.images.archive import import_archive
 from stratasnap.images.store import ImageStore
 
-CASES = {
+CASES: dict[str, Callable[[], bytes]] = {
     **{name: make for name, make in HOSTILE.items() if name != "huge-header"},
     # The symlink is in the lower layer: only a lookup through the lowerdirs sees it.
     "lower-symlink-parent": lambda: Layer().raw(entry("evil/escaped"), b"x").tar(),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import need, need_root
 from e2e.oci import Layer, write_oci_archive
-from e2e.tree import listing
+from e2e.tree import Listing, listing
 
 from stratasnap import open_snapshotter
 from stratasnap.backends import BACKENDS
@@ -62,7 +62,7 @@ def rich_layers() -> list[Layer]:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Listing]:
     """The OCI archive, and umoci's unpacked tree of it as the reference."""
     need_root()
     need(shutil.which("umoci") is not None, "umoci not installed (apt-get install umoci)")
@@ -85,7 +85,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obj
 def test_unpack_matches_umoci(
     backend: str,
     scratch: Path,
-    image: tuple[Path, dict[str, object]],
+    image: tuple[Path, Listing],
     store_root: Callable[[str], Path],
 ) -> None:
     archive, expected = image

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import pytest
 from conftest import need_root
 
+from stratasnap.snapshotter import Snapshotter
 from stratasnap.testing import SnapshotterConformance, mounted
-from stratasnap.testing.conformance import Snapshotter
 
 pytestmark = pytest.mark.privileged
 

@@ -52,7 +52,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 def _commit_layer(
-    sn: OverlaySnapshotter, mnt: Path, name: str, parent: str, change: Callable[[Path], None]
+    sn: OverlaySnapshotter, mnt: Path, name: str, parent: str, change: Callable[[Path], object]
 ) -> None:
     with mounted(sn.prepare(f"{name}-a", parent), mnt) as root:
         change(root)

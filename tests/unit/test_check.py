@@ -104,16 +104,35 @@ def test_a_create_in_progress_is_not_a_finding(root: Path) -> None:
     assert [f.code for f in check(root).findings] == ["interrupted-create"]
 
 
-def test_missing_storage_needs_a_person(root: Path) -> None:
-    os.rename(root / "snapshots" / "2", root.parent / "elsewhere")
+def test_missing_committed_storage_needs_a_person(root: Path) -> None:
+    base = root / "snapshots" / "1"
+    (base / "kept").write_text("the layer's own file")
+    os.rename(base, root.parent / "elsewhere")
     (finding,) = check(root).findings
     assert (finding.code, finding.where, finding.repair) == (
         "missing-storage",
-        "snapshots/2",
+        "snapshots/1",
         Repair.PERSON,
     )
-    assert 'snapshot "ctr" has no storage' in finding.what
+    assert 'snapshot "base" has no storage (its data is lost' in finding.what
     assert not repair(root).healthy
+    assert not base.exists()  # a committed layer is never made up
+
+
+def test_missing_active_storage_is_rebuilt_by_repair(root: Path) -> None:
+    (root / "snapshots" / "1" / "f").write_text("from the parent")
+    os.rename(root / "snapshots" / "2", root.parent / "elsewhere")
+    (finding,) = check(root).findings
+    assert (finding.code, finding.where, finding.repair) == (
+        "unbuilt-storage",
+        "snapshots/2",
+        Repair.REBUILD,
+    )
+    assert 'active snapshot "ctr" has no storage' in finding.what
+    report = repair(root)
+    assert report.healthy and report.repaired == (finding,)
+    # native: the active snapshot is a copy of its parent again.
+    assert (root / "snapshots" / "2" / "f").read_text() == "from the parent"
 
 
 def test_parent_problems_in_the_store(root: Path) -> None:

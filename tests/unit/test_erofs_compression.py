@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from stratasnap.erofs import COMPRESSIONS, convert_tar
 from stratasnap.erofs import format as fmt
-from stratasnap.erofs.lz4 import library_error
+from stratasnap.erofs.lz4 import Lz4, library_error
 from stratasnap.erofs.pclusters import FileClusters
 from stratasnap.erofs.tree import NO_XATTRS, Node
 
@@ -227,8 +227,6 @@ def test_images_do_not_depend_on_which_worker_finishes_first(
 def test_a_compression_error_fails_the_conversion_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stratasnap.erofs import pclusters
-
     calls = []
 
     def broken(*args: object) -> tuple[int, int]:
@@ -237,7 +235,7 @@ def test_a_compression_error_fails_the_conversion_and_leaves_nothing(
             raise MemoryError("out of memory in the compressor")
         return 0, 0
 
-    monkeypatch.setattr(pclusters.Lz4, "compress", broken)
+    monkeypatch.setattr(Lz4, "compress", broken)
     tar = _files_tar({f"f{i}": content("text", 300_000, i) for i in range(40)})
     out = tmp_path / "out"
     out.mkdir()

@@ -17,6 +17,7 @@ import subprocess
 import tarfile
 import threading
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pytest
 from erofs_layers import Member, build_tar, extract_image, layers, libarchive_tar
@@ -295,7 +296,7 @@ def test_wrapped_file_streams_are_read_not_copied_by_descriptor(tmp_path: Path) 
     tar = build_tar([Member("big", "file", data=os.urandom(1 << 20))])
     (tmp_path / "l.tar.gz").write_bytes(gzip.compress(tar))
     with gzip.open(tmp_path / "l.tar.gz", "rb") as f:
-        convert_tar(f, tmp_path / "from-gzip", uuid=bytes(16))
+        convert_tar(cast(BinaryIO, f), tmp_path / "from-gzip", uuid=bytes(16))
     convert_tar(io.BytesIO(tar), tmp_path / "from-bytes", uuid=bytes(16))
     assert (tmp_path / "from-gzip").read_bytes() == (tmp_path / "from-bytes").read_bytes()
 

@@ -555,7 +555,7 @@ def test_random_selectors_round_trip_through_str() -> None:
 
 # The property tests: hypothesis is in the test extra, so a missing one is an
 # import error here, never a silently smaller suite.
-_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 _selectors = st.one_of(
     st.builds(Selector, st.tuples(_text), st.just(PRESENT)),
     st.builds(

@@ -21,7 +21,7 @@ from stratasnap.group_commit import GroupCommit
 from stratasnap.metastore import MetaStore, WriteTx
 from stratasnap.types import Kind
 
-Body = Callable[[WriteTx], None]
+Body = Callable[[WriteTx], object]
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def committed_keys(path: Path) -> set[str]:
 
 def creator(store: MetaStore, key: str) -> Body:
     sid = store.reserve_id()  # ids first: reserving one is a write of its own
-    return lambda tx: tx.create(sid, Kind.ACTIVE, key, "", {"k": key}) and None
+    return lambda tx: tx.create(sid, Kind.ACTIVE, key, "", {"k": key})
 
 
 def count_commits(store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -205,7 +205,11 @@ def test_batches_are_bounded(scratch: Path) -> None:
     # A steady stream of callers cannot keep the first one waiting forever.
     conn = sqlite3.connect(scratch / "g.db", isolation_level=None, check_same_thread=False)
     conn.execute("CREATE TABLE t (v INTEGER)")
-    group = GroupCommit(lambda: conn, lambda c: c.execute("COMMIT") and None, max_batch=3)
+
+    def commit(c: sqlite3.Connection) -> None:
+        c.execute("COMMIT")
+
+    group = GroupCommit(lambda: conn, commit, max_batch=3)
     holding, go = threading.Event(), threading.Event()
 
     def write(v: int, hold: bool = False) -> None:

@@ -16,7 +16,7 @@ def test_umask_is_read_without_being_set(monkeypatch: pytest.MonkeyPatch) -> Non
         def refuse(mask: int) -> int:
             raise AssertionError(f"os.umask({mask:#o}) called: racy with other threads")
 
-        monkeypatch.setattr(apply.os, "umask", refuse)
+        monkeypatch.setattr("stratasnap.images.apply.os.umask", refuse)
         assert apply._umask() == 0o027
     finally:
         monkeypatch.undo()

@@ -10,6 +10,7 @@ import pytest
 from stratasnap import InvalidArgument, Unimplemented
 from stratasnap.images.hosts import hosts_for
 from stratasnap.images.manifest import (
+    Descriptor,
     Index,
     Manifest,
     Platform,
@@ -46,7 +47,7 @@ def test_schema1_and_foreign_layers_refused_by_name() -> None:
         layer_compression(_parse_layer("application/x-tar+lz4"))
 
 
-def _parse_layer(media: str) -> object:
+def _parse_layer(media: str) -> Descriptor:
     doc = parse_document(
         json.dumps({"schemaVersion": 2, "config": _desc("c"), "layers": [_desc(media)]}).encode(),
         "application/vnd.oci.image.manifest.v1+json",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,9 @@ from stratasnap.types import Info, Kind, Usage
 
 
 @pytest.fixture
-def store(scratch: Path) -> MetaStore:
+def store(scratch: Path) -> Iterator[MetaStore]:
     s = MetaStore(scratch / "metadata.db")
-    yield s  # type: ignore[misc]
+    yield s
     s.close()
 
 

@@ -26,7 +26,7 @@ def test_d_type_check_reads_the_entries_already_there(
 ) -> None:
     (scratch / "snapshots").mkdir()
     (scratch / "metadata.db").write_bytes(b"")
-    monkeypatch.setattr(overlay_probe.tempfile, "mkdtemp", _no_room)
+    monkeypatch.setattr("stratasnap.fs.overlay_probe.tempfile.mkdtemp", _no_room)
     assert overlay_probe.supports_d_type(scratch)  # tmpfs and ext4 fill in d_type
     # Only an empty directory needs a probe file (and a full disk then says so).
     (scratch / "empty").mkdir()

@@ -108,6 +108,7 @@ def test_configured_mount_options_and_index(scratch: Path) -> None:
         assert "index=off" not in m.options
     # The command line gives one comma-separated string.
     with open_snapshotter(scratch / "r", "overlay", mount_options="volatile,metacopy=on") as s:
+        assert isinstance(s, OverlaySnapshotter)
         assert s.config.mount_options == ("volatile", "metacopy=on")
 
 

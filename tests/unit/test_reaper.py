@@ -164,5 +164,5 @@ def test_sqlite_full_is_resource_exhausted(scratch: Path) -> None:
 
 def _full_error() -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError("database or disk is full")
-    exc.sqlite_errorcode = 13  # type: ignore[attr-defined]
+    exc.sqlite_errorcode = 13
     return exc

@@ -136,7 +136,7 @@ def proper(server: Server, stub: Any, method: str, request: Any) -> grpc.StatusC
 # -- strategies ----------------------------------------------------------------------------
 
 # Text that protobuf can carry (valid UTF-8): everything but lone surrogates.
-_any = st.characters(exclude_categories=("Cs",))
+_any = st.characters(exclude_categories=["Cs"])
 _syntax = st.sampled_from(list('.,=!~"/|\\ \t\n(){}[]*+?^$\x00'))
 texts = st.one_of(
     st.text(_any, max_size=40),

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -59,6 +59,19 @@ def test_socket_is_owner_only(server: Server) -> None:
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.geteuid()
+
+
+def test_start_leaves_the_process_umask_alone(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library user's threads share the umask: setting it around bind() would race.
+    def refuse(mask: int) -> int:
+        raise AssertionError(f"os.umask({mask:#o}) called while starting")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    with Server(config_in(scratch)) as s:
+        assert stat.S_IMODE(os.stat(s.address).st_mode) == 0o600
+        assert sorted(os.listdir(s.address.parent)) == ["root", "s.sock"]  # no bind dir left
 
 
 def test_socket_group(scratch: Path) -> None:
@@ -262,7 +275,7 @@ def _gated_server(scratch: Path, **kw: Any) -> tuple[Server, list[Gate]]:
     def opener(sc: SnapshotterConfig) -> Snapshotter:
         gate = Gate(open_store(sc))
         gates.append(gate)
-        return gate  # type: ignore[return-value]
+        return cast(Snapshotter, gate)
 
     return Server(config_in(scratch, **kw), opener=opener), gates
 

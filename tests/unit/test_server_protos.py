@@ -73,15 +73,15 @@ def test_messages_match_containerd() -> None:
         msg = fd.message_types_by_name[name]
         assert {f.number: f.name for f in msg.fields} == fields, name
     info = fd.message_types_by_name["Info"].fields_by_name
-    assert info["created_at"].message_type.full_name == "google.protobuf.Timestamp"
-    assert info["kind"].enum_type.full_name == "containerd.services.snapshots.v1.Kind"
+    assert _name(info["created_at"].message_type) == "google.protobuf.Timestamp"
+    assert _name(info["kind"].enum_type) == "containerd.services.snapshots.v1.Kind"
     usage = fd.message_types_by_name["UsageResponse"].fields_by_name
     assert usage["size"].type == usage["size"].TYPE_INT64
     assert usage["inodes"].type == usage["inodes"].TYPE_INT64
     mask = fd.message_types_by_name["UpdateSnapshotRequest"].fields_by_name["update_mask"]
-    assert mask.message_type.full_name == "google.protobuf.FieldMask"
+    assert _name(mask.message_type) == "google.protobuf.FieldMask"
     mounts = fd.message_types_by_name["PrepareSnapshotResponse"].fields_by_name["mounts"]
-    assert mounts.message_type.full_name == "containerd.types.Mount"
+    assert _name(mounts.message_type) == "containerd.types.Mount"
 
 
 def test_kind_enum_values() -> None:
@@ -149,7 +149,7 @@ def test_content_messages_match_containerd() -> None:
         assert {f.number: f.name for f in msg.fields} == fields, name
     info = fd.message_types_by_name["Info"].fields_by_name
     assert info["size"].type == info["size"].TYPE_INT64
-    assert info["created_at"].message_type.full_name == "google.protobuf.Timestamp"
+    assert _name(info["created_at"].message_type) == "google.protobuf.Timestamp"
     read = fd.message_types_by_name["ReadContentRequest"].fields_by_name
     assert read["offset"].type == read["size"].type == read["offset"].TYPE_INT64
     data = fd.message_types_by_name["ReadContentResponse"].fields_by_name["data"]
@@ -168,3 +168,8 @@ def test_content_messages_match_containerd() -> None:
     # A known encoding: digest="sha256:ab" (field 1), offset=5 (field 2).
     wire = content_pb2.ReadContentRequest(digest="sha256:ab", offset=5).SerializeToString()
     assert wire == b"\n\tsha256:ab\x10\x05"
+
+
+def _name(descriptor: object) -> str | None:
+    """A field's message or enum type name (None for a scalar field)."""
+    return getattr(descriptor, "full_name", None)

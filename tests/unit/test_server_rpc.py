@@ -8,10 +8,10 @@ typed :class:`Client` elsewhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -299,7 +299,7 @@ def test_contract_errors_keep_code_and_message(stub: Any, store: Snapshotter) ->
     store.prepare("a")
     store.commit("b", "a")
     store.view("v", "b")
-    cases = [
+    cases: list[tuple[Callable[[], object], grpc.StatusCode, str | None]] = [
         (
             lambda: stub.Stat(pb.StatSnapshotRequest(key="nope")),
             grpc.StatusCode.NOT_FOUND,
@@ -405,11 +405,11 @@ def test_every_error_class_maps_to_its_code(
     faulty = Faulty(error)
     config = load_config(root=scratch / "root", address=scratch / "s.sock")
     with (
-        Server(config, opener=lambda sc: faulty) as server,  # type: ignore[arg-type,return-value]
+        Server(config, opener=lambda sc: cast(Snapshotter, faulty)) as server,
         grpc.insecure_channel(f"unix:{server.address}") as channel,
     ):
         stub = snapshots_pb2_grpc.SnapshotsStub(channel)
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: stub.Prepare(pb.PrepareSnapshotRequest(key="k")),
             lambda: stub.View(pb.ViewSnapshotRequest(key="k", parent="p")),
             lambda: stub.Mounts(pb.MountsRequest(key="k")),

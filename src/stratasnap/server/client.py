@@ -107,7 +107,7 @@ class Client:
         self._closed = False
         self.channel = grpc.insecure_channel(f"unix:{self.address}", options=_OPTIONS)
         # The generated stub: the method paths and (de)serialisers of every RPC.
-        stub: Any = snapshots_pb2_grpc.SnapshotsStub(self.channel)  # type: ignore[no-untyped-call]
+        stub: Any = snapshots_pb2_grpc.SnapshotsStub(self.channel)
         self._prepare, self._view, self._mounts = stub.Prepare, stub.View, stub.Mounts
         self._commit, self._remove, self._stat = stub.Commit, stub.Remove, stub.Stat
         self._update, self._list, self._usage = stub.Update, stub.List, stub.Usage

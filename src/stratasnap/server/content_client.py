@@ -77,7 +77,7 @@ class ContentClient:
                     f"unix:{self.address}",
                     options=[("grpc.max_receive_message_length", MAX_MESSAGE)],
                 )
-                self._stub = pb_grpc.ContentStub(self._channel)  # type: ignore[no-untyped-call]
+                self._stub = pb_grpc.ContentStub(self._channel)
             return self._stub
 
     def close(self) -> None:

@@ -24,15 +24,18 @@ leave the stores, close the stores, remove the socket, release the locks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import grp
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +214,31 @@ def _write_pid(path: Path, data: bytes) -> int:
         log.warning("cannot record the pid", extra={"path": str(path), "error": e.strerror or e})
         return 0
     return len(data)
+
+
+def _listen_privately(server: grpc.Server, address: Path, gid: int | None) -> os.stat_result:
+    """Have ``server`` listen on ``address``, a socket no one else could reach even briefly.
+
+    bind() creates the socket with the process umask, and changing the umask
+    would race with every other thread of the process (a library user's, our
+    own layer appliers'). So the socket is bound in a fresh owner-only
+    directory beside ``address``, given its group and mode there, then renamed
+    into place: it appears at ``address`` with its final permissions.
+    """
+    private = Path(tempfile.mkdtemp(prefix=".ss-", dir=address.parent))  # mode 0700
+    try:
+        bound = private / "s"  # short: a socket path has at most 107 bytes
+        try:
+            server.add_insecure_port(f"unix:{bound}")
+        except RuntimeError as e:
+            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen: {e}") from None
+        if gid is not None:
+            os.chown(bound, -1, gid)
+        os.chmod(bound, 0o660 if gid is not None else 0o600)
+        os.rename(bound, address)
+        return os.stat(address)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _claim_socket(path: Path) -> None:
@@ -401,23 +429,11 @@ class Server:
         )
         service.register(server)
         self._grpc = server
-        mode = 0o660 if gid is not None else 0o600
-        # The socket is created by bind(): create it owner-only, never briefly open.
-        old_umask = os.umask(0o177)
         try:
-            server.add_insecure_port(f"unix:{address}")
-        except RuntimeError as e:
-            raise DaemonError(f"cannot listen on {address}: {e}") from None
-        finally:
-            os.umask(old_umask)
-        server.start()
-        try:
-            if gid is not None:
-                os.chown(address, -1, gid)
-            os.chmod(address, mode)
-            st = os.stat(address)
+            st = _listen_privately(server, address, gid)
         except OSError as e:
             raise DaemonError(f"cannot set up socket {address}: {e.strerror or e}") from None
+        server.start()
         self._socket_id = (st.st_dev, st.st_ino)
 
         if config.metrics_address:
