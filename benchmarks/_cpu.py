@@ -16,14 +16,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuMeter", "cpu_seconds", "load", "paired_ratio"]
+__all__ = ["CpuMeter", "cpu_seconds", "load", "paired_ratio", "stat_cpu_seconds"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far, all its threads together."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+
+
+def stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds in the text of a ``/proc/<pid>/stat``."""
     # The command name (field 2) may hold spaces and parentheses: fields after
     # the last ')' are fixed; utime and stime are fields 14 and 15 of stat(5).
     fields = stat[stat.rindex(")") + 2 :].split()
