@@ -21,7 +21,11 @@ calls a snapshotter), so both pay the same client. Needs ``golang-go`` and
    which both snapshotters do before recording it). ``--rounds`` chains per
    side, alternated, which side goes first alternating too.
 2. **prepare**: ``--prepares`` single Prepares of an empty snapshot, one at a
-   time (then all removed, untimed): p50 and p99.
+   time (then all removed, untimed): p50 and p99. A third side, ``floor``
+   (``_floor.py``: grpcio serving the same API the way our server does, with
+   handlers that do nothing), takes its turn too: what it measures is grpcio's
+   own cost per call, so the report can say what stratasnap adds on top of it
+   (``--no-floor`` leaves it out).
 
 The loop images go under ``$TMPDIR``: on a busy host disk a device flush (an
 fsync of the image file) can take several milliseconds and swamp everything
@@ -52,7 +56,7 @@ import grpc  # noqa: E402, F401
 sys.path.insert(0, str(HERE))
 
 from _scratch import scratch_fs  # noqa: E402
-from _server import Server, built  # noqa: E402
+from _server import Server, ServerProcess, built  # noqa: E402
 
 SCRIPT = "benchmarks/chain.py"
 
@@ -92,6 +96,9 @@ def main() -> None:
         help="one more flag for this checkout's server (repeat), e.g. --serve-arg=--config=F",
     )
     ap.add_argument("--only", choices=("chain", "prepare"), action="append", help="run only these")
+    ap.add_argument(
+        "--no-floor", action="store_true", help="no trivial-handler grpcio server (floor) side"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit(f"{SCRIPT} needs root (mounts, a loop filesystem)")
@@ -109,10 +116,13 @@ def main() -> None:
         print(f"# this = {here} {' '.join(args.serve_arg)}")
         containerd = args.ref == "containerd"
         print(f"# ref  = {'containerd 1.6 overlayfs behind goproxy' if containerd else ref_src}")
-        servers = {
+        servers: dict[str, ServerProcess] = {
             "this": Server(here, "overlay", mnt / "root-this", mnt / "this.log", args.serve_arg),
             "ref": Server(ref_src, "overlay", ref_mnt / "root-ref", ref_mnt / "ref.log"),
         }
+        if "prepare" in parts and not args.no_floor:
+            print("# floor = grpcio with do-nothing handlers (_floor.py), single prepares only")
+            servers["floor"] = floor_server(here, mnt)
         chains: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
         singles: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
         try:
@@ -138,9 +148,12 @@ def main() -> None:
                         )
             if "prepare" in parts:
                 print(f"\n## single prepare, {args.prepares} per round (ms)")
+                sides = list(singles)
                 for r in range(args.prepare_rounds):
-                    order = ["this", "ref"] if r % 2 == 0 else ["ref", "this"]
-                    for name in order:
+                    # Each side goes first in turn (and last, reversed).
+                    k = r % len(sides)
+                    order = sides[k:] + sides[:k]
+                    for name in order if r % 2 == 0 else order[::-1]:
                         out = goclient(
                             client,
                             servers[name].address,
@@ -156,6 +169,14 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
     report(chains, singles)
+
+
+def floor_server(src: Path, mnt: Path) -> ServerProcess:
+    """``_floor.py`` on ``<mnt>/floor.sock``, importing stratasnap from ``src``."""
+    address = mnt / "floor.sock"
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    argv = [sys.executable, str(HERE / "_floor.py"), str(address)]
+    return ServerProcess(argv, address, mnt / "floor.log", env=env, timeout=60, poll=0.05)
 
 
 def report(
@@ -182,6 +203,12 @@ def report(
             f"single prepare p50: this {t50:.3f} ms (target <= 1.0 ms), ref {r50:.3f} ms:"
             f" {t50 / r50:.2f}x; p99 this {t99:.3f}, ref {r99:.3f} ms"
         )
+        if singles.get("floor"):
+            f50 = med(singles["floor"], 0)
+            print(
+                f"grpcio floor p50 {f50:.3f} ms (do-nothing handlers): this adds"
+                f" {t50 - f50:.3f} ms to it, ref is {r50 - f50:+.3f} ms from it"
+            )
 
 
 if __name__ == "__main__":

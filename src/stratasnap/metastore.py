@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -459,7 +459,7 @@ class WriteTx(ReadTx):
     def create(
         self, sid: int, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
     ) -> Record:
-        """Insert a new active or view snapshot with a reserved id."""
+        """Insert a new active or view snapshot with a reserved id; its record as stored."""
         parent_rec = self.check_create(kind, key, parent)
         now = _now_ns()
         self._conn.execute(
@@ -468,7 +468,18 @@ class WriteTx(ReadTx):
             (sid, key, str(kind), parent_rec.id if parent_rec else None, now, now),
         )
         self._set_labels(sid, labels)
-        return self.get(key, with_parents=True)
+        # Built from what was just written, not read back: one query less per Prepare.
+        when = _to_datetime(now)
+        info = Info(
+            name=key,
+            kind=kind,
+            parent=parent if parent_rec else "",
+            labels={k: v for k, v in labels.items() if v},  # what _set_labels stored
+            created=when,
+            updated=when,
+        )
+        parents = self._parent_ids(parent_rec.id) if parent_rec else ()
+        return Record(id=sid, info=info, usage=Usage(), parent_ids=parents)
 
     def commit_active(
         self,
@@ -525,8 +536,10 @@ class WriteTx(ReadTx):
         cleaned = clean_labels(new)
         self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (rec.id,))
         self._set_labels(rec.id, cleaned)
-        self._conn.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (_now_ns(), rec.id))
-        return self.get(info.name).info
+        now = _now_ns()
+        self._conn.execute("UPDATE snapshots SET updated_ns = ? WHERE id = ?", (now, rec.id))
+        # What was just written, not read back (clean_labels dropped the empty values).
+        return replace(rec.info, labels=cleaned, updated=_to_datetime(now))
 
     def remove(self, key: str) -> Record:
         """Delete ``key``'s metadata; refused while it has children."""

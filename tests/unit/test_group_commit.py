@@ -189,6 +189,31 @@ def test_a_lone_write_commits_at_once_as_it_would_alone(
     assert not any("SAVEPOINT" in s for s in statements)  # no batching cost alone
 
 
+def test_a_lone_write_commits_on_the_callers_thread(
+    store: MetaStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No handoff to a committer: the pre-commit work and the COMMIT (its fsync)
+    # run on the calling thread, which never waits on another thread.
+    body = creator(store, "alone")
+    ran_on: dict[str, int] = {}
+    real = store._commit
+
+    def commit(conn: sqlite3.Connection) -> None:
+        ran_on["commit"] = threading.get_ident()
+        real(conn)
+
+    def no_wait(self: threading.Event, timeout: float | None = None) -> bool:
+        raise AssertionError("a lone write waited for another thread")
+
+    monkeypatch.setattr(store, "_commit", commit)
+    monkeypatch.setattr(threading.Event, "wait", no_wait)
+    with store.write() as tx:
+        body(tx)
+        tx.before_commit("k", lambda: ran_on.update(pre_commit=threading.get_ident()))
+    assert ran_on == {"commit": threading.get_ident(), "pre_commit": threading.get_ident()}
+    assert "alone" in committed_keys(store.path)
+
+
 def test_the_writer_connection_is_durable_and_reads_its_own_writes(store: MetaStore) -> None:
     with store.write() as tx:
         tx.create(500, Kind.ACTIVE, "mine", "", {})

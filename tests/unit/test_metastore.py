@@ -86,6 +86,24 @@ def test_parent_chain_nearest_first(store: MetaStore) -> None:
     assert rec.parent_ids == tuple(reversed(ids))
 
 
+@pytest.mark.parametrize("kind", [Kind.ACTIVE, Kind.VIEW])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_create_returns_the_record_as_stored(store: MetaStore, kind: Kind, depth: int) -> None:
+    # create() builds its record from what it wrote: it must be what a read gives back.
+    parent = ""
+    for i in range(depth):
+        create(store, f"a{i}", parent)
+        commit(store, f"c{i}", f"a{i}")
+        parent = f"c{i}"
+    sid = store.reserve_id()
+    labels = {"b": "2", "a": "1", "gone": ""}  # an empty value is not stored
+    with store.write() as tx:
+        made = tx.create(sid, kind, "new", parent, labels)
+    with store.read() as tx:
+        assert made == tx.get("new", with_parents=True)
+    assert made.info.labels == {"a": "1", "b": "2"} and len(made.parent_ids) == depth
+
+
 def test_commit_keeps_id_and_stores_usage(store: MetaStore) -> None:
     sid = create(store, "a", labels={"x": "1"})
     commit(store, "c", "a", {"y": "2"})
@@ -326,6 +344,20 @@ def test_update_info_rules(store: MetaStore) -> None:
     assert dict(info.labels) == {"a": "9"}
     with store.write() as tx, pytest.raises(InvalidArgument, match='cannot update "parent"'):
         tx.update_info(Info("u", Kind.ACTIVE), ["labels", "parent"])
+
+
+@pytest.mark.parametrize("paths", [[], ["labels"], ["labels.a", "labels.gone"]])
+def test_update_info_returns_the_info_as_stored(store: MetaStore, paths: list[str]) -> None:
+    create(store, "a0")
+    commit(store, "base", "a0")
+    create(store, "u", "base", labels={"a": "1", "gone": "x", "kept": "k"})
+    with store.write() as tx:
+        made = tx.update_info(Info("u", Kind.ACTIVE, labels={"a": "9", "gone": ""}), paths)
+    with store.read() as tx:
+        stored = tx.get("u").info
+    assert made == stored
+    assert made.parent == "base" and made.updated > made.created
+    assert made.labels == ({"a": "9", "kept": "k"} if paths[1:] else {"a": "9"})
 
 
 def test_times_keep_nanoseconds(store: MetaStore) -> None:

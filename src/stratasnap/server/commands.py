@@ -32,6 +32,7 @@ from .config import (
     default_config_text,
     load_config,
 )
+from .grpc_polling import poll_on_serving_thread
 
 __all__ = ["config", "serve"]
 
@@ -144,6 +145,8 @@ def serve(
         metrics_address=metrics_address,
         socket_group=socket_group,
     )
+    # Before the daemon's import of grpc, which reads this setting once.
+    poll_on_serving_thread()
     from .daemon import DaemonError
     from .daemon import serve as run
 
