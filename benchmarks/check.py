@@ -69,9 +69,7 @@ def main() -> None:
         root = mnt / "root"
         t0 = time.perf_counter()
         build(root, args.backend, args.snapshots, args.layer_kib * 1024)
-        stored = sum(
-            e.stat().st_blocks * 512 for e in (root / "snapshots").glob("*/layer.erofs")
-        )
+        stored = sum(e.stat().st_blocks * 512 for e in (root / "snapshots").glob("*/layer.erofs"))
         print(
             f"# check benchmark on {desc}; {args.backend} root of {args.snapshots:,} snapshots"
             f", {args.layer_kib} KiB per layer ({stored / 2**20:.0f} MiB of erofs images)"

@@ -8,7 +8,13 @@ import pytest
 
 from stratasnap.fs import mount as mnt
 from stratasnap.fs import mountopts as mo
-from stratasnap.fs.mountinfo import MountInfo, parse_mountinfo, read_mountinfo
+from stratasnap.fs.mountinfo import (
+    escape_field,
+    mountpoints_below,
+    parse_mountinfo,
+    read_mountinfo,
+    unescape_field,
+)
 
 
 def test_flags_apply_in_order() -> None:
@@ -65,28 +71,54 @@ def test_read_mountinfo_has_root() -> None:
     assert any(m.mountpoint == Path("/") for m in read_mountinfo())
 
 
-def _info(i: int, point: str) -> MountInfo:
-    return MountInfo(i, 1, "/", Path(point), "rw", "tmpfs", "tmpfs", "rw")
+def _line(i: int, point: bytes) -> bytes:
+    return b"%d 1 0:%d / %s rw - tmpfs tmpfs rw\n" % (i, i, point)
 
 
 def test_mounts_under_deepest_and_latest_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    table = [
-        _info(1, "/"),
-        _info(2, "/nonexistent-x"),
-        _info(3, "/nonexistent-x/a"),
-        _info(4, "/nonexistent-x/a/b/c"),
-        _info(5, "/nonexistent-xy"),  # a sibling with the same prefix: not under
-        _info(6, "/nonexistent-x/a"),  # stacked on top of 3
-        _info(7, "/nonexistent-x/z"),
+    points = [
+        b"/",
+        b"/nonexistent-x",
+        b"/nonexistent-x/a",
+        b"/nonexistent-x/a/b/c",
+        b"/nonexistent-xy",  # a sibling with the same prefix: not under
+        b"/nonexistent-x/a",  # stacked on top of 3
+        b"/nonexistent-x/z",
     ]
-    monkeypatch.setattr(mnt, "read_mountinfo", lambda: table)
+    table = b"".join(_line(i, p) for i, p in enumerate(points, 1))
+    monkeypatch.setattr(mnt, "read_mountinfo_bytes", lambda: table)
     got = mnt.mounts_under("/nonexistent-x")
     assert got[0] == Path("/nonexistent-x/a/b/c")
     assert got[-1] == Path("/nonexistent-x")
     assert got.count(Path("/nonexistent-x/a")) == 2
     assert Path("/nonexistent-xy") not in got
     assert len(got) == 5
-    assert len(mnt.mounts_under("/")) == len(table)
+    assert len(mnt.mounts_under("/")) == len(points)
+    assert mnt.mounts_under("/nonexistent-q") == []
+
+
+@pytest.mark.parametrize("name", ["with space", "tab\there", "back\\slash", "new\nline", "ü"])
+def test_escape_field_is_what_the_kernel_writes(name: str) -> None:
+    assert unescape_field(escape_field(f"/mnt/{name}")) == f"/mnt/{name}"
+    assert not set(escape_field(name)) & set(b" \t\n")
+
+
+def test_mountpoints_below_finds_escaped_paths_and_skips_lookalikes() -> None:
+    # The substring pre-check must match the kernel's escaped spelling, and a
+    # look-alike elsewhere on a line (a bind's root, a source) must not be taken
+    # for a mount point.
+    lookalike = b"40 22 0:40 /mnt/with\\040space /elsewhere rw - tmpfs /mnt/with\\040space rw\n"
+    table = SAMPLE + lookalike
+    assert mountpoints_below(table, "/mnt/with space") == [(1, Path("/mnt/with space"))]
+    assert mountpoints_below(table, "/mnt/tab\tand\\backslash") == [
+        (2, Path("/mnt/tab\tand\\backslash"))
+    ]
+    assert mountpoints_below(table, "/mnt/with") == []
+    assert mountpoints_below(table, "/mnt") == [
+        (1, Path("/mnt/with space")),
+        (2, Path("/mnt/tab\tand\\backslash")),
+    ]
+    assert mountpoints_below(table, "/elsewhere/below") == []
 
 
 def test_is_mountpoint_unprivileged(tmp_path: Path) -> None:

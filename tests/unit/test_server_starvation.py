@@ -92,6 +92,45 @@ def test_stalled_list_readers_do_not_starve_stat(server: Server) -> None:
             channel.close()
 
 
+def test_small_lists_need_no_slot_when_every_slot_is_taken(server: Server) -> None:
+    """A List whose answer is sent whatever its client reads is never refused.
+
+    containerd's Walk by a filter answers a few snapshots; with 64 clients at
+    once such Lists were refused for want of a slot while they waited for the
+    CPU, though none could hold a thread.
+    """
+    sn = server.snapshotters["stratasnap"]
+    for i in range(2 * WORKERS):
+        sn.prepare(f"small-{i}", labels={"containerd.io/gc.root": "2026-01-01T00:00:00Z"})
+    stalled: list[tuple[grpc.Channel, Any]] = []
+    try:
+        for _ in range(STALLED):
+            channel, stub = stub_for(server.address)
+            stalled.append((channel, stub.List(pb.ListSnapshotsRequest(snapshotter="stratasnap"))))
+        deadline = time.monotonic() + 30
+        while server.service.streams < WORKERS // 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.service.streams == WORKERS // 2  # every slot is taken
+
+        channel, stub = stub_for(server.address)
+        with channel:
+            for i in range(2 * WORKERS):
+                request = pb.ListSnapshotsRequest(
+                    snapshotter="stratasnap", filters=[f"name==small-{i}"]
+                )
+                got = [info.name for r in stub.List(request, timeout=30) for info in r.info]
+                assert got == [f"small-{i}"]
+            # A big answer still needs a slot, and is refused at once without one.
+            with pytest.raises(grpc.RpcError) as caught:
+                for _ in stub.List(pb.ListSnapshotsRequest(snapshotter="stratasnap"), timeout=30):
+                    pass
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for channel, call in stalled:
+            call.cancel()
+            channel.close()
+
+
 def test_stalled_stream_is_cut_after_the_send_timeout(server: Server) -> None:
     channel, stub = stub_for(server.address)
     with channel:

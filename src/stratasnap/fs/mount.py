@@ -20,7 +20,7 @@ from . import loop
 from . import mountopts as mo
 from ._fsmount import mount_fs, overlay_lowerdir_plus
 from ._libc import StrPath, check, fsencode, libc, os_error, syscall
-from .mountinfo import read_mountinfo
+from .mountinfo import mountpoints_below, read_mountinfo, read_mountinfo_bytes
 from .overlay_compact import mount_overlay_compact
 
 __all__ = [
@@ -180,13 +180,8 @@ def mounts_under(path: StrPath) -> list[Path]:
     A path mounted over several times appears once per mount, so unmounting
     the list in order takes everything off.
     """
-    root = os.path.realpath(path)
-    prefix = root.rstrip("/") + "/"
-    found = [
-        (len(m.mountpoint.parts), i, m.mountpoint)
-        for i, m in enumerate(read_mountinfo())
-        if str(m.mountpoint) == root or str(m.mountpoint).startswith(prefix)
-    ]
+    below = mountpoints_below(read_mountinfo_bytes(), os.path.realpath(path))
+    found = [(len(mp.parts), i, mp) for i, mp in below]
     found.sort(reverse=True)
     return [p for _, _, p in found]
 

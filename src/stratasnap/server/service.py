@@ -13,7 +13,8 @@ batches of 100 ``Info`` (as containerd's own service does): no store lock or
 read transaction stays open while a slow client drains the stream, so a Stat
 (or a Remove) during a List never waits for it. A stream occupies a worker
 thread while it sends, so at most ``max_streams`` stream at once (one more is
-RESOURCE_EXHAUSTED, at once) and a stream whose client reads nothing for
+RESOURCE_EXHAUSTED, at once; an answer small enough to be sent whether or not
+the client reads needs no slot) and a stream whose client reads nothing for
 ``send_timeout`` seconds is cancelled (:mod:`.streams`): clients that stop
 reading cannot take the workers that other clients' calls need.
 
@@ -26,6 +27,7 @@ the normal way.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -77,6 +79,10 @@ LIST_BATCH = 100
 LIST_BATCH_BYTES = 1 << 20
 #: List streams sending at once; the server's thread pool is larger (see daemon.THREADS).
 MAX_STREAMS = 32
+#: A List answer up to this size (encoded) takes no stream slot: it is within the
+#: flow-control window HTTP/2 gives every new stream (65,535 bytes), so its send
+#: completes even if the client reads nothing.
+UNWATCHED_BYTES = 60_000
 #: Seconds a List stream may wait for its client to read before it is cancelled.
 SEND_TIMEOUT = 10.0
 #: gRPC metadata containerd puts the namespace of the call in.
@@ -480,20 +486,7 @@ class SnapshotsService:
         start = perf_counter()
         code, message = 0, ""
         infos: list[Info] = []
-        # A slot before any work: a refused List costs nothing.
-        with self._lock:
-            if self._streams >= self._max_streams:
-                code = ResourceExhausted.grpc_code
-                message = (
-                    f"{self._streams} List streams are already sending, the most at once; "
-                    "retry when one has finished"
-                )
-            else:
-                self._streams += 1
-        if code:
-            self._done("List", request, context, code, message, start)
-            context.abort(_STATUS[code], _clip(message))
-        stream = self._watch.watch(context.cancel)
+        slot = False
         try:
             try:
                 self._enter()
@@ -510,19 +503,50 @@ class SnapshotsService:
                 self._log_crash("List", request, context, e)
             if code:
                 context.abort(_STATUS[code], _clip(message))
-            stream.progress()
-            for chunk in _batches(infos, self._batch):
-                yield pb.ListSnapshotsResponse(info=chunk)
-                # Back here only once gRPC sent the batch: the client is reading.
+            batches = _batches(infos, self._batch)
+            first = next(batches, [])
+            second = next(batches, None)
+            # A slot only for an answer whose sending may wait for the client: one
+            # that fits in the window gRPC grants every new stream is sent whatever
+            # the client reads. So the usual List (containerd's Walk by a filter, a
+            # few snapshots) is never refused however many run at once; it was,
+            # with 64 clients, while the walks themselves waited for the CPU.
+            if second is not None or _wire_size(first) > UNWATCHED_BYTES:
+                with self._lock:
+                    if self._streams >= self._max_streams:
+                        code = ResourceExhausted.grpc_code
+                        message = (
+                            f"{self._streams} List streams are already sending, the most at "
+                            "once; retry when one has finished"
+                        )
+                    else:
+                        self._streams += 1
+                        slot = True
+                if code:
+                    context.abort(_STATUS[code], _clip(message))
+            stream = self._watch.watch(context.cancel)
+            try:
                 stream.progress()
+                for chunk in itertools.chain((first,), (second or (),), batches):
+                    if not chunk:
+                        continue
+                    yield pb.ListSnapshotsResponse(info=chunk)
+                    # Back here only once gRPC sent the batch: the client is reading.
+                    stream.progress()
+            finally:
+                self._watch.done(stream)
         except GeneratorExit:  # the client went away (or the server is stopping)
             code = _CANCELLED
             raise
         finally:
-            self._watch.done(stream)
-            with self._lock:
-                self._streams -= 1
+            if slot:
+                with self._lock:
+                    self._streams -= 1
             self._done("List", request, context, code, message, start)
+
+
+def _wire_size(chunk: list[pb.Info]) -> int:
+    return sum(info.ByteSize() for info in chunk)
 
 
 def _batches(infos: list[Info], most: int) -> Iterator[list[pb.Info]]:
