@@ -216,7 +216,9 @@ def _write_pid(path: Path, data: bytes) -> int:
     return len(data)
 
 
-def _listen_privately(server: grpc.Server, address: Path, gid: int | None) -> os.stat_result:
+def _listen_privately(
+    server: grpc.Server, address: Path, gid: int | None
+) -> tuple[os.stat_result, int]:
     """Have ``server`` listen on ``address``, a socket no one else could reach even briefly.
 
     bind() creates the socket with the process umask, and changing the umask
@@ -224,19 +226,31 @@ def _listen_privately(server: grpc.Server, address: Path, gid: int | None) -> os
     own layer appliers'). So the socket is bound in a fresh owner-only
     directory beside ``address``, given its group and mode there, then renamed
     into place: it appears at ``address`` with its final permissions.
+
+    grpc is given the directory as ``/proc/self/fd/N/s``: a socket path holds
+    at most 107 bytes, and the directory's own path is longer than
+    ``address``. Returns the socket's stat and N, an O_PATH descriptor of the
+    (by then deleted) directory, to be closed only after the server stopped:
+    grpc looks the bound path up again at shutdown, and while N stays open
+    that lookup finds nothing rather than another directory given the number.
     """
     private = Path(tempfile.mkdtemp(prefix=".ss-", dir=address.parent))  # mode 0700
     try:
-        bound = private / "s"  # short: a socket path has at most 107 bytes
+        held = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            server.add_insecure_port(f"unix:{bound}")
-        except RuntimeError as e:
-            raise OSError(errno.EADDRNOTAVAIL, f"cannot listen: {e}") from None
-        if gid is not None:
-            os.chown(bound, -1, gid)
-        os.chmod(bound, 0o660 if gid is not None else 0o600)
-        os.rename(bound, address)
-        return os.stat(address)
+            try:
+                server.add_insecure_port(f"unix:/proc/self/fd/{held}/s")
+            except RuntimeError as e:
+                raise OSError(errno.EADDRNOTAVAIL, f"cannot listen: {e}") from None
+            bound = private / "s"
+            if gid is not None:
+                os.chown(bound, -1, gid)
+            os.chmod(bound, 0o660 if gid is not None else 0o600)
+            os.rename(bound, address)
+            return os.stat(address), held
+        except BaseException:
+            os.close(held)
+            raise
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
@@ -333,6 +347,8 @@ class Server:
         self._executor: ThreadPoolExecutor | None = None
         self._metrics_server: MetricsServer | None = None
         self._socket_id: tuple[int, int] | None = None
+        #: The deleted directory the socket was bound in (see _listen_privately).
+        self._bind_dir: int | None = None
         self._state = threading.Lock()
         self._started = False
         self._stopping = False
@@ -430,7 +446,7 @@ class Server:
         service.register(server)
         self._grpc = server
         try:
-            st = _listen_privately(server, address, gid)
+            st, self._bind_dir = _listen_privately(server, address, gid)
         except OSError as e:
             raise DaemonError(f"cannot set up socket {address}: {e.strerror or e}") from None
         server.start()
@@ -513,6 +529,9 @@ class Server:
     def _teardown(self, grace: float = 0.0) -> None:
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self._bind_dir is not None:
+            os.close(self._bind_dir)
+            self._bind_dir = None
         if self._service is not None:
             self._service.shut()
             # Cancelled calls can still be inside a store: let them leave it first.
