@@ -77,15 +77,16 @@ def test_start_leaves_the_process_umask_alone(
 def test_a_socket_path_of_the_longest_length_serves(scratch: Path) -> None:
     # The bind happens in a directory beside the address, whose path is longer:
     # an address the kernel takes must still work.
-    stem = str(scratch / "run") + "/"
-    address = Path(stem + "x" * (107 - len(stem) - len(".sock")) + ".sock")
+    stem = str(scratch) + "/"
+    run = Path(stem + "x" * (107 - len(stem) - len("/s.sock")))
+    address = run / "s.sock"
     assert len(str(address)) == 107
     config = load_config(root=scratch / "root", address=address)
     with Server(config) as s, Client(s.address) as client:
         client.prepare("k")
         assert client.stat("k").name == "k"
         assert stat.S_IMODE(os.stat(address).st_mode) == 0o600
-    assert os.listdir(scratch / "run") == []  # socket and bind directory gone
+    assert os.listdir(run) == []  # socket and bind directory gone
 
 
 def test_socket_group(scratch: Path) -> None:
