@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .oci import ImageInfo, Layer, host_rootfs_layer, write_oci_archive
 
-__all__ = ["IMAGE", "INDEX", "LAYER_FILES", "build_image"]
+__all__ = ["IMAGE", "INDEX", "LAYER_FILES", "LOOK", "SEEN", "build_image"]
 
 IMAGE = "stratasnap.test/e2e:1"
 INDEX = "stratasnap.test/e2e-index:1"
@@ -18,6 +18,26 @@ LAYER_FILES = {
     "/newdir/nested/file.txt": "nested, layer 2",
     "/opaque/new.txt": "new in opaque dir, layer 3",
 }
+
+#: A shell script run in a container of the test image: its files, then the two
+#: directories layer 3 changed (a whiteout, an opaque directory).
+LOOK = (
+    f"cat {' '.join(LAYER_FILES)}; echo '-- /data'; ls -a /data; echo '-- /opaque';"
+    " ls -a /opaque; test -e /data/gone.txt && echo 'gone.txt is still there'"
+)
+#: The lines :data:`LOOK` prints when every layer was applied right.
+SEEN = [
+    *LAYER_FILES.values(),
+    "-- /data",
+    ".",
+    "..",
+    "added.txt",
+    "keep.txt",
+    "-- /opaque",
+    ".",
+    "..",
+    "new.txt",
+]
 
 
 def build_image(path: Path, name: str = IMAGE, layout_dir: bool = False) -> ImageInfo:
