@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from _cpu import CpuMeter, load, paired_ratio
+from _rounds import rotated
 from _scratch import scratch_fs
 from e2e.harness import Daemon, Stack
 
@@ -136,8 +137,7 @@ def run(
     """Every side once per round; the order rotates, so each side goes first as often."""
     out: dict[str, list[CycleRound]] = {s: [] for s in sides}
     for r in range(rounds):
-        order = list(sides[r % len(sides) :]) + list(sides[: r % len(sides)])
-        for side in order:
+        for side in rotated(sides, r):
             res = one_round(side, goproxy, fs, cycles, f"r{r}")
             out[side].append(res)
             print(

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _rounds import rotated
 from _scratch import scratch_fs
 
 from stratasnap.backends.blockfile import BlockfileSnapshotter
@@ -148,7 +149,7 @@ def bench_fs(fs_type: str, gib: int, reps: int, disk: bool) -> dict[str, float]:
             for r in range(reps):
                 # Each rep starts at another step, so that no step always
                 # follows the same one (and its deferred frees and writeback).
-                for name in names[r % len(names) :] + names[: r % len(names)]:
+                for name in rotated(names, r):
                     step, undo = steps[name]
                     times[name].append(timed(step))
                     undo()

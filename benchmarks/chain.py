@@ -58,6 +58,7 @@ import grpc  # noqa: E402, F401
 
 sys.path.insert(0, str(HERE))
 
+from _rounds import rotated  # noqa: E402
 from _scratch import scratch_fs  # noqa: E402
 from _server import Server, ServerProcess, built  # noqa: E402
 
@@ -160,8 +161,7 @@ def main() -> None:
                 sides = list(singles)
                 for r in range(args.prepare_rounds):
                     # Each side goes first in turn (and last, reversed).
-                    k = r % len(sides)
-                    order = sides[k:] + sides[:k]
+                    order = rotated(sides, r)
                     for name in order if r % 2 == 0 else order[::-1]:
                         out = goclient(
                             client,
@@ -178,12 +178,6 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
     report(chains, singles)
-
-
-def rotated(names: list[str], r: int) -> list[str]:
-    """Round ``r``'s order: each side goes first in turn (two sides: this, ref; ref, this)."""
-    k = r % len(names)
-    return names[k:] + names[:k]
 
 
 def floor_server(src: Path, mnt: Path) -> ServerProcess:
