@@ -94,10 +94,7 @@ def parent_sync_covers_new_entries(directory: StrPath) -> bool:
     a directory logs its new subdirectories' entries with it (or commits the
     whole transaction); tmpfs: nothing to lose.
     """
-    magic = fs_magic(directory)
-    if magic in (XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC, TMPFS_MAGIC):
-        return True
-    return magic == EXT4_SUPER_MAGIC and _has_jbd2_journal(directory)
+    return fs_magic(directory) == BTRFS_SUPER_MAGIC or later_fsync_covers_new_names(directory)
 
 
 def later_fsync_covers_new_names(directory: StrPath) -> bool:
@@ -106,7 +103,7 @@ def later_fsync_covers_new_names(directory: StrPath) -> bool:
     magic = fs_magic(directory)
     if magic in (XFS_SUPER_MAGIC, TMPFS_MAGIC):
         return True
-    return magic == EXT4_SUPER_MAGIC and _has_jbd2_journal(directory)
+    return magic == EXT4_SUPER_MAGIC and _journal_device(directory) is not None
 
 
 def journal_commit_covers_written_back_data(directory: StrPath) -> bool:
@@ -117,10 +114,8 @@ def journal_commit_covers_written_back_data(directory: StrPath) -> bool:
     ext3/ext4 with a jbd2 journal, data ordered or writeback. Not data=journal,
     where file data goes through the journal by other paths than writeback.
     """
-    if fs_magic(directory) != EXT4_SUPER_MAGIC:
-        return False
-    name = _block_device_name(directory)
-    if name is None or not Path(f"/proc/fs/jbd2/{name}-8").is_dir():
+    name = _journal_device(directory) if fs_magic(directory) == EXT4_SUPER_MAGIC else None
+    if name is None:
         return False
     try:
         # Every option, defaults included (the mount table leaves those out).
@@ -139,9 +134,11 @@ def _block_device_name(path: StrPath) -> str | None:
         return None  # not a block device (tmpfs, overlay, nfs...)
 
 
-def _has_jbd2_journal(path: StrPath) -> bool:
-    """Whether the ext filesystem holding ``path`` runs a jbd2 journal (/proc/fs/jbd2/DEV-8)."""
+def _journal_device(path: StrPath) -> str | None:
+    """The block device of the ext filesystem holding ``path`` when it runs a jbd2
+    journal (/proc/fs/jbd2/DEV-8), else None (no journal, or an unknown device:
+    fsync each directory)."""
     name = _block_device_name(path)
-    if name is None:
-        return False  # unknown device: fsync each directory
-    return Path(f"/proc/fs/jbd2/{name}-8").is_dir()
+    if name is None or not Path(f"/proc/fs/jbd2/{name}-8").is_dir():
+        return None
+    return name
